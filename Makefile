@@ -1,0 +1,49 @@
+# Two commands do all set-up on a fresh machine (README):
+#   make demo   - create .venv, install, build slimkern, run the main job
+#   make test   - create .venv, install, build slimkern (CUDA too when possible), run every test
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MAX_JOBS ?= 2
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+
+.PHONY: venv build test test-py test-triton test-ctest demo bench clean
+
+$(VENV)/.installed: requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+# ninja rebuilds only what changed; FORCE_CUDA=1 (CI) makes a failed CUDA build an error.
+build: venv
+	$(PY) -m pip install --no-build-isolation --no-deps -v -e . 2>&1 | grep -E "slimkern build configuration|^  [a-zA-Z_]+ +|error|Error|Successfully" || (echo "build failed"; exit 1)
+	$(PY) -c "import slimkern, slimkern._library as L; assert L.LOAD_ERROR is None, L.LOAD_ERROR"
+
+test: build test-py test-triton test-ctest
+
+test-py:
+	$(PY) -m pytest python_tests -m "not triton" -q
+
+# Triton kernels run on the CPU through the interpreter; it must be set before import.
+test-triton:
+	TRITON_INTERPRET=1 $(PY) -m pytest python_tests -m triton -q || [ $$? -eq 5 ]
+
+# The plain-C++ solver core, built and unit-tested standalone (no torch).
+test-ctest: venv
+	$(VENV)/bin/cmake -S cmake -B build/cmake -DCMAKE_BUILD_TYPE=Release
+	$(VENV)/bin/cmake --build build/cmake -j $(MAX_JOBS)
+	cd build/cmake && ../../$(VENV)/bin/ctest --output-on-failure
+
+demo: build
+	$(VENV)/bin/slimkern demo
+
+bench: build
+	$(PY) -m pytest benchmarks -q --benchmark-json=benchmarks/results/latest.json
+
+clean:
+	rm -rf build *.egg-info slimkern/_C*.so

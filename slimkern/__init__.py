@@ -1,0 +1,10 @@
+"""slimkern: slimmable and ParaDiS networks with C++/CUDA/Triton kernels.
+
+The public face (see DESIGN.md): ``Switch``, ``slimmify``, ``use_switch``,
+``forward_switches``, ``calibrate_bn``, ``export``, ``profile``, ``evaluate``,
+and the namespaces ``ops``, ``solvers``, ``nn``, ``models``, ``data``, ``train``, ``fl``.
+"""
+from slimkern import _library  # noqa: F401  (loads the extension, warns when it cannot)
+from slimkern import ops
+
+__version__ = "0.1.0"

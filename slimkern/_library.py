@@ -1,0 +1,77 @@
+"""Loads the compiled extension ``slimkern._C`` and says so loudly when it cannot.
+
+Importing ``_C`` runs the TORCH_LIBRARY registrations in ``csrc/``; afterwards the ops
+live under ``torch.ops.slimkern``. When the extension is missing or was built against
+another torch, a RuntimeWarning says why, and each public function falls back to its
+pure-torch path (slower) where it has one, or raises naming the missing op.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+
+import torch
+
+__all__ = ["LOAD_ERROR", "build_info", "has_op", "require_op", "torch_mismatch"]
+
+
+def _load():
+    try:
+        importlib.import_module("slimkern._C")  # runs the op registrations
+    except ImportError as exc:  # missing build, or an ABI mismatch with the running torch
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+LOAD_ERROR: str | None = _load()
+if LOAD_ERROR is not None:
+    warnings.warn(
+        "slimkern: the C++ extension slimkern._C could not be loaded "
+        f"({LOAD_ERROR}). Ops fall back to slower pure-torch paths where they have one. "
+        "Rebuild it with `pip install --no-build-isolation -e .` (see README).",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_op(name: str) -> bool:
+    """True when ``torch.ops.slimkern.<name>`` was registered by the loaded extension."""
+    if LOAD_ERROR is not None:
+        return False
+    try:
+        getattr(torch.ops.slimkern, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def require_op(name: str):
+    """Returns ``torch.ops.slimkern.<name>`` or raises a RuntimeError that says why it is missing."""
+    if not has_op(name):
+        why = LOAD_ERROR or f"the extension was built without the op {name!r}"
+        raise RuntimeError(f"slimkern op {name!r} is not available: {why}. Rebuild slimkern (see README).")
+    return getattr(torch.ops.slimkern, name)
+
+
+def build_info() -> dict | None:
+    """The configuration the extension was built with: torch and CUDA versions, arch list."""
+    if not has_op("_build_info"):
+        return None
+    return json.loads(torch.ops.slimkern._build_info())
+
+
+def _base_version(v: str) -> str:
+    return v.split("+")[0]
+
+
+def torch_mismatch() -> str | None:
+    """A message when the running torch differs from the one the extension was built against."""
+    info = build_info()
+    if info is None:
+        return None
+    built, running = info.get("torch", "?"), torch.__version__
+    if _base_version(built) != _base_version(running) or (info.get("cuda") and info["cuda"] != torch.version.cuda):
+        return (f"slimkern._C was built against torch {built} (CUDA {info.get('cuda')}) but torch "
+                f"{running} (CUDA {torch.version.cuda}) is running: rebuild slimkern to match.")
+    return None
