@@ -120,8 +120,9 @@ class Layout:
         self.index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
         self.numel = int(self.index.numel())
 
-    def pack(self, sliced: Mapping[str, Any]) -> torch.Tensor:
-        """``name -> [tensor per window]`` into the flat vector; raises UpdateRejected."""
+    def pack(self, sliced: Mapping[str, Any], out: torch.Tensor | None = None) -> torch.Tensor:
+        """``name -> [tensor per window]`` into the flat vector (written into ``out`` when
+        given, e.g. a row of the server's stacked matrix); raises UpdateRejected."""
         parts = []
         by_name: dict[str, list] = {}
         for name, *_ in self.pieces:
@@ -143,14 +144,23 @@ class Layout:
             if t.shape != shape:
                 raise UpdateRejected(f"parameter {name!r}: window {i} has shape {tuple(t.shape)}, "
                                      f"expected {tuple(shape)}")
+            if not t.is_floating_point():
+                raise UpdateRejected(f"parameter {name!r}: values must be floating point, got {t.dtype}")
             flat = t.reshape(-1)
-            parts.append(flat if keep is None else flat[keep])
+            if keep is None:
+                parts.append(flat)
+            elif keep.numel():
+                parts.append(flat[keep])
         for name, n in cursor.items():
             got = sliced[name]
             sent = 1 if isinstance(got, torch.Tensor) else len(got)
             if sent != n:
                 raise UpdateRejected(f"parameter {name!r}: {sent} windows sent, expected {n}")
-        return torch.cat(parts) if parts else torch.zeros(0)
+        if out is None:
+            return torch.cat(parts) if parts else torch.zeros(0)
+        if parts:
+            torch.cat(parts, out=out)
+        return out
 
 
 class Aggregator:
@@ -176,6 +186,16 @@ class Aggregator:
         else:
             raise TypeError("windows must be a callable switch -> {name: windows} or a dict of those")
         self._layouts: dict[Hashable, Layout] = {}
+        # clients are stacked in chunks of at most this many bytes, into one buffer kept
+        # across rounds (a fresh 100 MB matrix per round costs more in page faults than math)
+        self.chunk_bytes = 32 << 20
+        self._buf: torch.Tensor | None = None
+
+    def _buffer(self, rows: int, cols: int, dtype) -> torch.Tensor:
+        need = rows * cols
+        if self._buf is None or self._buf.numel() < need or self._buf.dtype != dtype:
+            self._buf = torch.empty(need, dtype=dtype)
+        return self._buf[:need].view(rows, cols)
 
     @classmethod
     def for_params(cls, params: Mapping[str, torch.Tensor], windows) -> "Aggregator":
@@ -215,39 +235,42 @@ class Aggregator:
         return self.layout(switch).numel
 
     # -- validation ----------------------------------------------------------------------
-    def _to_flat(self, u: ClientUpdate) -> tuple[str, torch.Tensor, torch.Tensor | None]:
-        """('flat', values, None) or ('mask', full values, full mask); raises UpdateRejected."""
-        if u.mask is not None:
-            if not isinstance(u.values, Mapping):
-                raise UpdateRejected("a masked update needs a dict of full-size tensors")
-            vals, masks = [], []
-            for name, shape in self.shapes.items():
-                v, m = u.values.get(name), u.mask.get(name)
-                if v is None and m is None:
-                    vals.append(torch.zeros(math.prod(shape)))
-                    masks.append(torch.zeros(math.prod(shape), dtype=torch.bool))
-                    continue
-                if v is None or m is None:
-                    raise UpdateRejected(f"parameter {name!r}: value and mask must come together")
-                if v.shape != shape or m.shape != shape:
-                    raise UpdateRejected(f"parameter {name!r}: shapes {tuple(v.shape)}/{tuple(m.shape)}, "
-                                         f"expected full shape {tuple(shape)}")
-                vals.append(v.detach().reshape(-1).float())
-                masks.append(m.reshape(-1).bool())
-            return "mask", torch.cat(vals), torch.cat(masks)
-        lay = self.layout(u.switch)
+    def _masked(self, u: ClientUpdate) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full flat values and mask of a masked update; raises UpdateRejected."""
+        if not isinstance(u.values, Mapping) or not isinstance(u.mask, Mapping):
+            raise UpdateRejected("a masked update needs dicts of full-size tensors and masks")
+        vals, masks = [], []
+        for name, shape in self.shapes.items():
+            v, m = u.values.get(name), u.mask.get(name)
+            if v is None and m is None:
+                vals.append(torch.zeros(math.prod(shape)))
+                masks.append(torch.zeros(math.prod(shape), dtype=torch.bool))
+                continue
+            if v is None or m is None:
+                raise UpdateRejected(f"parameter {name!r}: value and mask must come together")
+            if v.shape != shape or m.shape != shape:
+                raise UpdateRejected(f"parameter {name!r}: shapes {tuple(v.shape)}/{tuple(m.shape)}, "
+                                     f"expected full shape {tuple(shape)}")
+            if not v.is_floating_point():
+                raise UpdateRejected(f"parameter {name!r}: values must be floating point, got {v.dtype}")
+            vals.append(v.detach().reshape(-1).float())
+            masks.append(m.reshape(-1).bool())
+        return torch.cat(vals), torch.cat(masks)
+
+    def _fill(self, u: ClientUpdate, lay: Layout, row: torch.Tensor) -> None:
+        """Writes the flat values of a window update into ``row``; raises UpdateRejected."""
         if isinstance(u.values, torch.Tensor):
             if u.values.dim() != 1 or u.values.numel() != lay.numel:
                 raise UpdateRejected(f"expected a flat vector of {lay.numel} values for switch {u.switch}, "
                                      f"got shape {tuple(u.values.shape)}")
-            flat = u.values
+            if not u.values.is_floating_point():
+                raise UpdateRejected(f"values must be floating point, got {u.values.dtype}")
+            row.copy_(u.values.detach())
         elif isinstance(u.values, Mapping):
-            flat = lay.pack(u.values)
+            with torch.no_grad():
+                lay.pack(u.values, out=row)
         else:
             raise UpdateRejected(f"values must be a tensor or a dict, got {type(u.values).__name__}")
-        if not flat.is_floating_point():
-            raise UpdateRejected(f"values must be floating point, got {flat.dtype}")
-        return "flat", flat.detach(), None
 
     def check(self, u: ClientUpdate, assigned: Mapping[int, Hashable] | None = None) -> str | None:
         """The reason ``u`` must be rejected, or None."""
@@ -283,46 +306,65 @@ class Aggregator:
             if log is not None:
                 log(f"rejected update of client {u.client}: {why}")
 
-        groups: dict[Hashable, list[tuple[ClientUpdate, torch.Tensor]]] = {}
+        groups: dict[Hashable, list[ClientUpdate]] = {}
         masked: list[tuple[ClientUpdate, torch.Tensor, torch.Tensor]] = []
         seen: set[int] = set()
         for u in updates:
             why = self.check(u, assigned)
             if why is None and u.client in seen:
                 why = f"client {u.client} sent more than one update"
-            if why is None:
+            if why is None and u.mask is not None:
                 try:
-                    kind, flat, m = self._to_flat(u)
+                    masked.append((u, *self._masked(u)))
                 except UpdateRejected as exc:
                     why = str(exc)
+            elif why is None:
+                try:
+                    self.layout(u.switch)
+                    groups.setdefault(u.switch, []).append(u)
                 except (KeyError, ValueError, TypeError) as exc:
                     why = f"switch {u.switch} cannot be laid out: {exc}"
             if why is not None:
                 reject(u, why)
                 continue
             seen.add(u.client)
-            if kind == "flat":
-                groups.setdefault(u.switch, []).append((u, flat))
-            else:
-                masked.append((u, flat, m))
 
         for switch, items in groups.items():
-            V = torch.stack([f for _, f in items]).to(acc_dtype)  # [K, P]
-            finite = torch.isfinite(V).all(dim=1)
-            if not bool(finite.all()):
-                for (u, f), ok in zip(items, finite.tolist()):
-                    if not ok:
-                        reject(u, f"non-finite values ({int(torch.isnan(f).sum())} NaN, "
-                                  f"{int(torch.isinf(f).sum())} inf)")
-                items = [it for it, ok in zip(items, finite.tolist()) if ok]
-                V = V[finite]
-                if not items:
-                    continue
-            w = torch.tensor([float(u.num_samples) for u, _ in items], dtype=acc_dtype)
-            idx = self.layout(switch).index
-            acc.index_add_(0, idx, w @ V)
-            cnt.index_add_(0, idx, w.sum().expand(idx.numel()))
-            report.accepted.extend(u.client for u, _ in items)
+            lay = self.layout(switch)
+            wsum = 0.0
+            total = torch.zeros(lay.numel, dtype=acc_dtype)
+            rows = max(1, min(len(items), self.chunk_bytes // max(1, lay.numel * acc.element_size())))
+            for c0 in range(0, len(items), rows):
+                chunk = items[c0:c0 + rows]
+                V = self._buffer(len(chunk), lay.numel, acc_dtype)
+                ok = []
+                for i, u in enumerate(chunk):
+                    try:
+                        self._fill(u, lay, V[i])
+                        ok.append(True)
+                    except UpdateRejected as exc:
+                        reject(u, str(exc))
+                        V[i] = 0.0
+                        ok.append(False)
+                w = torch.tensor([float(u.num_samples) if good else 0.0 for u, good in zip(chunk, ok)],
+                                 dtype=acc_dtype)
+                part = w @ V
+                # NaN/inf in a row reaches the weighted sum (weights > 0): inspect rows only then
+                if not bool(torch.isfinite(part).all()):
+                    finite = torch.isfinite(V).all(dim=1)
+                    for i, u in enumerate(chunk):
+                        if ok[i] and not bool(finite[i]):
+                            reject(u, f"non-finite values ({int(torch.isnan(V[i]).sum())} NaN, "
+                                      f"{int(torch.isinf(V[i]).sum())} inf)")
+                            ok[i], w[i] = False, 0.0
+                            V[i] = 0.0
+                    part = w @ V
+                total += part
+                wsum += float(w.sum())
+                report.accepted.extend(u.client for u, good in zip(chunk, ok) if good)
+            if wsum > 0:
+                acc.index_add_(0, lay.index, total)
+                cnt.index_add_(0, lay.index, torch.full((lay.numel,), wsum, dtype=acc_dtype))
         for u, v, m in masked:
             if not bool(torch.isfinite(v[m]).all()):
                 reject(u, "non-finite values in the trained elements")
@@ -331,6 +373,7 @@ class Aggregator:
             acc.add_(torch.where(m, v.to(acc_dtype), 0.0), alpha=w)
             cnt.add_(m.to(acc_dtype), alpha=w)
             report.accepted.append(u.client)
+        report.accepted.sort()
 
         trained = cnt > 0
         report.updated_elements = int(trained.sum())

@@ -205,7 +205,7 @@ def _load_flat(params: dict, agg: Aggregator, flat: torch.Tensor) -> None:
 
 
 def _accuracy(net, X, Y, sw, batch_size) -> float:
-    from slimkern import use_switch
+    from slimkern.nn import use_switch
     net.eval()
     correct = 0
     with torch.no_grad(), use_switch(net, sw):
@@ -215,14 +215,14 @@ def _accuracy(net, X, Y, sw, batch_size) -> float:
 
 
 def _calibrate(net, X, Y, switches, batch_size, num_batches) -> None:
-    from slimkern import calibrate_bn
+    from slimkern.nn import calibrate_bn
     batches = [(X[i:i + batch_size], Y[i:i + batch_size]) for i in range(0, len(X), batch_size)]
     calibrate_bn(net, batches, list(switches), num_batches=min(num_batches, len(batches)))
 
 
 def _local_train(net, X, Y, idx, sw, strategy: Strategy, epochs, lr, batch_size, momentum,
                  weight_decay, gen: torch.Generator, pyrng: random.Random) -> None:
-    from slimkern import use_switch
+    from slimkern.nn import use_switch
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     net.train()
     idx = torch.as_tensor(idx, dtype=torch.long)
