@@ -28,7 +28,7 @@
 #include <vector>
 
 #include "slimkern/checks.h"
-#include "slimkern/macros.h"
+#include "slimkern/conv_math.h"
 
 namespace slimkern {
 namespace {
@@ -53,18 +53,11 @@ struct BlockArgs {
   int64_t in_start, in_size, out_start, out_size, x_off, y_off;
 };
 
-// Input row (or column) read by output row oh through kernel tap kh; -1 when it falls in the padding.
-SK_HOST_DEVICE int64_t input_index(int64_t o, int64_t k, int64_t s, int64_t p, int64_t d, int64_t extent) {
-  const int64_t i = o * s - p + k * d;
+// Input coordinate read by output coordinate o through tap k; -1 when it falls in the padding.
+__device__ __forceinline__ int64_t input_index(int64_t o, int64_t k, int64_t s, int64_t p, int64_t d,
+                                               int64_t extent) {
+  const int64_t i = conv_in_index(o, k, s, p, d);
   return (i >= 0 && i < extent) ? i : -1;
-}
-
-// Output row that reads input row i through tap k; -1 when there is none (stride skips it).
-SK_HOST_DEVICE int64_t output_index(int64_t i, int64_t k, int64_t s, int64_t p, int64_t d, int64_t extent) {
-  const int64_t t = i + p - k * d;
-  if (t < 0 || t % s != 0) return -1;
-  const int64_t o = t / s;
-  return o < extent ? o : -1;
 }
 
 int grid_for(int64_t work, int64_t per_block) {
@@ -126,10 +119,10 @@ __global__ void block_conv_grad_x_kernel(const scalar_t* __restrict__ go, Stride
     const scalar_t* go_n = go + n * gs.s0;
     acc_t acc = 0;
     for (int64_t kh = 0; kh < g.KH; ++kh) {
-      const int64_t oh = output_index(ih, kh, g.sh, g.ph, g.dh, g.Ho);
+      const int64_t oh = conv_out_index(ih, kh, g.sh, g.ph, g.dh, g.Ho);
       if (oh < 0) continue;
       for (int64_t kw = 0; kw < g.KW; ++kw) {
-        const int64_t ow = output_index(iw, kw, g.sw, g.pw, g.dw, g.Wo);
+        const int64_t ow = conv_out_index(iw, kw, g.sw, g.pw, g.dw, g.Wo);
         if (ow < 0) continue;
         const scalar_t* go_p = go_n + oh * gs.s2 + ow * gs.s3;
         const scalar_t* w_p = w + w_col + kh * ws.s2 + kw * ws.s3;
@@ -252,8 +245,8 @@ ConvProblem check_conv(const at::Tensor& x, const at::Tensor& weight, at::IntArr
   TORCH_CHECK(g.H + 2 * g.ph >= span_h && g.W + 2 * g.pw >= span_w, "block_conv2d: the padded input (",
               g.H + 2 * g.ph, " x ", g.W + 2 * g.pw, ") is smaller than the dilated kernel (", span_h, " x ", span_w,
               ")");
-  g.Ho = (g.H + 2 * g.ph - span_h) / g.sh + 1;
-  g.Wo = (g.W + 2 * g.pw - span_w) / g.sw + 1;
+  g.Ho = conv_out_size(g.H, g.KH, g.sh, g.ph, g.dh);
+  g.Wo = conv_out_size(g.W, g.KW, g.sw, g.pw, g.dw);
   int64_t y_off = 0;
   for (size_t i = 0; i < pb.blocks.size(); ++i) {
     const Block& bl = pb.blocks[i];
