@@ -6,8 +6,8 @@
 
 Providers (same updates, same result, checked):
   * ``vectorised``        -- ``Aggregator.aggregate`` on flat updates (the simulation's wire
-                             format): one ``[K, P]`` stack, one ``n @ V``, one ``index_add_``
-                             per distinct switch;
+                             format): one fused multiply-add per client over all its
+                             elements, one ``index_add_`` per distinct switch;
   * ``vectorised_sliced`` -- the same from dicts of sliced tensors (includes packing them);
   * ``loop``              -- ``aggregate_loop``: for each client, parameter and window,
                              ``acc[w] += n * t; cnt[w] += n``.
@@ -61,16 +61,11 @@ def setup(num_clients: int = 100, seed: int = 0):
     return params, agg, windows, flat_updates, sliced_updates
 
 
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
-def run(repeats: int = 5, num_clients: int = 100) -> dict:
+def run(repeats: int = 7, num_clients: int = 100, threads: int = 1) -> dict:
+    # one thread: on a shared 2-core box, OpenMP barriers of 100 short parallel regions
+    # stall whenever a sibling thread is descheduled (measured: 5 s with 2 threads vs 40 ms); the loop
+    # baseline is single-threaded anyway (its tensors are below the parallel grain size)
+    torch.set_num_threads(threads)
     params, agg, windows, flat_u, sliced_u = setup(num_clients)
     ref = aggregate_loop(params, sliced_u, windows)
     vec, _ = agg.aggregate(params, flat_u)
@@ -78,9 +73,18 @@ def run(repeats: int = 5, num_clients: int = 100) -> dict:
     for n in params:
         torch.testing.assert_close(vec[n], ref[n], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(vec2[n], ref[n], rtol=1e-5, atol=1e-6)
-    t_vec, all_vec = _median_time(lambda: agg.aggregate(params, flat_u), repeats)
-    t_vs, all_vs = _median_time(lambda: agg.aggregate(params, sliced_u), repeats)
-    t_loop, all_loop = _median_time(lambda: aggregate_loop(params, sliced_u, windows), repeats)
+    # interleaved, so that a burst of load from other processes hits every provider alike
+    fns = {"vectorised": lambda: agg.aggregate(params, flat_u),
+           "vectorised_sliced": lambda: agg.aggregate(params, sliced_u),
+           "loop": lambda: aggregate_loop(params, sliced_u, windows)}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    (t_vec, all_vec), (t_vs, all_vs), (t_loop, all_loop) = (
+        (statistics.median(times[k]), times[k]) for k in fns)
     return {
         "benchmark": "fl_aggregate",
         "model": "resnet20 (CIFAR, slimkern.models)",
@@ -95,6 +99,9 @@ def run(repeats: int = 5, num_clients: int = 100) -> dict:
         "median_s": {"vectorised": t_vec, "vectorised_sliced": t_vs, "loop": t_loop},
         "all_s": {"vectorised": all_vec, "vectorised_sliced": all_vs, "loop": all_loop},
         "speedup_vs_loop": {"vectorised": t_loop / t_vec, "vectorised_sliced": t_loop / t_vs},
+        "speedup_vs_loop_per_repeat": {
+            "vectorised": statistics.median(l / v for l, v in zip(all_loop, all_vec)),
+            "vectorised_sliced": statistics.median(l / v for l, v in zip(all_loop, all_vs))},
     }
 
 

@@ -19,7 +19,7 @@ def data():
     X = (X - 0.3) / 0.4
     Y = torch.tensor(d.target)
     g = np.random.default_rng(0).permutation(len(Y))
-    tr, te = g[:400], g[1500:1700]
+    tr, te = g[:400], g[1500:1650]
     return (X[tr], Y[tr]), (X[te], Y[te])
 
 
@@ -83,8 +83,11 @@ def test_deterministic_and_resume_identical(data, tmp_path):
     ck = str(tmp_path / "ck.pt")
     _run(data, "heterofl", rounds=2, checkpoint=ck)
     net_b, hb = _run(data, "heterofl", rounds=3, checkpoint=ck, resume=True)
-    for (n, a), b in zip(net_a.state_dict().items(), net_b.state_dict().values()):
-        assert torch.equal(a, b), n
+    sa, sb = net_a.state_dict(), net_b.state_dict()
+    assert sa.keys() == sb.keys()
+    for n, a in sa.items():
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, sb[n]), n
     assert [r.accuracy for r in ha.rounds] == [r.accuracy for r in hb.rounds]
     assert [r.bytes_up for r in ha.rounds] == [r.bytes_up for r in hb.rounds]
     with pytest.raises(ValueError, match="belongs to another run"):
@@ -111,7 +114,8 @@ def test_faults_rejected_model_finite(data):
         assert "NaN" in why[0] and "flat vector of" in why[1] and "was assigned" in why[2]
         assert r.accepted == [4, 5] and r.dropped == [3]
     assert sum("rejected update of client 0" in m for m in logs) == 2
-    assert all(torch.isfinite(t).all() for t in net.state_dict().values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in net.state_dict().values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
 def test_nobody_returns_model_unchanged(data):
