@@ -11,6 +11,15 @@ from slimkern.fl.aggregate import ClientUpdate
 from slimkern.fl.models import small_cnn
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # many tiny ops: a second OpenMP thread only adds barrier stalls on a shared CPU
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def data():
     from sklearn.datasets import load_digits
