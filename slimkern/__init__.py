@@ -8,3 +8,4 @@ from slimkern import _library  # noqa: F401  (loads the extension, warns when it
 from slimkern import ops
 
 __version__ = "0.1.0"
+from slimkern.evaluate import evaluate
