@@ -27,7 +27,7 @@ DEMO_PARADIS: dict = {
     "max_width": 1.2, "recipe": "paradis", "switches": ["[1.2]x", "[1.0]x", "[0.5, 0.5]x", "[4x0.25]x"],
     "eval_switches": ["[0.5, 0.25, 0.25]x"], "individual": ["[0.5, 0.5]x"], "beta": 1.0, "kd": "wide",
     "epochs": 12, "batch_size": 32, "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine",
-    "calibrate_batches": 20, "out": "runs/demo-paradis", "export": ["[0.5, 0.5]x"],
+    "calibrate_batches": 20, "out": "runs/demo-paradis", "export": ["[0.5, 0.5]x"], "threads": 1,
 }
 
 _HELP = {

@@ -99,7 +99,7 @@ class Report:
         t = Table(title=title or self.meta.get("title", "slimkern evaluation"))
         for col, just in (("switch", "left"), ("model", "left"), ("top-1 %", "right"), ("MFLOPs", "right"),
                           ("max/device MFLOPs", "right"), ("params (k)", "right"), ("trained", "center")):
-            t.add_column(col, justify=just)
+            t.add_column(col, justify=just, no_wrap=col in ("switch", "model"))
         for r in self.results:
             trained = {True: "yes", False: "no", None: "?"}[r.trained]
             t.add_row(r.switch, r.kind, f"{100 * r.top1:.2f}", f"{r.macs / 1e6:.3f}",

@@ -28,7 +28,7 @@ DEFAULTS: dict = {
     "model": "mobilenet_v1", "width_mult": 1.0, "max_width": 1.0,
     # recipe
     "recipe": "paradis", "switches": ["[1.0]x"], "eval_switches": [], "individual": [],
-    "beta": 1.0, "kd": "wide", "temperature": 1.0, "min_width": 0.25, "n_random": 2, "width_step": 0.0,
+    "beta": 1.0, "kd": "wide", "temperature": 1.0, "min_width": 0.25, "n_random": 2, "width_step": 0.03125,
     "label_smoothing": 0.0,
     # optimisation
     "epochs": 10, "batch_size": 64, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True,
@@ -183,8 +183,11 @@ def run(cfg: dict, console=None, title: str | None = None):
     report.to_json(os.path.join(out, "report.json"))
     report.to_csv(os.path.join(out, "report.csv"))
     report.plot(os.path.join(out, "plot.png"))
-    for s in cfg["export"]:
-        export_switch(net, parse_switch(s), out)
+    if cfg["export"] and not hasattr(slimkern, "export"):
+        log.warning("export of %s skipped: slimkern.export is not available in this build", cfg["export"])
+    else:
+        for s in cfg["export"]:
+            export_switch(net, parse_switch(s), out)
     report.meta["total_seconds"] = round(time.perf_counter() - t_start, 2)
     report.to_json(os.path.join(out, "report.json"))
     if console is not None:

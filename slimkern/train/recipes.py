@@ -37,7 +37,8 @@ class SandwichTrainer(Trainer):
 
     .. math:: \mathcal{L} = \mathrm{CE}(z_{max}, y) + \sum_{w \ne max} \mathrm{KD}(z_w, \mathrm{sg}(z_{max}))
 
-    ``width_step`` rounds random widths to a grid (e.g. 0.05). ``nonuniform=True`` draws every
+    ``width_step`` rounds random widths to a grid (default 1/32: every width gets its own BN
+    statistics row, so a finite grid keeps the rows few; None draws continuous widths). ``nonuniform=True`` draws every
     layer's width independently (a per-layer switch from ``sampler``), the "non-uniform"
     variant: pass ``sampler(generator) -> Switch``; the default sampler needs
     ``Switch.from_channels`` and the net's layer list (``layer_channels``).
@@ -46,7 +47,7 @@ class SandwichTrainer(Trainer):
     name = "sandwich"
 
     def __init__(self, net, max_width: float = 1.0, min_width: float = 0.25, n_random: int = 2,
-                 inplace_kd: bool = True, temperature: float = 1.0, width_step: float | None = None,
+                 inplace_kd: bool = True, temperature: float = 1.0, width_step: float | None = 0.03125,
                  sampler: Callable[[torch.Generator], object] | None = None, **kw):
         super().__init__(net, **kw)
         if not 0 < min_width <= max_width:
