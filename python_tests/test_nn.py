@@ -10,7 +10,15 @@ import slimkern as sk
 from slimkern.nn import (SlimBatchNorm1d, SlimConv2d, SlimLinear, SlimNet, SwitchableBatchNorm2d,
                          parameter_ranges, register_switches)
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """float64 for tight equivalence checks, restored so other test modules are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class TinyNet(SlimNet):
