@@ -34,6 +34,8 @@ namespace {
 
 // Geometry of one depthwise plane. x planes have unit column stride and row stride sxh;
 // output / grad planes are contiguous.
+constexpr int64_t kMaxKW = 16;  // wider depthwise kernels take the general path
+
 struct Plane {
   int64_t H, W, Ho, Wo, KH, KW, sh, sw, ph, pw, dh, dw, sxh;
 };
@@ -41,6 +43,8 @@ struct Plane {
 template <typename T>
 SK_ALWAYS_INLINE void dw_fwd_plane_impl(const T* __restrict__ x, const T* __restrict__ w, T bias,
                                         T* __restrict__ out, const Plane& g) {
+  int64_t los[kMaxKW], his[kMaxKW];  // valid output columns per tap: no divisions in the row loops
+  for (int64_t kw = 0; kw < g.KW; ++kw) conv_valid_out_range(g.W, g.Wo, kw, g.sw, g.pw, g.dw, &los[kw], &his[kw]);
   for (int64_t oh = 0; oh < g.Ho; ++oh) {
     T* __restrict__ row = out + oh * g.Wo;
     for (int64_t i = 0; i < g.Wo; ++i) row[i] = bias;
@@ -49,8 +53,7 @@ SK_ALWAYS_INLINE void dw_fwd_plane_impl(const T* __restrict__ x, const T* __rest
       if (ih < 0 || ih >= g.H) continue;
       const T* xrow = x + ih * g.sxh;
       for (int64_t kw = 0; kw < g.KW; ++kw) {
-        int64_t lo, hi;
-        conv_valid_out_range(g.W, g.Wo, kw, g.sw, g.pw, g.dw, &lo, &hi);
+        const int64_t lo = los[kw], hi = his[kw];
         const T wv = w[kh * g.KW + kw];
         const T* __restrict__ src = xrow + conv_in_index(lo, kw, g.sw, g.pw, g.dw);
         T* __restrict__ dst = row + lo;
@@ -71,6 +74,8 @@ SK_ALWAYS_INLINE void dw_fwd_plane_impl(const T* __restrict__ x, const T* __rest
 template <typename T>
 SK_ALWAYS_INLINE void dw_bwd_input_plane_impl(const T* __restrict__ go, const T* __restrict__ w,
                                               T* __restrict__ gx, const Plane& g) {
+  int64_t los[kMaxKW], his[kMaxKW];  // valid output columns per tap: no divisions in the row loops
+  for (int64_t kw = 0; kw < g.KW; ++kw) conv_valid_out_range(g.W, g.Wo, kw, g.sw, g.pw, g.dw, &los[kw], &his[kw]);
   // gx is a contiguous H x W plane.
   for (int64_t oh = 0; oh < g.Ho; ++oh) {
     const T* __restrict__ grow = go + oh * g.Wo;
@@ -79,8 +84,7 @@ SK_ALWAYS_INLINE void dw_bwd_input_plane_impl(const T* __restrict__ go, const T*
       if (ih < 0 || ih >= g.H) continue;
       T* xrow = gx + ih * g.W;
       for (int64_t kw = 0; kw < g.KW; ++kw) {
-        int64_t lo, hi;
-        conv_valid_out_range(g.W, g.Wo, kw, g.sw, g.pw, g.dw, &lo, &hi);
+        const int64_t lo = los[kw], hi = his[kw];
         const T wv = w[kh * g.KW + kw];
         T* __restrict__ dst = xrow + conv_in_index(lo, kw, g.sw, g.pw, g.dw);
         const T* __restrict__ src = grow + lo;
@@ -97,38 +101,40 @@ SK_ALWAYS_INLINE void dw_bwd_input_plane_impl(const T* __restrict__ go, const T*
   }
 }
 
+// Accumulates, per tap t and output column i, accv[t*Wo + i] += go * x (and the bias sum
+// into accv[KH*KW*Wo + i]): row-wise multiply-adds with no horizontal reduction per row; the
+// caller reduces accv once per weight channel.
 template <typename T>
-SK_ALWAYS_INLINE void dw_bwd_weight_plane_impl(const T* __restrict__ go, const T* __restrict__ x, T* acc, T* bias_acc,
+SK_ALWAYS_INLINE void dw_bwd_weight_plane_impl(const T* __restrict__ go, const T* __restrict__ x, T* __restrict__ accv,
                                                const Plane& g) {
-  T bsum = 0;
+  int64_t los[kMaxKW], his[kMaxKW];  // valid output columns per tap: no divisions in the row loops
+  for (int64_t kw = 0; kw < g.KW; ++kw) conv_valid_out_range(g.W, g.Wo, kw, g.sw, g.pw, g.dw, &los[kw], &his[kw]);
+  T* __restrict__ bv = accv + g.KH * g.KW * g.Wo;
   for (int64_t oh = 0; oh < g.Ho; ++oh) {
     const T* __restrict__ grow = go + oh * g.Wo;
-#pragma omp simd reduction(+ : bsum)
-    for (int64_t i = 0; i < g.Wo; ++i) bsum += grow[i];
+#pragma omp simd
+    for (int64_t i = 0; i < g.Wo; ++i) bv[i] += grow[i];
     for (int64_t kh = 0; kh < g.KH; ++kh) {
       const int64_t ih = conv_in_index(oh, kh, g.sh, g.ph, g.dh);
       if (ih < 0 || ih >= g.H) continue;
       const T* xrow = x + ih * g.sxh;
       for (int64_t kw = 0; kw < g.KW; ++kw) {
-        int64_t lo, hi;
-        conv_valid_out_range(g.W, g.Wo, kw, g.sw, g.pw, g.dw, &lo, &hi);
+        const int64_t lo = los[kw], hi = his[kw];
         const T* __restrict__ src = xrow + conv_in_index(lo, kw, g.sw, g.pw, g.dw);
         const T* __restrict__ gsrc = grow + lo;
+        T* __restrict__ av = accv + (kh * g.KW + kw) * g.Wo + lo;
         const int64_t n = hi - lo;
-        T s = 0;
         if (g.sw == 1) {
-#pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < n; ++i) s += gsrc[i] * src[i];
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) av[i] += gsrc[i] * src[i];
         } else {
           const int64_t st = g.sw;
-#pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < n; ++i) s += gsrc[i] * src[i * st];
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) av[i] += gsrc[i] * src[i * st];
         }
-        acc[kh * g.KW + kw] += s;
       }
     }
   }
-  *bias_acc += bsum;
 }
 
 // Non-template entry points so each is compiled for several instruction sets.
@@ -144,12 +150,11 @@ SK_MULTIVERSION void dw_bwd_input_plane(const float* go, const float* w, float* 
 SK_MULTIVERSION void dw_bwd_input_plane(const double* go, const double* w, double* gx, const Plane& g) {
   dw_bwd_input_plane_impl(go, w, gx, g);
 }
-SK_MULTIVERSION void dw_bwd_weight_plane(const float* go, const float* x, float* acc, float* b, const Plane& g) {
-  dw_bwd_weight_plane_impl(go, x, acc, b, g);
+SK_MULTIVERSION void dw_bwd_weight_plane(const float* go, const float* x, float* accv, const Plane& g) {
+  dw_bwd_weight_plane_impl(go, x, accv, g);
 }
-SK_MULTIVERSION void dw_bwd_weight_plane(const double* go, const double* x, double* acc, double* b,
-                                         const Plane& g) {
-  dw_bwd_weight_plane_impl(go, x, acc, b, g);
+SK_MULTIVERSION void dw_bwd_weight_plane(const double* go, const double* x, double* accv, const Plane& g) {
+  dw_bwd_weight_plane_impl(go, x, accv, g);
 }
 
 bool fast_dtype(const at::Tensor& t) {
@@ -267,19 +272,22 @@ void dw_backward(const at::Tensor& go, const at::Tensor& x_in, const at::Tensor&
     T* gwp = mask[1] ? gw.data_ptr<T>() : nullptr;
     T* gbp = mask[2] ? gb.data_ptr<T>() : nullptr;
     at::parallel_for(0, Cw, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> acc(KK);
+      std::vector<T> accv((KK + 1) * G.Wo);
       for (int64_t wc = begin; wc < end; ++wc) {
         if (start[wc] == start[wc + 1]) continue;
-        std::fill(acc.begin(), acc.end(), T(0));
-        T bacc = 0;
+        std::fill(accv.begin(), accv.end(), T(0));
         for (int64_t k = start[wc]; k < start[wc + 1]; ++k) {
           const int64_t oc = list[k];
           for (int64_t n = 0; n < G.N; ++n)
             dw_bwd_weight_plane(gop + (n * C + oc) * oplane, xp + n * x.stride(0) + oc_x[oc] * x.stride(1),
-                                acc.data(), &bacc, pl);
+                                accv.data(), pl);
         }
-        if (gwp) std::copy(acc.begin(), acc.end(), gwp + wc * KK);
-        if (gbp) gbp[wc] = bacc;
+        for (int64_t t = 0; t <= KK; ++t) {
+          T sum = 0;
+          for (int64_t i = 0; i < G.Wo; ++i) sum += accv[t * G.Wo + i];
+          if (t < KK && gwp) gwp[wc * KK + t] = sum;
+          if (t == KK && gbp) gbp[wc] = sum;
+        }
       }
     });
   }
@@ -442,7 +450,7 @@ at::Tensor block_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels call ATen ops on views
   const ConvGeom G = check_block_conv2d(x, weight, bias, blocks, x_offsets, stride, padding, dilation, depthwise);
   if (G.N == 0) return at::empty({0, G.C_out_total, G.Ho, G.Wo}, x.options());
-  const bool fast = fast_dtype(x) && (G.depthwise || is_pointwise(G));
+  const bool fast = fast_dtype(x) && ((G.depthwise && G.KW <= kMaxKW) || is_pointwise(G));
   if (!fast) return general_forward(x, weight, bias, G, x_offsets);
   at::Tensor out = at::empty({G.N, G.C_out_total, G.Ho, G.Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_conv2d_cpu", [&] {
@@ -469,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_conv2d_backward_cpu(
     if (mask[0]) gx.zero_();
     return {gx, gw, gb};
   }
-  const bool fast = fast_dtype(x) && (G.depthwise || is_pointwise(G));
+  const bool fast = fast_dtype(x) && ((G.depthwise && G.KW <= kMaxKW) || is_pointwise(G));
   if (!fast) {
     general_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
     return {gx, gw, gb};
