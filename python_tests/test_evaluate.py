@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import slimkern as sk
-from slimkern.evaluate import closed_form_cost, evaluate
+from slimkern.evaluate import closed_form_cost, evaluate, switch_cost
 from slimkern.report import Report, SwitchResult
 
 
@@ -109,3 +109,19 @@ def test_evaluate_errors():
         evaluate(net, [], sws[:1], input_size=(1, 3, 6, 6))
     with pytest.raises(KeyError):
         Report([SwitchResult("[1.0]x", 1.0, 1, 1, 1, 1, True)])["[0.5]x"]
+
+
+def test_closed_form_agrees_with_slimkern_profile():
+    from slimkern import models
+    net = models.mobilenet_v1(10, 3, max_width=1.2, width_mult=0.25)
+    for s in ["[1.2]x", "[1.0]x", "[0.5, 0.5]x", "[4x0.25]x", "[0.5, 0.25, 0.25]x"]:
+        sw = sk.Switch.parse(s)
+        macs, params = closed_form_cost(net, sw, (1, 3, 16, 16))
+        macs_p, max_macs_p, params_p, _ = switch_cost(net, sw, (1, 3, 16, 16))
+        assert net.training  # restored
+        assert macs_p == sum(macs) and max_macs_p == max(macs)
+        net.eval()
+        prof = sk.profile(net, sw, input_size=(1, 3, 16, 16))
+        net.train()
+        assert [b.macs for b in prof.branches] == macs
+        assert prof.params == sum(params)  # profile books the fused bias apart, we put it on branch 0

@@ -3,7 +3,8 @@
 Costs per switch: total MACs (multiply-adds of one image over all branches), the largest
 single branch's MACs (the ParaDiS "distributed" view: with one branch per device, latency
 follows the busiest device), and parameters (total and largest branch). They come from
-``slimkern.profile`` when that is available, else from the closed form below.
+``slimkern.profile``; :func:`closed_form_cost` (the same closed forms, read off the slim
+layers' windows) is the fallback and an independent check in the tests.
 """
 from __future__ import annotations
 
@@ -84,18 +85,23 @@ def closed_form_cost(net: nn.Module, sw, input_size) -> tuple[list[int], list[in
     return macs, params
 
 
-def switch_cost(net: nn.Module, sw, input_size) -> tuple[list[int], list[int]]:
-    """Per-branch ``(macs, params)``: ``slimkern.profile`` when present, else :func:`closed_form_cost`."""
+def switch_cost(net: nn.Module, sw, input_size) -> tuple[int, int, int, int]:
+    """``(macs, max_device_macs, params, max_device_params)`` of ``sw`` for one image:
+    ``slimkern.profile`` when present, else :func:`closed_form_cost` (same closed forms)."""
     import slimkern
 
     prof_fn = getattr(slimkern, "profile", None)
     if prof_fn is not None:
+        modes = [(m, m.training) for m in net.modules()]
         try:
-            prof = prof_fn(net, sw, input_size=input_size)
-            return [int(b.macs) for b in prof.branches], [int(b.params) for b in prof.branches]
-        except (AttributeError, TypeError):  # an older/other profile shape: keep the closed form
-            pass
-    return closed_form_cost(net, sw, input_size)
+            net.eval()  # a 1-image pass in train mode would ask BN for batch statistics
+            prof = prof_fn(net, sw, input_size=tuple(input_size))
+        finally:
+            for m, t in modes:
+                m.training = t
+        return int(prof.macs), int(prof.max_device_macs), int(prof.params), int(prof.max_device_params)
+    macs, params = closed_form_cost(net, sw, input_size)
+    return sum(macs), max(macs), sum(params), max(params)
 
 
 @torch.no_grad()
@@ -155,10 +161,10 @@ def evaluate(net: nn.Module, loader: Iterable, switches: Sequence, trained: Iter
     def add(model, sw_list, kind, desc):
         acc = _accuracy(model, loader, sw_list, progress, desc)
         for sw, (c, n) in zip(sw_list, acc):
-            macs, params = switch_cost(model, sw, input_size)
+            macs, max_macs, params, max_params = switch_cost(model, sw, input_size)
             results.append(SwitchResult(
-                switch=str(sw), top1=c / n, macs=int(sum(macs)), max_device_macs=int(max(macs)),
-                params=int(sum(params)), max_device_params=int(max(params)),
+                switch=str(sw), top1=c / n, macs=macs, max_device_macs=max_macs,
+                params=params, max_device_params=max_params,
                 trained=True if kind == "individual" else (None if trained_set is None else sw in trained_set),
                 kind=kind, branches=sw.num_branches, correct=c, total=n))
 
