@@ -49,6 +49,19 @@ class SlimGraphModule(SlimNet, fx.GraphModule):
     ``use_switch``, ``forward_switches``, ...). ``width_groups`` maps each width group to the
     layers in it."""
 
+    def __reduce__(self):
+        # GraphModule pickles into a plain GraphModule; rebuild this class around it
+        fn, args = super().__reduce__()
+        return (_rebuild_slim, (fn, args, getattr(self, "width_groups", {})))
+
+
+def _rebuild_slim(fn, args, width_groups):
+    gm = fn(*args)
+    net = SlimGraphModule(gm, gm.graph, class_name=type(gm).__name__)
+    net.width_groups = width_groups
+    net.train(gm.training)
+    return net
+
 
 # parameter-free torch.nn modules that keep channels as they are
 _PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
