@@ -6,5 +6,6 @@ and the namespaces ``ops``, ``solvers``, ``nn``, ``models``, ``data``, ``train``
 """
 from slimkern import _library  # noqa: F401  (loads the extension, warns when it cannot)
 from slimkern import ops
+from slimkern import solvers
 
 __version__ = "0.1.0"
