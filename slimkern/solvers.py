@@ -89,7 +89,11 @@ def _check_costs(t: torch.Tensor, name: str) -> None:
 
 
 def _chain_args(unary, pairwise, pname="pairwise"):
-    """Validates a chain; returns (unary [P,L,K], pairwise [P,L-1,K,K], batched, numpy_out)."""
+    """Checks a chain's shapes; returns (unary [P,L,K], pairwise [P,L-1,K,K], batched, numpy_out).
+
+    The values (NaN / -inf) are checked by :func:`_check_chain_values` on the torch path; the
+    C++ op checks them itself with the same messages, in one pass over its float64 copy.
+    """
     u, un = _as_tensor(unary, "unary")
     p, pn = _as_tensor(pairwise, pname)
     if u.dim() not in (2, 3):
@@ -108,10 +112,13 @@ def _chain_args(unary, pairwise, pname="pairwise"):
         raise ValueError(f"{pname} must have shape {shown} to match unary {tuple(unary.shape)}, got {got}")
     if u.device != p.device:
         raise ValueError(f"unary and {pname} must be on the same device, got {u.device} and {p.device}")
-    _check_costs(u, "unary")
-    _check_costs(p, pname)
     dtype = torch.promote_types(u.dtype, p.dtype)
     return u.to(dtype), p.to(dtype), batched, un or pn
+
+
+def _check_chain_values(u, p, pname="pairwise"):
+    _check_costs(u, "unary")
+    _check_costs(p, pname)
 
 
 # --------------------------------------------------------------------------- Viterbi
@@ -156,6 +163,7 @@ def viterbi(unary, pairwise, *, backend: str = "auto"):
     if _backend(backend, "viterbi", u, p) == "cpp":
         path, cost = torch.ops.slimkern.viterbi(u, p)
     else:
+        _check_chain_values(u, p)
         path, cost = _viterbi_torch(u, p)
     if not batched:
         path, cost = path[0], cost[0]
@@ -207,6 +215,7 @@ def viterbi_marginals(unary, pairwise, temperature: float = 1.0, *, return_log_p
     if _backend(backend, "viterbi_marginals", u, p) == "cpp":
         marg, log_z = torch.ops.slimkern.viterbi_marginals(u, p, float(temperature))
     else:
+        _check_chain_values(u, p)
         marg, log_z = _marginals_torch(u, p, float(temperature))
     if not batched:
         marg, log_z = marg[0], log_z[0]
@@ -337,8 +346,6 @@ def viterbi_budget(unary, resource_pairwise, budget, max_iter: int = 30, *, pair
     if not isinstance(max_iter, int) or max_iter < 0:
         raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
     u, r, batched, to_np = _chain_args(unary, resource_pairwise, "resource_pairwise")
-    if (r < 0).any():
-        raise ValueError("resource_pairwise must be >= 0 (+inf forbids a pair)")
     c = None
     if pairwise is not None:
         _, c, _, _ = _chain_args(unary, pairwise)
@@ -349,18 +356,24 @@ def viterbi_budget(unary, resource_pairwise, budget, max_iter: int = 30, *, pair
         b = b.expand(P)
     if tuple(b.shape) != (P,):
         raise ValueError(f"budget must be a number or have shape ({P},), got {tuple(b.shape)}")
-    if torch.isnan(b).any():
-        raise ValueError("budget contains NaN")
     b = b.contiguous()
     if _backend(backend, "viterbi_budget", u, r, c) == "cpp":
         path, cost, used, gamma, status = torch.ops.slimkern.viterbi_budget(u, c, r, b.to(u.device), max_iter)
     else:
+        _check_chain_values(u, r, "resource_pairwise")
+        if c is not None:
+            _check_costs(c, "pairwise")
+        _check_costs(b, "budget")
+        if (r < 0).any():
+            raise ValueError(f"resource_pairwise must be >= 0 (+inf forbids a pair), got {float(r.min()):.6g}")
         path, cost, used, gamma, status = _budget_torch(u, c, r, b, max_iter)
-    for k in range(P):
+    for k, st in enumerate(status.tolist()):
+        if st == _OK:
+            continue
         where = f" (platform {k})" if batched else ""
-        if int(status[k]) == _NO_PATH:
+        if st == _NO_PATH:
             raise ValueError(f"viterbi_budget: every path is forbidden (+inf){where}")
-        if int(status[k]) == _INFEASIBLE:
+        if st == _INFEASIBLE:
             raise ValueError(
                 f"viterbi_budget: budget {float(b[k]):.6g} is infeasible{where}: even the "
                 f"least-resource path uses {float(used[k]):.6g}")
@@ -531,12 +544,14 @@ def sinkhorn(a, b, M, reg: float, method: str = "log", max_iter: int = 1000, tol
         raise ValueError("a and b must not be empty")
     if not (at.device == bt.device == Mt.device):
         raise ValueError(f"a, b and M must be on the same device, got {at.device}, {bt.device}, {Mt.device}")
-    for t, name in ((at, "a"), (bt, "b"), (Mt, "M")):
+    chosen = _backend(backend, "sinkhorn", at, bt, Mt)
+    # The C++ op checks M itself (same message) in its pass over the float64 copy.
+    for t, name in ((at, "a"), (bt, "b"), (Mt, "M")) if chosen == "torch" else ((at, "a"), (bt, "b")):
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} contains NaN or inf")
     for t, name in ((at, "a"), (bt, "b")):
         if (t < 0).any():
-            raise ValueError(f"{name} must be nonnegative, got min {float(t.min()):.6g}")
+            raise ValueError(f"{name} must be nonnegative, got {float(t.min()):.6g}")
     sa, sb = at.sum(1, dtype=torch.float64), bt.sum(1, dtype=torch.float64)
     for s, name in ((sa, "a"), (sb, "b")):
         if (s <= 0).any():
@@ -563,7 +578,6 @@ def sinkhorn(a, b, M, reg: float, method: str = "log", max_iter: int = 1000, tol
         lu0, lv0 = lu0.to(dtype=dtype, device=at.device), lv0.to(dtype=dtype, device=at.device)
         if not (torch.isfinite(lu0) | (at == 0)).all() or not (torch.isfinite(lv0) | (bt == 0)).all():
             raise ValueError("warm_start log_u / log_v must be finite where a / b > 0")
-    chosen = _backend(backend, "sinkhorn", at, bt, Mt)
     if chosen == "cpp":
         plan, lu, lv, err, n_iter, status = torch.ops.slimkern.sinkhorn(
             at, bt, Mt, float(reg), method, max_iter, float(tol), check_every, lu0, lv0)

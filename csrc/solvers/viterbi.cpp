@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> viterbi_b
     const at::Tensor& unary, const std::optional<at::Tensor>& pairwise, const at::Tensor& resource,
     const at::Tensor& budget, int64_t max_iter) {
   TORCH_CHECK_VALUE(max_iter >= 0, "max_iter must be >= 0, got ", max_iter);
-  Chain c = check_chain(unary, resource, "resource");
+  Chain c = check_chain(unary, resource, "resource_pairwise");
   at::Tensor pw;
   if (pairwise.has_value()) pw = check_chain(unary, *pairwise, "pairwise").pairwise;
   solver_checks::check_cpu_floating(budget, "budget");
@@ -73,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> viterbi_b
   {
     const double* r = c.pairwise.const_data_ptr<double>();
     for (int64_t i = 0; i < c.pairwise.numel(); ++i)
-      TORCH_CHECK_VALUE(r[i] >= 0.0, "resource must be >= 0 (+inf forbids a pair), got ", r[i]);
+      TORCH_CHECK_VALUE(r[i] >= 0.0, "resource_pairwise must be >= 0 (+inf forbids a pair), got ", r[i]);
   }
   auto path = at::empty({c.P, c.L}, unary.options().dtype(at::kLong));
   std::vector<solvers::BudgetResult> res(c.P);
