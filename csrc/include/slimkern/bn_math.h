@@ -12,21 +12,40 @@ namespace bn {
 // The activation fused after the affine step; the schema spells these as strings.
 enum Activation : int { kNone = 0, kRelu = 1, kRelu6 = 2 };
 
-// NaN must propagate as in torch.relu/relu6, hence "z < 0" rather than "z > 0 ? z : 0".
+// Written so that T may also be a GCC vector type (the CPU kernels' SIMD lanes): comparisons
+// then give lane masks and "?:" selects per lane. NaN must propagate as in torch.relu/relu6,
+// hence "z < 0 ? 0 : z" rather than "z > 0 ? z : 0".
 template <int ACT, typename T>
 SK_HOST_DEVICE T activate(T z) {
-  if (ACT == kRelu) return z < T(0) ? T(0) : z;
-  if (ACT == kRelu6) return z < T(0) ? T(0) : (z > T(6) ? T(6) : z);
-  return z;
+  const T zero{};
+  if constexpr (ACT == kRelu) {
+    return z < zero ? zero : z;
+  } else if constexpr (ACT == kRelu6) {
+    const T six = zero + 6;
+    return z < zero ? zero : (z > six ? six : z);
+  } else {
+    return z;
+  }
 }
 
-// Whether the gradient passes the activation at pre-activation z. Zero at the kinks, as
-// torch's threshold_backward (relu) and hardtanh_backward (relu6) decide on the same value.
+// The gradient d passed back through the activation at pre-activation z: zero at and
+// beyond the kinks, as torch's threshold_backward (relu) and hardtanh_backward (relu6).
+template <int ACT, typename T>
+SK_HOST_DEVICE T mask_grad(T z, T d) {
+  const T zero{};
+  if constexpr (ACT == kRelu) {
+    return z > zero ? d : zero;
+  } else if constexpr (ACT == kRelu6) {
+    const T six = zero + 6;
+    return ((z > zero) & (z < six)) ? d : zero;
+  } else {
+    return d;
+  }
+}
+
 template <int ACT, typename T>
 SK_HOST_DEVICE bool passes(T z) {
-  if (ACT == kRelu) return z > T(0);
-  if (ACT == kRelu6) return z > T(0) && z < T(6);
-  return true;
+  return mask_grad<ACT>(z, T(1)) != T(0);
 }
 
 template <typename T>

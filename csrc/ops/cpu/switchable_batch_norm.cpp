@@ -2,12 +2,16 @@
 // in one pass (shifted sums, float lanes flushed to double), normalise + affine +
 // activation fused in a second pass; the backward fuses the activation mask into both
 // reductions and the input gradient. x is read as [N, Cp, HW].
+// 64-byte GCC vector types live in inline helpers only; no ABI crosses this file.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "slimkern/bn_checks.h"
@@ -21,81 +25,109 @@ using namespace bn;
 // their rounding error whatever the map size.
 constexpr int64_t kChunk = 1024;
 
-// Independent accumulator lanes (one cache line) let the compiler vectorise the reductions.
+#define SK_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// SIMD lanes as GCC vector types (one cache line: 16 floats or 8 doubles); the per-element
+// math in bn_math.h is written to take them. Plain loops with a conditional do not vectorise.
 template <typename T>
-constexpr int kLanes = 64 / sizeof(T);
+struct Lanes {
+  typedef T V __attribute__((vector_size(64)));
+  static constexpr int L = 64 / sizeof(T);
+  SK_ALWAYS_INLINE static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  SK_ALWAYS_INLINE static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  SK_ALWAYS_INLINE static double sum(V v) {
+    double s = 0;
+    for (int j = 0; j < L; ++j) s += v[j];
+    return s;
+  }
+};
+
+// Two running sums kept in SIMD lanes across rows and flushed to double every kChunk values.
+template <typename T>
+struct Sums2 {
+  using W = Lanes<T>;
+  typename W::V a{}, b{};
+  T ta = 0, tb = 0;
+  int64_t pending = 0;
+  double A = 0, B = 0;
+  SK_ALWAYS_INLINE void flush() {
+    A += W::sum(a) + ta;
+    B += W::sum(b) + tb;
+    a = typename W::V{};
+    b = typename W::V{};
+    ta = tb = 0;
+    pending = 0;
+  }
+  SK_ALWAYS_INLINE void rowdone(int64_t n) {
+    pending += n;
+    if (pending >= kChunk) flush();
+  }
+};
 
 template <typename T>
-inline void shifted_sums(const T* p, int64_t n, T K, double& S, double& Q) {
-  constexpr int L = kLanes<T>;
-  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-    const int64_t end = std::min(n, i0 + kChunk);
-    T s[L] = {}, q[L] = {};
-    int64_t i = i0;
-    for (; i + L <= end; i += L)
-      for (int j = 0; j < L; ++j) {
-        const T v = p[i + j] - K;
-        s[j] += v;
-        q[j] += v * v;
-      }
-    for (; i < end; ++i) {
-      const T v = p[i] - K;
-      s[0] += v;
-      q[0] += v * v;
-    }
-    double ss = 0, qq = 0;
-    for (int j = 0; j < L; ++j) {
-      ss += s[j];
-      qq += q[j];
-    }
-    S += ss;
-    Q += qq;
+SK_ALWAYS_INLINE void shifted_sums(const T* p, int64_t n, T K, Sums2<T>& acc) {
+  using W = Lanes<T>;
+  using V = typename W::V;
+  int64_t i = 0;
+  for (; i + W::L <= n; i += W::L) {
+    const V v = W::load(p + i) - K;
+    acc.a += v;
+    acc.b += v * v;
   }
+  for (; i < n; ++i) {
+    const T v = p[i] - K;
+    acc.ta += v;
+    acc.tb += v * v;
+  }
+  acc.rowdone(n);
 }
 
 template <int ACT, typename T>
-inline void apply_row(const T* x, T* y, int64_t n, T scale, T shift) {
-  for (int64_t i = 0; i < n; ++i) y[i] = activate<ACT>(x[i] * scale + shift);
+SK_ALWAYS_INLINE void apply_row(const T* x, T* y, int64_t n, T scale, T shift) {
+  using W = Lanes<T>;
+  int64_t i = 0;
+  for (; i + W::L <= n; i += W::L) W::store(y + i, activate<ACT>(W::load(x + i) * scale + shift));
+  for (; i < n; ++i) y[i] = activate<ACT>(x[i] * scale + shift);
 }
 
-// Sums of g and g * (x - mean) over one row, g = dy where the activation passes.
+// Sums of g and g * (x - mean) over one row, g = dy masked by the activation.
 template <int ACT, typename T>
-inline void grad_sums(const T* x, const T* dy, int64_t n, T scale, T shift, T mean, double& SG, double& SGX) {
-  constexpr int L = kLanes<T>;
-  for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-    const int64_t end = std::min(n, i0 + kChunk);
-    T s[L] = {}, q[L] = {};
-    int64_t i = i0;
-    for (; i + L <= end; i += L)
-      for (int j = 0; j < L; ++j) {
-        const T xv = x[i + j];
-        const T g = passes<ACT>(xv * scale + shift) ? dy[i + j] : T(0);
-        s[j] += g;
-        q[j] += g * (xv - mean);
-      }
-    for (; i < end; ++i) {
-      const T xv = x[i];
-      const T g = passes<ACT>(xv * scale + shift) ? dy[i] : T(0);
-      s[0] += g;
-      q[0] += g * (xv - mean);
-    }
-    double ss = 0, qq = 0;
-    for (int j = 0; j < L; ++j) {
-      ss += s[j];
-      qq += q[j];
-    }
-    SG += ss;
-    SGX += qq;
+SK_ALWAYS_INLINE void grad_sums(const T* x, const T* dy, int64_t n, T scale, T shift, T mean, Sums2<T>& acc) {
+  using W = Lanes<T>;
+  using V = typename W::V;
+  int64_t i = 0;
+  for (; i + W::L <= n; i += W::L) {
+    const V xv = W::load(x + i);
+    const V g = mask_grad<ACT>(xv * scale + shift, W::load(dy + i));
+    acc.a += g;
+    acc.b += g * (xv - mean);
   }
+  for (; i < n; ++i) {
+    const T g = mask_grad<ACT>(x[i] * scale + shift, dy[i]);
+    acc.ta += g;
+    acc.tb += g * (x[i] - mean);
+  }
+  acc.rowdone(n);
 }
 
 // dx = scale * g + k1 * (x - mean) + k0 (k1 = k0 = 0 in eval mode).
 template <int ACT, typename T>
-inline void grad_x_row(const T* x, const T* dy, T* dx, int64_t n, T scale, T shift, T mean, T k1, T k0) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T xv = x[i];
-    const T g = passes<ACT>(xv * scale + shift) ? dy[i] : T(0);
-    dx[i] = scale * g + k1 * (xv - mean) + k0;
+SK_ALWAYS_INLINE void grad_x_row(const T* x, const T* dy, T* dx, int64_t n, T scale, T shift, T mean, T k1, T k0) {
+  using W = Lanes<T>;
+  using V = typename W::V;
+  int64_t i = 0;
+  for (; i + W::L <= n; i += W::L) {
+    const V xv = W::load(x + i);
+    const V g = mask_grad<ACT>(xv * scale + shift, W::load(dy + i));
+    W::store(dx + i, scale * g + k1 * (xv - mean) + k0);
+  }
+  for (; i < n; ++i) {
+    const T g = mask_grad<ACT>(x[i] * scale + shift, dy[i]);
+    dx[i] = scale * g + k1 * (x[i] - mean) + k0;
   }
 }
 
@@ -121,6 +153,48 @@ Params<T> params_of(const c10::optional<at::Tensor>& weight, const c10::optional
     P.bs = bias->stride(0);
   }
   return P;
+}
+
+// The channel loops are compiled three times, for the x86-64 baseline, AVX2 and AVX-512
+// (the CPUs this runs on have them; torch's own kernels use them too), and the widest the
+// CPU supports runs. The lambda bodies are always_inline so they take the wrapper's ISA.
+#define SK_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
+
+template <typename F>
+__attribute__((noinline)) void range_default(const F& f, int64_t p0, int64_t p1) {
+  f(p0, p1);
+}
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename F>
+__attribute__((noinline, target("avx2"))) void range_avx2(const F& f, int64_t p0, int64_t p1) {
+  f(p0, p1);
+}
+template <typename F>
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq"))) void range_avx512(const F& f, int64_t p0,
+                                                                                       int64_t p1) {
+  f(p0, p1);
+}
+inline int cpu_level() {
+  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
+                               ? 2
+                               : (__builtin_cpu_supports("avx2") ? 1 : 0);
+  return level;
+}
+#endif
+
+template <typename F>
+void run_channels(int64_t C, int64_t grain, const F& f) {
+  at::parallel_for(0, C, grain, [&](int64_t p0, int64_t p1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    switch (cpu_level()) {
+      case 2: range_avx512(f, p0, p1); return;
+      case 1: range_avx2(f, p0, p1); return;
+      default: break;
+    }
+#endif
+    range_default(f, p0, p1);
+  });
 }
 
 inline int64_t grain_for(int64_t per_channel) {
@@ -189,14 +263,15 @@ void forward_kernel(const Layout& L, const at::Tensor& x, at::Tensor& y, at::Ten
     return;
   }
 
-  at::parallel_for(0, Cp, grain_for(N * HW), [&](int64_t p0, int64_t p1) {
+  const auto body = [&](int64_t p0, int64_t p1) SK_ALWAYS_INLINE_LAMBDA {
     for (int64_t p = p0; p < p1; ++p) {
       T mean, var;
       if (training) {
         const T K = xp[p * HW];
-        double S = 0, Q = 0;
-        for (int64_t n = 0; n < N; ++n) shifted_sums(xp + (n * Cp + p) * HW, HW, K, S, Q);
-        stats_from_sums(K, S, Q, mean, var);
+        Sums2<T> acc;
+        for (int64_t n = 0; n < N; ++n) shifted_sums(xp + (n * Cp + p) * HW, HW, K, acc);
+        acc.flush();
+        stats_from_sums(K, acc.A, acc.B, mean, var);
       } else {
         eval_stats(p, mean, var);
       }
@@ -209,7 +284,8 @@ void forward_kernel(const Layout& L, const at::Tensor& x, at::Tensor& y, at::Ten
         apply_row<ACT>(xp + off, yp + off, HW, scale, shift);
       }
     }
-  });
+  };
+  run_channels(Cp, grain_for(N * HW), body);
 }
 
 template <typename T, int ACT>
@@ -255,7 +331,7 @@ void backward_kernel(const Layout& L, const at::Tensor& dy, const at::Tensor& x,
         const T* xr = xp + n * Cp + p0;
         const T* gr = gp + n * Cp + p0;
         for (int64_t j = 0; j < w; ++j) {
-          const T g = passes<ACT>(xr[j] * scale[j] + shift[j]) ? gr[j] : T(0);
+          const T g = mask_grad<ACT>(xr[j] * scale[j] + shift[j], gr[j]);
           SG[j] += g;
           SGX[j] += static_cast<double>(g) * (xr[j] - mean[j]);
         }
@@ -266,7 +342,7 @@ void backward_kernel(const Layout& L, const at::Tensor& dy, const at::Tensor& x,
         const T* gr = gp + n * Cp + p0;
         T* dr = dxp + n * Cp + p0;
         for (int64_t j = 0; j < w; ++j) {
-          const T g = passes<ACT>(xr[j] * scale[j] + shift[j]) ? gr[j] : T(0);
+          const T g = mask_grad<ACT>(xr[j] * scale[j] + shift[j], gr[j]);
           dr[j] = scale[j] * g + k1[j] * (xr[j] - mean[j]) + k0[j];
         }
       }
@@ -274,23 +350,25 @@ void backward_kernel(const Layout& L, const at::Tensor& dy, const at::Tensor& x,
     return;
   }
 
-  at::parallel_for(0, Cp, grain_for(N * HW), [&](int64_t p0, int64_t p1) {
+  const auto body = [&](int64_t p0, int64_t p1) SK_ALWAYS_INLINE_LAMBDA {
     for (int64_t p = p0; p < p1; ++p) {
       T inv, scale, shift, k1, k0;
       coeffs(p, inv, scale, shift);
       const T mean = mp[p];
-      double SG = 0, SGX = 0;
+      Sums2<T> acc;
       for (int64_t n = 0; n < N; ++n) {
         const int64_t off = (n * Cp + p) * HW;
-        grad_sums<ACT>(xp + off, gp + off, HW, scale, shift, mean, SG, SGX);
+        grad_sums<ACT>(xp + off, gp + off, HW, scale, shift, mean, acc);
       }
-      finish(p, inv, scale, SG, SGX, k1, k0);
+      acc.flush();
+      finish(p, inv, scale, acc.A, acc.B, k1, k0);
       for (int64_t n = 0; n < N; ++n) {
         const int64_t off = (n * Cp + p) * HW;
         grad_x_row<ACT>(xp + off, gp + off, dxp + off, HW, scale, shift, mean, k1, k0);
       }
     }
-  });
+  };
+  run_channels(Cp, grain_for(N * HW), body);
 }
 
 void check_cpu_dtype(const at::Tensor& x) {
