@@ -8,3 +8,8 @@ from slimkern import _library  # noqa: F401  (loads the extension, warns when it
 from slimkern import ops
 
 __version__ = "0.1.0"
+from slimkern.switch import Switch
+from slimkern import nn
+from slimkern.nn import set_switch, use_switch, forward_switches, calibrate_bn
+from slimkern.profile import profile
+from slimkern.export import export

@@ -1,0 +1,311 @@
+"""block_conv2d / block_linear against the pure-torch references in reference.py."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import slimkern as sk
+from slimkern import _library
+from python_tests.reference import ref_block_conv2d, ref_block_linear
+
+
+def _cpu_kernel(op):
+    return _library.has_op(op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"slimkern::{op}", "CPU")
+
+
+BACKENDS = ["torch"] + (["cpp"] if _cpu_kernel("block_conv2d") else [])
+LIN_BACKENDS = ["torch"] + (["cpp"] if _cpu_kernel("block_linear") else [])
+needs_cpp = pytest.mark.skipif(not _cpu_kernel("block_conv2d"), reason="C++ CPU kernels not built")
+
+
+def _tol(dtype):
+    return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+def random_table(rng, c_in, c_out, G, *, depthwise=False, shared_input=False):
+    """G random (possibly overlapping) blocks and their x offsets."""
+    rows = []
+    for _ in range(G):
+        i0 = rng.randrange(0, c_in)
+        i1 = rng.randrange(i0 + 1, c_in + 1)
+        if depthwise:
+            o0, o1 = i0, i1
+        else:
+            o0 = rng.randrange(0, c_out)
+            o1 = rng.randrange(o0 + 1, c_out + 1)
+        rows.append((i0, i1, o0, o1))
+    if shared_input:
+        width = max(r[1] - r[0] for r in rows)
+        return rows, [0] * G, width
+    offs, acc = [], 0
+    for r in rows:
+        offs.append(acc)
+        acc += r[1] - r[0]
+    return rows, offs, acc
+
+
+CONV_CASES = [
+    # (kernel, stride, padding, dilation, depthwise)
+    (1, 1, 0, 1, False),
+    (3, 1, 1, 1, False),
+    (3, 2, 1, 1, False),
+    (1, 2, 0, 1, False),
+    (3, 1, 2, 2, False),
+    (3, 1, 1, 1, True),
+    (3, 2, 1, 1, True),
+    (5, 1, 2, 1, True),
+    (3, 1, 2, 2, True),
+    (3, 2, 0, 1, True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_sweep(backend, dtype, case):
+    k, s, p, d, dw = case
+    rng = random.Random(hash((k, s, p, d, dw)) & 0xFFFF)
+    torch.manual_seed(rng.randrange(1 << 30))
+    for trial in range(6):
+        G = rng.randint(1, 8)
+        c_in = rng.randint(1, 12)
+        c_out = c_in if dw else rng.randint(1, 12)
+        shared = trial % 3 == 2
+        rows, offs, c_x = random_table(rng, c_in, c_out, G, depthwise=dw, shared_input=shared)
+        N, H, W = rng.randint(1, 3), rng.randint(5, 9), rng.randint(5, 9)
+        x = torch.randn(N, c_x, H, W, dtype=dtype)
+        if trial % 2 == 1:  # non-contiguous x: a channel window of a wider tensor, or transposed H/W
+            x = torch.randn(N, c_x + 3, H, W, dtype=dtype)[:, 2:2 + c_x] if trial % 4 == 1 else \
+                torch.randn(N, c_x, W, H, dtype=dtype).transpose(2, 3)
+        w = torch.randn(c_out, 1 if dw else c_in, k, k, dtype=dtype)
+        b = torch.randn(c_out, dtype=dtype) if trial % 3 != 1 else None
+        table = torch.tensor(rows) if trial % 2 == 0 else rows
+        got = sk.ops.block_conv2d(x, w, b, table, offs, stride=s, padding=p, dilation=d, depthwise=dw,
+                                  backend=backend)
+        want = ref_block_conv2d(x, w, b, rows, offs, s, p, d, dw)
+        torch.testing.assert_close(got, want, **_tol(dtype))
+
+        # gradients against autograd through the reference
+        xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+        bs = b.detach().requires_grad_() if b is not None else None
+        g = torch.randn_like(want)
+        out = sk.ops.block_conv2d(xs, ws, bs, rows, offs, stride=s, padding=p, dilation=d, depthwise=dw,
+                                  backend=backend)
+        grads = torch.autograd.grad(out, [t for t in (xs, ws, bs) if t is not None], g)
+        xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+        br = b.detach().requires_grad_() if b is not None else None
+        ref = ref_block_conv2d(xr, wr, br, rows, offs, s, p, d, dw)
+        want_grads = torch.autograd.grad(ref, [t for t in (xr, wr, br) if t is not None], g)
+        for a, e in zip(grads, want_grads):
+            torch.testing.assert_close(a, e, **_tol(dtype))
+
+
+@pytest.mark.parametrize("backend", LIN_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_sweep(backend, dtype):
+    rng = random.Random(7)
+    torch.manual_seed(7)
+    for trial in range(12):
+        G = rng.randint(1, 8)
+        c_in, c_out = rng.randint(1, 20), rng.randint(1, 20)
+        rows, offs, c_x = random_table(rng, c_in, c_out, G, shared_input=trial % 3 == 2)
+        N = rng.randint(1, 6)
+        x = torch.randn(N, c_x, dtype=dtype)
+        if trial % 2:
+            x = torch.randn(c_x, N, dtype=dtype).t()
+        w = torch.randn(c_out, c_in, dtype=dtype)
+        b = torch.randn(c_out, dtype=dtype) if trial % 3 != 1 else None
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        bs = b.clone().requires_grad_() if b is not None else None
+        out = sk.ops.block_linear(xs, ws, bs, rows, offs, backend=backend)
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        br = b.clone().requires_grad_() if b is not None else None
+        ref = ref_block_linear(xr, wr, br, rows, offs)
+        torch.testing.assert_close(out, ref, **_tol(dtype))
+        g = torch.randn_like(ref)
+        got = torch.autograd.grad(out, [t for t in (xs, ws, bs) if t is not None], g)
+        want = torch.autograd.grad(ref, [t for t in (xr, wr, br) if t is not None], g)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, **_tol(dtype))
+
+
+def test_default_offsets_and_overlap_weight_grad_sums():
+    # 1.0x and 0.5x in one pass (sandwich rule): the 0.5x block reuses W[:2, :2].
+    torch.manual_seed(0)
+    w = torch.randn(4, 4, 1, 1, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, 6, 2, 2, dtype=torch.float64)
+    y = sk.ops.block_conv2d(x, w, None, [(0, 4, 0, 4), (0, 2, 0, 2)])
+    assert y.shape == (1, 6, 2, 2)
+    y.sum().backward()
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    expected += x[:, :4].sum((0, 2, 3))[None, :].expand(4, 4)
+    expected[:2, :2] += x[:, 4:6].sum((0, 2, 3))[None, :].expand(2, 2)
+    torch.testing.assert_close(w.grad[:, :, 0, 0], expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_conv(backend):
+    torch.manual_seed(1)
+    dt = torch.float64
+    for dw, k, s, p, d in [(False, 3, 2, 1, 1), (False, 1, 1, 0, 1), (True, 3, 1, 1, 2), (True, 3, 2, 1, 1)]:
+        c = 4
+        rows = [(0, 4, 0, 4), (0, 2, 0, 2), (1, 3, 1, 3)] if dw else [(0, 4, 0, 3), (1, 3, 2, 4)]
+        c_x = sum(r[1] - r[0] for r in rows)
+        x = torch.randn(2, c_x, 5, 5, dtype=dt, requires_grad=True)
+        w = torch.randn(c, 1 if dw else c, k, k, dtype=dt, requires_grad=True)
+        b = torch.randn(c, dtype=dt, requires_grad=True)
+        fn = lambda x, w, b: sk.ops.block_conv2d(x, w, b, rows, None, s, p, d, dw, backend=backend)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+@pytest.mark.parametrize("backend", LIN_BACKENDS)
+def test_gradcheck_linear(backend):
+    torch.manual_seed(2)
+    dt = torch.float64
+    rows = [(0, 5, 0, 3), (2, 4, 1, 6), (0, 5, 0, 6)]
+    x = torch.randn(3, 5, dtype=dt, requires_grad=True)
+    w = torch.randn(6, 5, dtype=dt, requires_grad=True)
+    b = torch.randn(6, dtype=dt, requires_grad=True)
+    fn = lambda x, w, b: sk.ops.block_linear(x, w, b, rows, [0, 0, 0], backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+@needs_cpp
+@pytest.mark.parametrize("dw", [False, True])
+def test_opcheck_conv(dw):
+    torch.manual_seed(3)
+    rows = [0, 4, 0, 4, 0, 2, 0, 2]
+    x = torch.randn(2, 6, 6, 6, requires_grad=True)
+    w = torch.randn(4, 1 if dw else 4, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    args = (x, w, b, rows, [0, 4], [1, 1], [1, 1], [1, 1], dw)
+    torch.library.opcheck(torch.ops.slimkern.block_conv2d.default, args)
+    g = torch.randn(2, 6, 6, 6)
+    torch.library.opcheck(torch.ops.slimkern.block_conv2d_backward.default,
+                          (g, x.detach(), w.detach(), rows, [0, 4], [1, 1], [1, 1], [1, 1], dw, [True, True, True]))
+    torch.library.opcheck(torch.ops.slimkern.block_conv2d_backward.default,
+                          (g, x.detach(), w.detach(), rows, [0, 4], [1, 1], [1, 1], [1, 1], dw, [False, True, False]))
+
+
+@pytest.mark.skipif(not _cpu_kernel("block_linear"), reason="C++ CPU kernels not built")
+def test_opcheck_linear():
+    torch.manual_seed(4)
+    rows = [0, 5, 0, 3, 1, 4, 2, 6]
+    x = torch.randn(3, 8, requires_grad=True)
+    w = torch.randn(6, 5, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    torch.library.opcheck(torch.ops.slimkern.block_linear.default, (x, w, b, rows, [0, 5]))
+    torch.library.opcheck(torch.ops.slimkern.block_linear_backward.default,
+                          (torch.randn(3, 7), x.detach(), w.detach(), rows, [0, 5], [True, False, True]))
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+def _conv_inputs():
+    return torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3), torch.randn(4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(blocks=[(0, 5, 0, 4)]), ValueError, "not inside the weight's 4 input channels"),
+    (dict(blocks=[(0, 4, 0, 9)]), ValueError, "not inside the weight's 4 output channels"),
+    (dict(blocks=[(3, 1, 0, 4)]), ValueError, "stop < start"),
+    (dict(blocks=[]), ValueError, "G >= 1"),
+    (dict(blocks=torch.zeros(0, 4, dtype=torch.int64)), ValueError, "G >= 1"),
+    (dict(blocks=[(0, 4, 0, 4), (0, 2, 0, 2)]), ValueError, "x's channel count does not match"),
+    (dict(blocks=[(0, 4, 0, 4)], x_offsets=[0, 0]), ValueError, "x_offsets has 2 entries"),
+    (dict(blocks=[(0, 4, 0, 4)], x_offsets=[1]), ValueError, "x's channel count does not match"),
+    (dict(blocks=[(0, 2, 0, 2)], depthwise=True), ValueError, r"depthwise weight must have shape \[C, 1"),
+    (dict(blocks=torch.zeros(1, 3, dtype=torch.int64)), ValueError, r"shape \[G, 4\]"),
+    (dict(blocks=[(0, 4, 0, 4)], stride=0), ValueError, "stride must be >= 1"),
+    (dict(blocks=[(0, 4, 0, 4)], backend="cuda"), ValueError, "backend must be one of"),
+])
+def test_conv_bad_input(backend, kwargs, exc, match):
+    x, w, b = _conv_inputs()
+    kwargs = dict(kwargs)
+    kwargs.setdefault("backend", backend)
+    with pytest.raises(exc, match=match):
+        sk.ops.block_conv2d(x, w, b, **kwargs)
+
+
+def test_conv_bad_tensors():
+    x, w, b = _conv_inputs()
+    with pytest.raises(ValueError, match="x has the wrong rank"):
+        sk.ops.block_conv2d(x[0], w, b, [(0, 4, 0, 4)])
+    with pytest.raises(ValueError, match="weight has the wrong rank"):
+        sk.ops.block_conv2d(x, w[:, :, 0], b, [(0, 4, 0, 4)])
+    with pytest.raises(TypeError, match="same dtype"):
+        sk.ops.block_conv2d(x, w.double(), b, [(0, 4, 0, 4)])
+    with pytest.raises(TypeError, match="same dtype"):
+        sk.ops.block_conv2d(x, w, b.double(), [(0, 4, 0, 4)])
+    with pytest.raises(ValueError, match="same device"):
+        sk.ops.block_conv2d(x, w.to("meta"), b, [(0, 4, 0, 4)])
+    with pytest.raises(ValueError, match=r"bias must have shape \[4\]"):
+        sk.ops.block_conv2d(x, w, b[:3], [(0, 4, 0, 4)])
+    with pytest.raises(ValueError, match="equal input and output ranges"):
+        sk.ops.block_conv2d(x, w[:, :1], b, [(0, 2, 1, 3)], depthwise=True)
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        sk.ops.block_conv2d(x[:, :, :2, :2], w, b, [(0, 4, 0, 4)])
+
+
+@needs_cpp
+@pytest.mark.parametrize("args,match", [
+    (dict(blocks=[0, 5, 0, 4]), "not inside the weight's 4 input channels"),
+    (dict(blocks=[2, 1, 0, 4]), "stop < start"),
+    (dict(blocks=[]), "G >= 1"),
+    (dict(blocks=[0, 4, 0, 4, 0, 2]), "4 entries per block"),
+    (dict(x_offsets=[2]), "x's channel count does not match"),
+    (dict(x_offsets=[0, 0]), "x_offsets has 2 entries"),
+    (dict(x=torch.randn(4, 5, 5)), "x has the wrong rank"),
+    (dict(w=torch.randn(4, 4, 3, 3, dtype=torch.float64)), "same dtype"),
+    (dict(b=torch.randn(3)), "bias"),
+    (dict(w=torch.randn(4, 4, 3, 3, device="meta")), "same device"),
+    (dict(stride=[0, 1]), "stride"),
+])
+def test_conv_bad_input_cpp_op(args, match):
+    # The C++ op checks again: callers of torch.ops.slimkern get the same clear errors.
+    x, w, b = _conv_inputs()
+    a = dict(x=x, w=w, b=b, blocks=[0, 4, 0, 4], x_offsets=[0], stride=[1, 1])
+    a.update(args)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.slimkern.block_conv2d(a["x"], a["w"], a["b"], a["blocks"], a["x_offsets"], a["stride"], [1, 1],
+                                        [1, 1], False)
+
+
+@needs_cpp
+def test_conv_bad_input_cpp_depthwise():
+    x = torch.randn(1, 4, 5, 5)
+    w = torch.randn(4, 1, 3, 3)
+    with pytest.raises(RuntimeError, match="equal input and output ranges"):
+        torch.ops.slimkern.block_conv2d(x, w, None, [0, 2, 1, 3], [0], [1, 1], [1, 1], [1, 1], True)
+    with pytest.raises(RuntimeError, match="depthwise"):
+        torch.ops.slimkern.block_conv2d(x, torch.randn(4, 2, 3, 3), None, [0, 2, 0, 2], [0], [1, 1], [1, 1],
+                                        [1, 1], True)
+
+
+@pytest.mark.parametrize("backend", LIN_BACKENDS)
+def test_linear_bad_input(backend):
+    x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
+    with pytest.raises(ValueError, match="not inside the weight's 4 input channels"):
+        sk.ops.block_linear(x, w, b, [(0, 6, 0, 5)], backend=backend)
+    with pytest.raises(ValueError, match="stop < start"):
+        sk.ops.block_linear(x, w, b, [(0, 4, 3, 2)], backend=backend)
+    with pytest.raises(ValueError, match="x's channel count does not match"):
+        sk.ops.block_linear(x[:, :3], w, b, [(0, 4, 0, 5)], backend=backend)
+    with pytest.raises(ValueError, match="G >= 1"):
+        sk.ops.block_linear(x, w, b, [], backend=backend)
+    with pytest.raises(ValueError, match="x has the wrong rank"):
+        sk.ops.block_linear(x[None], w, b, [(0, 4, 0, 5)], backend=backend)
+    with pytest.raises(TypeError, match="same dtype"):
+        sk.ops.block_linear(x, w.double(), b, [(0, 4, 0, 5)], backend=backend)
+    with pytest.raises(ValueError, match="same device"):
+        sk.ops.block_linear(x, w, b.to("meta"), [(0, 4, 0, 5)], backend=backend)
+    if backend == "cpp":
+        with pytest.raises(RuntimeError, match="not inside the weight's 4 input channels"):
+            torch.ops.slimkern.block_linear(x, w, b, [0, 6, 0, 5], [0])
+        with pytest.raises(RuntimeError, match="G >= 1"):
+            torch.ops.slimkern.block_linear(x, w, b, [], [])
+        with pytest.raises(RuntimeError, match="wrong rank"):
+            torch.ops.slimkern.block_linear(x[None], w, b, [0, 4, 0, 5], [0])

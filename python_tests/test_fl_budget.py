@@ -1,0 +1,48 @@
+import pytest
+
+from slimkern.fl.budget import Budget, Cost, assign_switch, fits
+
+# hand costs (macs, params) per branch, like a 2-layer net where cost ~ width^2
+COSTS = {
+    "[1.0]": Cost(((100.0, 40.0),)),
+    "[0.75]": Cost(((57.0, 23.0),)),
+    "[0.5]": Cost(((26.0, 11.0),)),
+    "[0.25]": Cost(((7.0, 3.0),)),
+    "[0.5,0.5]": Cost(((26.0, 11.0), (26.0, 11.0))),
+    "[4x0.25]": Cost(((7.0, 3.0),) * 4),
+}
+
+
+def cost(sw):
+    return COSTS[sw]
+
+
+def test_best_fitting_single_device():
+    assert assign_switch(Budget(macs=100), list(COSTS), cost) == "[1.0]"
+    assert assign_switch(Budget(macs=60), list(COSTS), cost) == "[0.75]"
+    assert assign_switch(Budget(macs=30), list(COSTS), cost) == "[4x0.25]"  # 28 MACs on one device
+    assert assign_switch(Budget(macs=30), list(COSTS), cost, distributed=False) == "[0.5]"
+    assert assign_switch(Budget(params=12), list(COSTS), cost) == "[4x0.25]"
+    assert assign_switch(Budget(macs=30, params=11), list(COSTS), cost) == "[0.5]"
+
+
+def test_two_devices_get_paradis_switch():
+    assert assign_switch(Budget(macs=30, devices=2), list(COSTS), cost) == "[0.5,0.5]"
+    assert assign_switch(Budget(macs=30, devices=2), list(COSTS), cost, distributed=False) == "[0.5]"
+    # four quarter branches on two devices: two per device (14 MACs each)
+    assert fits(COSTS["[4x0.25]"], Budget(macs=14, devices=2))
+    assert not fits(COSTS["[4x0.25]"], Budget(macs=13, devices=2))
+    assert fits(COSTS["[4x0.25]"], Budget(macs=7, devices=4))
+    assert not fits(COSTS["[4x0.25]"], Budget(macs=7, devices=3))
+    assert not fits(COSTS["[0.5,0.5]"], Budget(macs=30))
+
+
+def test_none_fits_clear_error():
+    with pytest.raises(ValueError, match=r"no candidate switch fits .*cheapest, \[0.25\], needs 7 MACs"):
+        assign_switch(Budget(macs=5), ["[1.0]", "[0.25]"], cost)
+    with pytest.raises(ValueError, match="Budget.devices must be an int >= 1"):
+        Budget(devices=0)
+    with pytest.raises(ValueError, match="Budget.macs must be a positive number"):
+        Budget(macs=-1)
+    with pytest.raises(TypeError, match="budget must be a Budget"):
+        assign_switch(5, ["[1.0]"], cost)

@@ -1,0 +1,486 @@
+"""Server-side aggregation of sliced client updates into the shared full parameters.
+
+Every rule here is one formula over *index windows*: a client that trained switch ``s``
+touched, in each full parameter ``W``, the windows ``parameter_ranges(net, s)[name]``
+(one per branch; a ParaDiS branch of a conv is the diagonal block ``W[out_b, in_b]``).
+With ``n_k`` the sample count of client ``k`` and ``T_k`` the set of elements it trained,
+
+    W_new[e] = sum_{k: e in T_k} n_k * W_k[e] / sum_{k: e in T_k} n_k     if some k trained e
+    W_new[e] = W_old[e]                                                   otherwise.
+
+The rules differ in *which* windows the clients train (and so in what the simulation
+asks of them), not in this average; each function below checks its own precondition.
+
+Vectorised over clients: the elements a switch trains are a fixed set of positions in
+the concatenation of all full parameters (a ``Layout``, computed once per switch and
+cached). A client update is the flat vector of those elements. Clients with the same
+switch are stacked into a ``[K, P]`` matrix, reduced with one ``n @ V`` product, and
+scattered with one ``index_add_`` into a full-size sum and weight-count buffer; the
+division runs once at the end. The Python loop is over *distinct switches* (a handful),
+never over elements, and over clients only to stack their vectors.
+
+BN statistics: only trainable parameters travel (weights, biases, BN affine ``gamma`` /
+``beta``). Running means/variances never travel in either direction -- they are per
+switch, depend on the client's data, and are meaningless for the averaged weights --
+the server recomputes them for every switch it evaluates by calibrating on server-side
+data (``slimkern.calibrate_bn``), as HeteroFL's "static batch normalization" does.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "ClientUpdate", "Layout", "Aggregator", "AggregationReport", "UpdateRejected",
+    "fedavg", "heterofl", "fedrolex", "fjord", "paradis", "clustered",
+    "rolling_window", "aggregate_loop",
+]
+
+Window = tuple  # tuple of slices, one per leading dimension indexed
+WindowsFn = Callable[[Hashable], Mapping[str, Sequence[Window]]]
+
+
+class UpdateRejected(ValueError):
+    """A client update that cannot enter the average; ``str()`` is the logged reason."""
+
+
+@dataclass
+class ClientUpdate:
+    """What one client sends back after local training.
+
+    ``values`` is one of
+      * a 1-D tensor: the trained elements in the order of ``Aggregator.layout(switch)``
+        (what ``Aggregator.extract`` produces; the wire format of the simulation);
+      * a dict ``name -> list of tensors``, one per window of
+        ``windows(switch)[name]`` (a single tensor is accepted for a one-window parameter);
+      * a dict ``name -> full-size tensor`` together with ``mask`` (``name -> bool tensor``
+        of the same shape marking the trained elements), for rules whose trained set is
+        not a union of windows.
+    """
+    client: int
+    switch: Hashable
+    values: Any
+    num_samples: float
+    mask: Mapping[str, torch.Tensor] | None = None
+
+
+@dataclass
+class AggregationReport:
+    accepted: list[int] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    updated_elements: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.accepted
+
+    def summary(self) -> str:
+        if self.empty:
+            return (f"no update accepted ({len(self.rejected)} rejected): "
+                    "the model is left unchanged")
+        return (f"{len(self.accepted)} updates accepted, {len(self.rejected)} rejected, "
+                f"{self.updated_elements} elements updated")
+
+
+class Layout:
+    """Flat positions (in the concatenation of all full parameters) that a switch trains.
+
+    Windows that repeat elements (e.g. a bias listed by every branch) are counted once:
+    the first window that names an element owns it.
+    """
+
+    def __init__(self, shapes: Mapping[str, torch.Size], offsets: Mapping[str, int],
+                 windows: Mapping[str, Sequence[Window]]):
+        # names not in ``shapes`` (BN running statistics) have windows too; they do not travel
+        self.pieces: list[tuple[str, Window, torch.Size, torch.Tensor | None]] = []
+        index = []
+        for name, shape in shapes.items():
+            wins = windows.get(name, ())
+            if not wins:
+                continue
+            numel = math.prod(shape)
+            positions = torch.arange(numel).view(shape)
+            taken = torch.zeros(numel, dtype=torch.bool)
+            for win in wins:
+                win = tuple(win) if isinstance(win, (tuple, list)) else (win,)
+                try:
+                    pos = positions[win]
+                except (IndexError, TypeError) as exc:
+                    raise ValueError(f"window {win} does not index parameter {name!r} of shape "
+                                     f"{tuple(shape)}: {exc}") from None
+                flat = pos.reshape(-1)
+                fresh = ~taken[flat]
+                keep = None if bool(fresh.all()) else fresh.nonzero().flatten()
+                taken[flat] = True
+                self.pieces.append((name, win, pos.shape, keep))
+                index.append((flat if keep is None else flat[keep]) + offsets[name])
+        self.index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+        self.numel = int(self.index.numel())
+
+    def pack(self, sliced: Mapping[str, Any]) -> torch.Tensor:
+        """``name -> [tensor per window]`` into the flat vector; raises UpdateRejected."""
+        parts = []
+        by_name: dict[str, list] = {}
+        for name, *_ in self.pieces:
+            by_name.setdefault(name, [])
+        missing = [n for n in by_name if n not in sliced]
+        if missing:
+            raise UpdateRejected(f"missing parameters {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        cursor: dict[str, int] = {}
+        for name, win, shape, keep in self.pieces:
+            got = sliced[name]
+            tensors = [got] if isinstance(got, torch.Tensor) else list(got)
+            i = cursor.get(name, 0)
+            cursor[name] = i + 1
+            if i >= len(tensors):
+                raise UpdateRejected(f"parameter {name!r}: expected more windows than the {len(tensors)} sent")
+            t = tensors[i]
+            if not isinstance(t, torch.Tensor):
+                raise UpdateRejected(f"parameter {name!r}: window {i} is a {type(t).__name__}, not a tensor")
+            if t.shape != shape:
+                raise UpdateRejected(f"parameter {name!r}: window {i} has shape {tuple(t.shape)}, "
+                                     f"expected {tuple(shape)}")
+            flat = t.reshape(-1)
+            parts.append(flat if keep is None else flat[keep])
+        for name, n in cursor.items():
+            got = sliced[name]
+            sent = 1 if isinstance(got, torch.Tensor) else len(got)
+            if sent != n:
+                raise UpdateRejected(f"parameter {name!r}: {sent} windows sent, expected {n}")
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+
+class Aggregator:
+    """The vectorised element-wise weighted average over index windows (module docstring).
+
+    ``shapes``: the full trainable parameters (``name -> shape``), in a fixed order.
+    ``windows``: ``switch -> {name: [window, ...]}`` -- a callable (normally
+    ``lambda sw: slimkern.nn.parameter_ranges(net, sw)``) or a dict.
+    """
+
+    def __init__(self, shapes: Mapping[str, Sequence[int]], windows: WindowsFn | Mapping):
+        self.shapes = {n: torch.Size(s) for n, s in shapes.items()}
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for n, s in self.shapes.items():
+            self.offsets[n] = total
+            total += math.prod(s)
+        self.total = total
+        if callable(windows):
+            self._windows_fn = windows
+        elif isinstance(windows, Mapping):
+            self._windows_fn = windows.__getitem__
+        else:
+            raise TypeError("windows must be a callable switch -> {name: windows} or a dict of those")
+        self._layouts: dict[Hashable, Layout] = {}
+
+    @classmethod
+    def for_params(cls, params: Mapping[str, torch.Tensor], windows) -> "Aggregator":
+        return cls({n: p.shape for n, p in params.items()}, windows)
+
+    # -- layouts and conversions -------------------------------------------------------
+    def layout(self, switch: Hashable) -> Layout:
+        lay = self._layouts.get(switch)
+        if lay is None:
+            lay = Layout(self.shapes, self.offsets, self._windows_fn(switch))
+            self._layouts[switch] = lay
+        return lay
+
+    def flatten(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        missing = [n for n in self.shapes if n not in params]
+        if missing:
+            raise KeyError(f"parameters missing: {missing[:5]}")
+        return torch.cat([params[n].detach().reshape(-1) for n in self.shapes])
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {n: flat[o:o + math.prod(s)].view(s) for (n, s), o in zip(self.shapes.items(), self.offsets.values())}
+
+    def extract(self, params: Mapping[str, torch.Tensor] | torch.Tensor, switch: Hashable) -> torch.Tensor:
+        """The flat vector of the elements ``switch`` trains (what the client sends)."""
+        flat = params if isinstance(params, torch.Tensor) else self.flatten(params)
+        return flat[self.layout(switch).index].clone()
+
+    def extract_sliced(self, params: Mapping[str, torch.Tensor], switch: Hashable) -> dict[str, list[torch.Tensor]]:
+        """``name -> [W[window] for each window]`` (the dict form of an update)."""
+        out: dict[str, list[torch.Tensor]] = {}
+        for name, win, _, _ in self.layout(switch).pieces:
+            out.setdefault(name, []).append(params[name].detach()[win].clone())
+        return out
+
+    def num_elements(self, switch: Hashable) -> int:
+        """Elements that travel for ``switch`` (each direction)."""
+        return self.layout(switch).numel
+
+    # -- validation ----------------------------------------------------------------------
+    def _to_flat(self, u: ClientUpdate) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        """('flat', values, None) or ('mask', full values, full mask); raises UpdateRejected."""
+        if u.mask is not None:
+            if not isinstance(u.values, Mapping):
+                raise UpdateRejected("a masked update needs a dict of full-size tensors")
+            vals, masks = [], []
+            for name, shape in self.shapes.items():
+                v, m = u.values.get(name), u.mask.get(name)
+                if v is None and m is None:
+                    vals.append(torch.zeros(math.prod(shape)))
+                    masks.append(torch.zeros(math.prod(shape), dtype=torch.bool))
+                    continue
+                if v is None or m is None:
+                    raise UpdateRejected(f"parameter {name!r}: value and mask must come together")
+                if v.shape != shape or m.shape != shape:
+                    raise UpdateRejected(f"parameter {name!r}: shapes {tuple(v.shape)}/{tuple(m.shape)}, "
+                                         f"expected full shape {tuple(shape)}")
+                vals.append(v.detach().reshape(-1).float())
+                masks.append(m.reshape(-1).bool())
+            return "mask", torch.cat(vals), torch.cat(masks)
+        lay = self.layout(u.switch)
+        if isinstance(u.values, torch.Tensor):
+            if u.values.dim() != 1 or u.values.numel() != lay.numel:
+                raise UpdateRejected(f"expected a flat vector of {lay.numel} values for switch {u.switch}, "
+                                     f"got shape {tuple(u.values.shape)}")
+            flat = u.values
+        elif isinstance(u.values, Mapping):
+            flat = lay.pack(u.values)
+        else:
+            raise UpdateRejected(f"values must be a tensor or a dict, got {type(u.values).__name__}")
+        if not flat.is_floating_point():
+            raise UpdateRejected(f"values must be floating point, got {flat.dtype}")
+        return "flat", flat.detach(), None
+
+    def check(self, u: ClientUpdate, assigned: Mapping[int, Hashable] | None = None) -> str | None:
+        """The reason ``u`` must be rejected, or None."""
+        if assigned is not None:
+            if u.client not in assigned:
+                return f"client {u.client} was not selected this round"
+            if u.switch != assigned[u.client]:
+                return f"client {u.client} sent switch {u.switch} but was assigned {assigned[u.client]}"
+        n = u.num_samples
+        if not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n) or n <= 0:
+            return f"num_samples must be a positive finite number, got {n!r}"
+        return None
+
+    # -- the average ---------------------------------------------------------------------
+    def aggregate(self, params: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
+                  assigned: Mapping[int, Hashable] | None = None, log: Callable[[str], None] | None = None,
+                  ) -> tuple[dict[str, torch.Tensor], AggregationReport]:
+        """New full parameters (fresh tensors) and a report of accepted/rejected clients.
+
+        Rejected (with the reason in the report and passed to ``log``): a switch other than
+        the one ``assigned`` to the client, a client not in ``assigned``, a second update
+        from the same client, wrong shapes or lengths, non-floating values, NaN/inf values,
+        non-positive sample counts. Elements no accepted client trained keep their value.
+        """
+        old = self.flatten(params)
+        report = AggregationReport()
+        acc_dtype = torch.float64 if old.dtype == torch.float64 else torch.float32
+        acc = torch.zeros(self.total, dtype=acc_dtype)
+        cnt = torch.zeros(self.total, dtype=acc_dtype)
+
+        def reject(u: ClientUpdate, why: str) -> None:
+            report.rejected.append((u.client, why))
+            if log is not None:
+                log(f"rejected update of client {u.client}: {why}")
+
+        groups: dict[Hashable, list[tuple[ClientUpdate, torch.Tensor]]] = {}
+        masked: list[tuple[ClientUpdate, torch.Tensor, torch.Tensor]] = []
+        seen: set[int] = set()
+        for u in updates:
+            why = self.check(u, assigned)
+            if why is None and u.client in seen:
+                why = f"client {u.client} sent more than one update"
+            if why is None:
+                try:
+                    kind, flat, m = self._to_flat(u)
+                except UpdateRejected as exc:
+                    why = str(exc)
+                except (KeyError, ValueError, TypeError) as exc:
+                    why = f"switch {u.switch} cannot be laid out: {exc}"
+            if why is not None:
+                reject(u, why)
+                continue
+            seen.add(u.client)
+            if kind == "flat":
+                groups.setdefault(u.switch, []).append((u, flat))
+            else:
+                masked.append((u, flat, m))
+
+        for switch, items in groups.items():
+            V = torch.stack([f for _, f in items]).to(acc_dtype)  # [K, P]
+            finite = torch.isfinite(V).all(dim=1)
+            if not bool(finite.all()):
+                for (u, f), ok in zip(items, finite.tolist()):
+                    if not ok:
+                        reject(u, f"non-finite values ({int(torch.isnan(f).sum())} NaN, "
+                                  f"{int(torch.isinf(f).sum())} inf)")
+                items = [it for it, ok in zip(items, finite.tolist()) if ok]
+                V = V[finite]
+                if not items:
+                    continue
+            w = torch.tensor([float(u.num_samples) for u, _ in items], dtype=acc_dtype)
+            idx = self.layout(switch).index
+            acc.index_add_(0, idx, w @ V)
+            cnt.index_add_(0, idx, w.sum().expand(idx.numel()))
+            report.accepted.extend(u.client for u, _ in items)
+        for u, v, m in masked:
+            if not bool(torch.isfinite(v[m]).all()):
+                reject(u, "non-finite values in the trained elements")
+                continue
+            w = float(u.num_samples)
+            acc.add_(torch.where(m, v.to(acc_dtype), 0.0), alpha=w)
+            cnt.add_(m.to(acc_dtype), alpha=w)
+            report.accepted.append(u.client)
+
+        trained = cnt > 0
+        report.updated_elements = int(trained.sum())
+        if report.empty and log is not None:
+            log(report.summary())
+        new = torch.where(trained, acc / cnt.clamp_min(1e-30), old.to(acc_dtype)).to(old.dtype)
+        return {n: t.clone() for n, t in self.unflatten(new).items()}, report
+
+
+# -- one-shot rule functions ---------------------------------------------------------------
+
+def _branches(switch) -> list[tuple[float, float]] | None:
+    br = getattr(switch, "branches", None)
+    if br is None:
+        return None
+    out = []
+    for b in br:
+        if isinstance(b, (tuple, list)) and len(b) == 2:
+            out.append((float(b[0]), float(b[1])))
+        elif hasattr(b, "start") and hasattr(b, "stop"):
+            out.append((float(b.start), float(b.stop)))
+        else:
+            return None
+    return out
+
+
+def _run(params, updates, windows, assigned, log):
+    agg = windows if isinstance(windows, Aggregator) else Aggregator.for_params(params, windows)
+    return agg.aggregate(params, updates, assigned=assigned, log=log)
+
+
+def fedavg(params, updates, windows, assigned=None, log=None):
+    """FedAvg (McMahan et al. 2017, "Communication-efficient learning of deep networks from
+    decentralized data"): every client trains the same switch; the new weights are the
+    sample-weighted mean ``sum_k n_k W_k / sum_k n_k`` over that switch's windows (elements
+    outside the switch keep their value). Raises ValueError when switches differ."""
+    switches = {u.switch for u in updates}
+    if len(switches) > 1:
+        raise ValueError(f"fedavg needs one switch for every client, got {sorted(map(str, switches))}; "
+                         "use heterofl/paradis for mixed widths or clustered for one model per group")
+    return _run(params, updates, windows, assigned, log)
+
+
+def heterofl(params, updates, windows, assigned=None, log=None):
+    """HeteroFL (Diao, Ding & Tarokh, ICLR 2021, "HeteroFL: Computation and communication
+    efficient federated learning for heterogeneous clients"): client k trains the width-p_k
+    prefix sub-network ``W[:p_k C_out, :p_k C_in]``; each element is averaged over the
+    clients whose prefix contains it, weighted by sample count; elements nobody trained
+    keep their value. Prefix switches are checked when the switch exposes ``branches``."""
+    for u in updates:
+        br = _branches(u.switch)
+        if br is not None and (len(br) != 1 or br[0][0] != 0.0):
+            raise ValueError(f"heterofl trains prefix widths only; client {u.client} has switch {u.switch}")
+    return _run(params, updates, windows, assigned, log)
+
+
+def fedrolex(params, updates, windows, assigned=None, log=None):
+    """FedRolex (Alam, Liu, Yan & Zhang, NeurIPS 2022, "FedRolex: Model-heterogeneous
+    federated learning with rolling sub-model extraction"): in round r a client of width p
+    trains the window of channels ``[s_r, s_r + p)`` with ``s_r = r * step mod 1``, wrapping
+    around the channel range (``rolling_window``); over the rounds every channel of the
+    global model is trained by small clients too. The server average is the element-wise
+    one over the windows each client trained (module docstring). A wrapped window is the
+    switch ``Switch.ranges([(s, 1), (0, s + p - 1)])``: in slimkern that is two branches,
+    so within a wrapped round the tail and head blocks are trained block-diagonally."""
+    return _run(params, updates, windows, assigned, log)
+
+
+def fjord(params, updates, windows, assigned=None, log=None):
+    """FjORD (Horvath et al., NeurIPS 2021, "FjORD: Fair and accurate federated learning
+    under heterogeneous targets with ordered dropout"): a client of maximum width p_max
+    samples a width ``p ~ U{widths <= p_max}`` per local step (ordered dropout keeps the
+    first ``p`` fraction of channels) and returns its p_max prefix; the server averages
+    nested: each element over the clients whose p_max prefix holds it, weighted by samples.
+    The sampling happens in local training (``slimkern.fl.simulate``); here the update's
+    switch is the client's p_max prefix."""
+    return heterofl(params, updates, windows, assigned, log)
+
+
+def paradis(params, updates, windows, assigned=None, log=None):
+    """ParaDiS federated (after Ozerov et al., "ParaDiS: Parallelly distributable slimmable
+    neural networks"): a client trains its switch -- one branch, or several disjoint
+    channel ranges run on several devices and fused at the logits -- and the server
+    aggregates by channel ranges: every window of every branch (for a conv, the diagonal
+    block ``W[out_b, in_b]``; for the classifier, the column block ``W[:, in_b]`` and the
+    bias once) is averaged element-wise over the clients that trained it."""
+    return _run(params, updates, windows, assigned, log)
+
+
+def clustered(params_by_group: Mapping[Hashable, Mapping[str, torch.Tensor]], updates, windows,
+              assigned=None, log=None, group_of: Callable[[ClientUpdate], Hashable] | None = None):
+    """Budget-clustered FedAvg (the clustering baseline of the DAC paper; cf. Briggs et al.
+    2020, "Federated learning with hierarchical clustering of local updates"): clients are
+    grouped by budget (by default by their switch), every group owns a separate copy of
+    the parameters, and FedAvg runs inside each group on that group's architecture.
+    Returns ``({group: params}, {group: report})``; a group nobody updated is unchanged."""
+    group_of = group_of or (lambda u: u.switch)
+    by_group: dict[Hashable, list[ClientUpdate]] = {}
+    for u in updates:
+        by_group.setdefault(group_of(u), []).append(u)
+    unknown = [g for g in by_group if g not in params_by_group]
+    if unknown:
+        raise ValueError(f"updates for groups without parameters: {unknown}")
+    out, reports = {}, {}
+    for g, p in params_by_group.items():
+        new, rep = fedavg(p, by_group.get(g, []), windows, assigned, log)
+        out[g], reports[g] = new, rep
+    return out, reports
+
+
+def rolling_window(width: float, round_index: int, step: float, max_width: float = 1.0
+                   ) -> list[tuple[float, float]]:
+    """FedRolex's window of ``width`` in round ``round_index``: one ``(start, stop)`` range,
+    or two when it wraps past ``max_width`` (the tail ``[s, max)`` first, then ``[0, rest)``)."""
+    if not 0 < width <= max_width:
+        raise ValueError(f"width must be in (0, {max_width}], got {width}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    # snap to a 1e-9 grid so that float round-off never produces a sliver range
+    if width == max_width:
+        return [(0.0, max_width)]
+    start = round((round_index * step) % max_width, 9)
+    if start >= max_width:
+        start = 0.0
+    stop = round(start + width, 9)
+    if stop <= max_width:
+        return [(start, stop)]
+    return [(start, max_width), (0.0, round(stop - max_width, 9))]
+
+
+def aggregate_loop(params: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
+                   windows: WindowsFn) -> dict[str, torch.Tensor]:
+    """The straightforward reference: per client, per parameter, per window, accumulate.
+    Same result as ``Aggregator.aggregate`` (sliced-dict updates, no validation) when the
+    windows of one switch are disjoint or repeated exactly (a switch's branches are
+    disjoint); kept for tests and as the benchmark baseline."""
+    acc = {n: torch.zeros_like(p) for n, p in params.items()}
+    cnt = {n: torch.zeros_like(p) for n, p in params.items()}
+    for u in updates:
+        wins = windows(u.switch)
+        for name in params:
+            got = u.values.get(name) if isinstance(u.values, Mapping) else None
+            if got is None:
+                continue
+            tensors = [got] if isinstance(got, torch.Tensor) else got
+            seen = []
+            for win, t in zip(wins[name], tensors):
+                if win in seen:  # a window listed by several branches (the bias) counts once
+                    continue
+                seen.append(win)
+                acc[name][win] += t * u.num_samples
+                cnt[name][win] += float(u.num_samples)
+    return {n: torch.where(cnt[n] > 0, acc[n] / cnt[n].clamp_min(1e-30), params[n]) for n in params}

@@ -1,0 +1,139 @@
+"""What each federated strategy asks of clients and server (used by ``simulate``).
+
+A strategy maps a client's *tier switch* (what its hardware affords: ``[1.0]``, ``[0.5]``,
+``[0.5, 0.5]`` for two small devices) to the switch it trains, may change that switch per
+round (FedRolex) or per local step (FjORD), and aggregates with its rule from
+``slimkern.fl.aggregate``. Server state is the flat vector of the full trainable
+parameters (``Aggregator.flatten`` order); ``clustered`` keeps one per group.
+"""
+from __future__ import annotations
+
+import random
+from typing import Hashable, Sequence
+
+from slimkern.fl import aggregate as rules
+
+__all__ = ["Strategy", "FedAvg", "HeteroFL", "FedRolex", "FjORD", "ParaDiSFL", "Clustered",
+           "get_strategy", "STRATEGIES"]
+
+
+def _switch_cls():
+    from slimkern.switch import Switch
+    return Switch
+
+
+def per_device_width(sw) -> float:
+    """The widest branch: what one device of the client runs."""
+    return max(b - a for a, b in sw.branches)
+
+
+class Strategy:
+    name = "base"
+    rule = staticmethod(rules.paradis)
+    grouped = False
+
+    def client_switch(self, tier_switch, tier_switches: Sequence) -> Hashable:
+        """The switch a client of ``tier_switch`` is assigned (fixed for the run)."""
+        return _switch_cls().width(per_device_width(tier_switch))
+
+    def round_switch(self, assigned, round_index: int):
+        """The switch the client trains (and sends) in this round."""
+        return assigned
+
+    def step_switch(self, trained, rng: random.Random):
+        """The switch of one local SGD step (default: the round's switch)."""
+        return trained
+
+    def eval_switch(self, assigned):
+        """The switch the tier is evaluated at."""
+        return assigned
+
+    def group(self, assigned):
+        return None
+
+    def aggregate(self, agg: rules.Aggregator, params: dict, updates, assigned, log):
+        return self.rule(params, updates, agg, assigned=assigned, log=log)
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class FedAvg(Strategy):
+    """Everybody trains the same switch: ``switch`` or, by default, the widest one-branch
+    switch that every tier can run on one device (the "small-model-only" baseline)."""
+    name = "fedavg"
+    rule = staticmethod(rules.fedavg)
+
+    def __init__(self, switch=None):
+        self.switch = switch
+
+    def client_switch(self, tier_switch, tier_switches):
+        if self.switch is not None:
+            return self.switch
+        return _switch_cls().width(min(per_device_width(s) for s in tier_switches))
+
+
+class HeteroFL(Strategy):
+    """Prefix sub-networks ``[p]`` with ``p`` the client's per-device width (Diao et al. 2021)."""
+    name = "heterofl"
+    rule = staticmethod(rules.heterofl)
+
+
+class FedRolex(Strategy):
+    """Rolling windows of the client's width, advancing ``step`` per round (Alam et al. 2022);
+    tiers are evaluated at their prefix width."""
+    name = "fedrolex"
+    rule = staticmethod(rules.fedrolex)
+
+    def __init__(self, step: float = 0.125, max_width: float = 1.0):
+        self.step, self.max_width = step, max_width
+
+    def round_switch(self, assigned, round_index):
+        w = per_device_width(assigned)
+        return _switch_cls().ranges(rules.rolling_window(w, round_index, self.step, self.max_width))
+
+
+class FjORD(Strategy):
+    """Ordered dropout (Horvath et al. 2021): per local step a width ``p ~ U{widths <= p_max}``."""
+    name = "fjord"
+    rule = staticmethod(rules.fjord)
+
+    def __init__(self, widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0)):
+        self.widths = tuple(sorted(widths))
+
+    def step_switch(self, trained, rng):
+        pmax = per_device_width(trained)
+        choices = [w for w in self.widths if w <= pmax + 1e-9] or [pmax]
+        return _switch_cls().width(rng.choice(choices))
+
+
+class ParaDiSFL(Strategy):
+    """Clients train their tier switch as is, multi-branch ones over several devices."""
+    name = "paradis"
+    rule = staticmethod(rules.paradis)
+
+    def client_switch(self, tier_switch, tier_switches):
+        return tier_switch
+
+
+class Clustered(Strategy):
+    """One model per budget group, FedAvg inside each (the DAC paper's clustering baseline)."""
+    name = "clustered"
+    grouped = True
+
+    def group(self, assigned):
+        return assigned
+
+    def aggregate(self, agg, params, updates, assigned, log):
+        return rules.fedavg(params, updates, agg, assigned=assigned, log=log)
+
+
+STRATEGIES = {c.name: c for c in (FedAvg, HeteroFL, FedRolex, FjORD, ParaDiSFL, Clustered)}
+
+
+def get_strategy(strategy) -> Strategy:
+    if isinstance(strategy, Strategy):
+        return strategy
+    if isinstance(strategy, str) and strategy in STRATEGIES:
+        return STRATEGIES[strategy]()
+    raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")

@@ -1,0 +1,162 @@
+"""Argument normalisation and validation shared by the block ops (``block_conv2d``,
+``block_linear``): block tables, x offsets, conv geometry, backend choice.
+
+Every check raises with a message that names the argument and the problem, before any
+kernel runs; the C++ kernels check the same things again (``TORCH_CHECK``).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Sequence
+
+import torch
+
+from slimkern import _library
+
+BACKENDS = ("auto", "cpp", "triton", "torch")
+
+
+def normalize_blocks(blocks, in_extent: int, out_extent: int, *, depthwise: bool = False) -> list[int]:
+    """A ``[G, 4]`` table (int tensor or list of 4-tuples) -> flat list of ``G*4`` ints, checked
+    against the weight's ``in_extent`` input and ``out_extent`` output channels."""
+    if isinstance(blocks, torch.Tensor):
+        if blocks.is_floating_point() or blocks.is_complex() or blocks.dtype == torch.bool:
+            raise TypeError(f"blocks must be an integer tensor, got dtype {blocks.dtype}")
+        if blocks.dim() != 2 or blocks.shape[1] != 4:
+            raise ValueError(f"blocks must have shape [G, 4] (in_start, in_stop, out_start, out_stop), "
+                             f"got {tuple(blocks.shape)}")
+        rows = blocks.tolist()
+    elif isinstance(blocks, (list, tuple)):
+        rows = []
+        for g, row in enumerate(blocks):
+            if isinstance(row, torch.Tensor):
+                row = row.tolist()
+            if not isinstance(row, (list, tuple)) or len(row) != 4:
+                raise ValueError(f"blocks[{g}] must be a 4-tuple (in_start, in_stop, out_start, out_stop), "
+                                 f"got {row!r}")
+            rows.append(row)
+    else:
+        raise TypeError(f"blocks must be a [G, 4] int tensor or a list of 4-tuples, got {type(blocks).__name__}")
+    if len(rows) == 0:
+        raise ValueError("blocks is empty: at least one block (G >= 1) is required")
+    flat: list[int] = []
+    for g, row in enumerate(rows):
+        try:
+            i0, i1, o0, o1 = (int(v) for v in row)
+        except (TypeError, ValueError):
+            raise TypeError(f"blocks[{g}] must hold integers, got {row!r}") from None
+        if not (0 <= i0 <= i1 <= in_extent):
+            raise ValueError(f"block {g}: input range [{i0}, {i1}) is not inside the weight's {in_extent} "
+                             f"input channels (or stop < start)")
+        if not (0 <= o0 <= o1 <= out_extent):
+            raise ValueError(f"block {g}: output range [{o0}, {o1}) is not inside the weight's {out_extent} "
+                             f"output channels (or stop < start)")
+        if i1 == i0 or o1 == o0:
+            raise ValueError(f"block {g} is empty: ({i0}, {i1}, {o0}, {o1})")
+        if depthwise and (i0, i1) != (o0, o1):
+            raise ValueError(f"block {g}: a depthwise block needs equal input and output ranges, "
+                             f"got [{i0}, {i1}) and [{o0}, {o1})")
+        flat += [i0, i1, o0, o1]
+    return flat
+
+
+def normalize_x_offsets(x_offsets, blocks_flat: Sequence[int], x_channels: int) -> list[int]:
+    """``None`` packs the blocks' inputs one after another; otherwise one offset per block,
+    each window ``[off, off + in_size)`` inside x's ``x_channels`` channels."""
+    G = len(blocks_flat) // 4
+    sizes = [blocks_flat[4 * g + 1] - blocks_flat[4 * g] for g in range(G)]
+    if x_offsets is None:
+        offs, acc = [], 0
+        for s in sizes:
+            offs.append(acc)
+            acc += s
+    else:
+        if isinstance(x_offsets, torch.Tensor):
+            if x_offsets.is_floating_point():
+                raise TypeError(f"x_offsets must be integers, got dtype {x_offsets.dtype}")
+            x_offsets = x_offsets.reshape(-1).tolist()
+        offs = [int(v) for v in x_offsets]
+        if len(offs) != G:
+            raise ValueError(f"x_offsets has {len(offs)} entries but there are {G} blocks")
+    for g, (off, s) in enumerate(zip(offs, sizes)):
+        if off < 0 or off + s > x_channels:
+            raise ValueError(f"block {g} reads input channels [{off}, {off + s}) but x has {x_channels} "
+                             f"channels: x's channel count does not match the blocks")
+    return offs
+
+
+def pair(value, name: str, *, minimum: int) -> list[int]:
+    """An int or a pair of ints -> ``[h, w]``, each at least ``minimum``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        out = [value, value]
+    elif isinstance(value, (list, tuple)) and len(value) in (1, 2) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        out = [value[0], value[-1]]
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(out) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return out
+
+
+def check_tensors(x, weight, bias, *, x_rank: int, w_rank: int, op: str) -> None:
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{op}: bias must be a tensor or None, got {type(bias).__name__}")
+    if x.dim() != x_rank:
+        raise ValueError(f"{op}: x has the wrong rank: expected a {x_rank}-d tensor, got shape {tuple(x.shape)}")
+    if weight.dim() != w_rank:
+        raise ValueError(f"{op}: weight has the wrong rank: expected a {w_rank}-d tensor, "
+                         f"got shape {tuple(weight.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+    others = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    for name, t in others:
+        if t.device != x.device:
+            raise ValueError(f"{op}: x and {name} must be on the same device, got {x.device} and {t.device}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{op}: x and {name} must have the same dtype, got {x.dtype} and {t.dtype}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"{op}: bias must have shape [{weight.shape[0]}] (the weight's output channels), "
+                         f"got {tuple(bias.shape)}")
+
+
+def choose_backend(backend, x: torch.Tensor, op: str) -> str:
+    """Resolves ``backend`` (None/"auto", "cpp", "triton", "torch") for the device of ``x``.
+
+    auto: CPU tensors -> C++; CUDA tensors -> Triton when importable, else the C++ CUDA
+    kernel; the pure-torch path when the extension has no kernel for the device.
+    """
+    if backend is None:
+        backend = "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if x.device.type == "cuda" and triton_module(op, required=False) is not None:
+        return "triton"
+    if _library.has_op(op) and _has_kernel(op, x.device.type):
+        return "cpp"
+    return "torch"
+
+
+def _has_kernel(op: str, device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"slimkern::{op}", key))
+    except RuntimeError:
+        return False
+
+
+def triton_module(op: str, *, required: bool = True):
+    """``slimkern.triton.<op>``, imported lazily (a CPU-only install never needs triton)."""
+    try:
+        return importlib.import_module(f"slimkern.triton.{op}")
+    except ImportError as exc:
+        if required:
+            raise RuntimeError(f"backend='triton' for {op} is not available: {exc}") from exc
+        return None
