@@ -67,6 +67,26 @@ def test_conv_forward_and_grads_fp32(case, noncontig):
     torch.testing.assert_close(gb.double(), gb_ref, rtol=1e-4, atol=1e-4)
 
 
+SPLIT_CASES = [  # enough pixels (N*Ho*Wo = 4*16*16) that the reductions split into several pieces
+    ("split_dense", 4, 6, 16, 16, (8, 4, 3, 3), [(0, 4, 0, 8), (0, 2, 0, 4)], [0, 4], 1, 1, 1, False),
+    ("split_dw", 4, 6, 16, 16, (4, 1, 3, 3), [(0, 4, 0, 4), (0, 2, 0, 2)], [0, 4], 1, 1, 1, True),
+]
+
+
+@pytest.mark.parametrize("split_k", [1, 5])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[c[0] for c in SPLIT_CASES])
+def test_conv_split_reductions(case, split_k):
+    x, w, b, blocks, offs, stride, padding, dilation, depthwise = _conv_inputs(case)
+    flat = _flat(blocks)
+    y = tconv.forward(x, w, b, flat, offs, stride, padding, dilation, depthwise)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    _, _, gw_ref, gb_ref = _ref_conv_grads(x, w, b, blocks, offs, stride, padding, dilation, depthwise, gy)
+    _, gw, gb = tconv.backward(gy, x, w, flat, offs, stride, padding, dilation, depthwise, (False, True, True),
+                               split_k=split_k)
+    torch.testing.assert_close(gw.double(), gw_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gb.double(), gb_ref, rtol=1e-4, atol=1e-4)
+
+
 def test_conv_weight_grad_is_zero_outside_blocks_and_summed_on_overlap():
     case = CONV_CASES[0]  # blocks (0,6,0,8) and (0,3,0,4): the [0:4, 0:3] corner is read twice
     x, w, b, blocks, offs, stride, padding, dilation, depthwise = _conv_inputs(case, bias=False)
@@ -203,3 +223,27 @@ def _escape(text):
     import re
 
     return re.escape(text)
+
+
+# ------------------------------------------------- through the public ops (autograd.Function)
+def test_public_ops_with_triton_backend_match_reference():
+    import slimkern as sk
+
+    x, w, b, blocks, offs, stride, padding, dilation, depthwise = _conv_inputs(CONV_CASES[5], noncontig=True)
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
+    y = sk.ops.block_conv2d(x, w, b, blocks, offs, stride, padding, dilation, depthwise, backend="triton")
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    y.backward(gy)
+    y_ref, gx_ref, gw_ref, gb_ref = _ref_conv_grads(x, w, b, blocks, offs, stride, padding, dilation, depthwise, gy)
+    for got, ref in ((y.detach(), y_ref), (x.grad, gx_ref), (w.grad, gw_ref), (b.grad, gb_ref)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+    _, N, cx, wshape, lblocks, loffs = LINEAR_CASES[2]
+    gen = torch.Generator().manual_seed(9)
+    xl, wl = _rand(N, cx, gen=gen).requires_grad_(), _rand(*wshape, gen=gen).requires_grad_()
+    yl = sk.ops.block_linear(xl, wl, None, lblocks, loffs, backend="triton")
+    yl.sum().backward()
+    xr, wr = xl.detach().double().requires_grad_(), wl.detach().double().requires_grad_()
+    ref_block_linear(xr, wr, None, torch.tensor(lblocks), loffs).sum().backward()
+    torch.testing.assert_close(xl.grad.double(), xr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(wl.grad.double(), wr.grad, rtol=1e-4, atol=1e-4)
