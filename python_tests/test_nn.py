@@ -10,7 +10,15 @@ import slimkern as sk
 from slimkern.nn import (SlimBatchNorm1d, SlimConv2d, SlimLinear, SlimNet, SwitchableBatchNorm2d,
                          parameter_ranges, register_switches)
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """float64 for tight equivalence checks, restored so other test modules are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 class TinyNet(SlimNet):
@@ -355,3 +363,42 @@ def test_per_layer_switch_from_channels():
         h = F.relu(F.linear(h, net[3].weight[c:d, a:b], net[3].bias[c:d]))
         ref = ref + F.linear(h, net[5].weight[:, c:d])
     torch.testing.assert_close(out, ref + net[5].bias)
+
+
+def test_from_dense_reproduces_plain_layers():
+    torch.manual_seed(7)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                                torch.nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False), torch.nn.Flatten(),
+                                torch.nn.Linear(6 * 16, 4))
+    plain.train()
+    plain(torch.randn(8, 3, 4, 4))  # non-trivial running stats
+    plain.eval()
+    slim = torch.nn.Sequential(
+        SlimConv2d.from_dense(plain[0], max_width=1.5, slice_in=False),
+        SwitchableBatchNorm2d.from_dense(plain[1], max_width=1.5), torch.nn.ReLU(),
+        SlimConv2d.from_dense(plain[3], max_width=1.5))
+    head = SlimLinear.from_dense(torch.nn.Linear(6, 4), max_width=1.5, slice_out=False)
+    assert slim[0].weight.shape == (9, 3, 3, 3) and slim[1].switches == [sk.Switch([1.0])]
+    slim.eval()
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(slim(x), plain[:4](x))
+    torch.testing.assert_close(head(torch.ones(2, 6)), head.weight[:, :6].sum(1).expand(2, 4) + head.bias)
+    with pytest.raises(TypeError, match="takes an nn.Conv2d"):
+        SlimConv2d.from_dense(plain[1])
+
+
+def test_calibrate_warns_for_unreached_bn():
+    class Net(SlimNet):
+        def __init__(self):
+            super().__init__()
+            self.seq = torch.nn.Sequential(SlimLinear(4, 6, slice_in=False), SlimBatchNorm1d(6),
+                                           SlimLinear(6, 3, slice_out=False))
+            self.unused = SlimBatchNorm1d(6)
+
+        def forward(self, x):
+            return self.seq(x)
+
+    net = Net()
+    with pytest.warns(RuntimeWarning, match=r"not updated on every batch.*unused \[1.0\]x"):
+        sk.calibrate_bn(net, [torch.randn(4, 4)], ["[1.0]x"])
+    assert net.seq[1].num_batches_tracked.tolist() == [1]

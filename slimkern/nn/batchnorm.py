@@ -61,6 +61,31 @@ class _SwitchableBatchNorm(SlimModule, nn.Module):
                              torch.zeros(0, dtype=torch.long, device=device))
         self.switches: list[Switch] = []
 
+    @classmethod
+    def from_dense(cls, bn: nn.modules.batchnorm._BatchNorm, *, max_width: float = 1.0, divisor: int = 1,
+                   group: str | None = None, activation: str = "none"):
+        """A switchable BN whose 1.0x prefix holds ``bn``'s affine and whose ``[1.0]x`` row holds
+        ``bn``'s running statistics (so ``Switch([1.0])`` in eval mode computes exactly ``bn``).
+        Other switches get their own rows later (training or calibration)."""
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            raise TypeError(f"from_dense takes a BatchNorm module, got {type(bn).__name__}")
+        if not bn.track_running_stats:
+            raise ValueError("cannot convert a BatchNorm with track_running_stats=False: switchable BN keeps "
+                             "per-switch running statistics")
+        w = bn.weight if bn.affine else bn.running_mean
+        m = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, max_width=max_width, divisor=divisor,
+                group=group, activation=activation, device=w.device, dtype=w.dtype)
+        c = bn.num_features
+        with torch.no_grad():
+            if bn.affine:
+                m.weight[:c].copy_(bn.weight)
+                m.bias[:c].copy_(bn.bias)
+            row = m.register_switch(Switch([1.0]))
+            m.running_mean[row, :c].copy_(bn.running_mean)
+            m.running_var[row, :c].copy_(bn.running_var)
+            m.num_batches_tracked[row] = max(int(bn.num_batches_tracked), 1)
+        return m
+
     # ---- channel geometry (same API as the conv/linear layers) --------------------------
     @property
     def in_channels(self):

@@ -60,6 +60,27 @@ class SlimConv2d(ChannelMixin, nn.Module):
         self.bias = nn.Parameter(torch.empty(self.out_full, **fk)) if bias else None
         self.reset_parameters()
 
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, *, max_width: float = 1.0, divisor: int = 1, slice_in: bool = True,
+                   slice_out: bool = True, in_group: str | None = None, out_group: str | None = None
+                   ) -> "SlimConv2d":
+        """A SlimConv2d whose 1.0x prefix holds ``conv``'s weights (the rest keeps the fresh init),
+        so ``Switch([1.0])`` computes exactly ``conv`` (used by ``slimmify``)."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_dense takes an nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"cannot slice a conv with padding_mode={conv.padding_mode!r} (only 'zeros')")
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                conv.groups, conv.bias is not None, max_width=max_width, divisor=divisor, slice_in=slice_in,
+                slice_out=slice_out, in_group=in_group, out_group=out_group, device=conv.weight.device,
+                dtype=conv.weight.dtype)
+        with torch.no_grad():
+            o, i = conv.weight.shape[:2]
+            m.weight[:o, :i].copy_(conv.weight)
+            if conv.bias is not None:
+                m.bias[:o].copy_(conv.bias)
+        return m
+
     def reset_parameters(self) -> None:
         # nn.Conv2d's init with the *base* fan-in, so a slice starts like a plain conv of that size.
         fan_in = (1 if self.depthwise else self.in_channels) * math.prod(self.kernel_size)

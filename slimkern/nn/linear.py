@@ -33,6 +33,23 @@ class SlimLinear(ChannelMixin, nn.Module):
         self.bias = nn.Parameter(torch.empty(self.out_full, **fk)) if bias else None
         self.reset_parameters()
 
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, *, max_width: float = 1.0, divisor: int = 1, slice_in: bool = True,
+                   slice_out: bool = True, in_group: str | None = None, out_group: str | None = None
+                   ) -> "SlimLinear":
+        """A SlimLinear whose 1.0x prefix holds ``linear``'s weights (see SlimConv2d.from_dense)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_dense takes an nn.Linear, got {type(linear).__name__}")
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, max_width=max_width,
+                divisor=divisor, slice_in=slice_in, slice_out=slice_out, in_group=in_group, out_group=out_group,
+                device=linear.weight.device, dtype=linear.weight.dtype)
+        with torch.no_grad():
+            o, i = linear.weight.shape
+            m.weight[:o, :i].copy_(linear.weight)
+            if linear.bias is not None:
+                m.bias[:o].copy_(linear.bias)
+        return m
+
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.in_features)  # nn.Linear's init with the base fan-in
         nn.init.uniform_(self.weight, -bound, bound)

@@ -392,12 +392,19 @@ def _gemm_tiles(cols: int) -> tuple[int, int, int, int]:
     return 64, block_n, 32, 4
 
 
-def _splits(work_tiles: int, reduce_len: int, block_k: int, device: torch.device) -> tuple[int, int]:
-    """Split a long reduction so that about two waves of programs fill the device."""
-    if interpreting():
-        return 1, max(reduce_len, 1)
-    target = 2 * num_sms(device)
-    splits = max(1, min(target // max(work_tiles, 1), triton.cdiv(reduce_len, 4 * block_k)))
+def _splits(work_tiles: int, reduce_len: int, block_k: int, device: torch.device,
+            split_k: int | None = None) -> tuple[int, int]:
+    """(pieces, length of a piece, a multiple of block_k) for a reduction of reduce_len terms.
+
+    By default about two waves of programs fill the device (one piece in the interpreter).
+    """
+    if split_k is not None:
+        splits = max(1, int(split_k))
+    elif interpreting():
+        splits = 1
+    else:
+        target = 2 * num_sms(device)
+        splits = max(1, min(target // max(work_tiles, 1), triton.cdiv(reduce_len, 4 * block_k)))
     per = triton.cdiv(triton.cdiv(reduce_len, splits), block_k) * block_k
     return triton.cdiv(reduce_len, per), per
 
@@ -447,18 +454,20 @@ def _forward(op, x, weight, bias, blocks_flat, x_offsets, stride, padding, dilat
 
 def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, blocks_flat: Sequence[int],
              x_offsets: Sequence[int], stride=1, padding=0, dilation=1, depthwise: bool = False,
-             output_mask: Sequence[bool] = (True, True, True), *, allow_tf32: bool | None = None):
+             output_mask: Sequence[bool] = (True, True, True), *, allow_tf32: bool | None = None,
+             split_k: int | None = None):
     """``(grad_x, grad_weight, grad_bias)``; an output whose mask entry is false is an empty tensor.
 
     ``grad_weight`` has the full weight's shape (zero outside the blocks, summed where blocks
-    overlap) and ``grad_bias`` the full ``[C_out]``.
+    overlap) and ``grad_bias`` the full ``[C_out]``. ``split_k`` forces how many pieces the
+    pixel reductions of grad_weight/grad_bias are split into (None: enough to fill the GPU).
     """
     return _backward("block_conv2d_backward", grad_out, x, weight, blocks_flat, x_offsets, stride, padding,
-                     dilation, depthwise, output_mask, allow_tf32=allow_tf32)
+                     dilation, depthwise, output_mask, allow_tf32=allow_tf32, split_k=split_k)
 
 
 def _backward(op, grad_out, x, weight, blocks_flat, x_offsets, stride, padding, dilation, depthwise,
-              output_mask, *, allow_tf32):
+              output_mask, *, allow_tf32, split_k=None):
     runs, g, _ = _problem(op, x, weight, None, blocks_flat, x_offsets, stride, padding, dilation, depthwise,
                           grad_out=grad_out)
     need_x, need_w, need_b = mask_of(output_mask)
@@ -474,10 +483,10 @@ def _backward(op, grad_out, x, weight, blocks_flat, x_offsets, stride, padding, 
             if need_x:
                 _launch_grad_x(grad_out, weight, gx, g, r, depthwise, prec)
             if need_w:
-                _launch_grad_w(grad_out, x, gw, g, r, depthwise, prec, P)
+                _launch_grad_w(grad_out, x, gw, g, r, depthwise, prec, P, split_k)
             if need_b:
                 BLOCK = 256
-                splits, per = _splits(r.out_size, P, BLOCK, x.device)
+                splits, per = _splits(r.out_size, P, BLOCK, x.device, split_k)
                 _grad_b_kernel[(r.out_size, splits)](
                     grad_out, gb, P, g.Ho, g.Wo, *_s(grad_out), r.out_start, r.y_off, per, BLOCK=BLOCK)
     cast = lambda t: empty if t is None else t.to(x.dtype)  # noqa: E731
@@ -503,11 +512,11 @@ def _launch_grad_x(grad_out, weight, gx, g, r: BlockRun, depthwise, prec):
         KH=g.KH, KW=g.KW, DOT_PREC=prec, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps)
 
 
-def _launch_grad_w(grad_out, x, gw, g, r: BlockRun, depthwise, prec, P):
+def _launch_grad_w(grad_out, x, gw, g, r: BlockRun, depthwise, prec, P, split_k):
     if depthwise:
         BLOCK_T = max(2, next_pow2(g.KH * g.KW))
         BLOCK_P = max(16, 1024 // BLOCK_T)
-        splits, per = _splits(r.out_size, P, BLOCK_P, x.device)
+        splits, per = _splits(r.out_size, P, BLOCK_P, x.device, split_k)
         _grad_w_dw_kernel[(r.out_size, splits)](
             grad_out, x, gw, P, g.H, g.W, g.Ho, g.Wo, *_s(grad_out), *_s(x),
             gw.stride(0), gw.stride(2), gw.stride(3),
@@ -518,7 +527,7 @@ def _launch_grad_w(grad_out, x, gw, g, r: BlockRun, depthwise, prec, P):
     BM, BN, BK, warps = _gemm_tiles(cols)
     BM = min(BM, max(16, next_pow2(r.out_size)))
     tiles = triton.cdiv(r.out_size, BM) * triton.cdiv(cols, BN)
-    splits, per = _splits(tiles, P, BK, x.device)
+    splits, per = _splits(tiles, P, BK, x.device, split_k)
     _grad_w_dense_kernel[(triton.cdiv(r.out_size, BM), triton.cdiv(cols, BN), splits)](
         grad_out, x, gw, P, g.H, g.W, g.Ho, g.Wo, *_s(grad_out), *_s(x), *_s(gw),
         r.in_start, r.in_size, r.out_start, r.out_size, r.x_off, r.y_off, *g.conv_args(), per,

@@ -81,19 +81,20 @@ __global__ void block_conv_fwd_kernel(const scalar_t* __restrict__ x, Strides4 x
     const int64_t n = t / b.out_size;
     acc_t acc = bias != nullptr ? static_cast<acc_t>(bias[(b.out_start + co) * bias_stride]) : acc_t(0);
     // Depthwise: output channel co reads only its own input channel and filter column 0.
-    const int64_t ci_lo = depthwise ? co : 0, ci_hi = depthwise ? co + 1 : b.in_size;
-    const scalar_t* w_row = w + (b.out_start + co) * ws.s0;
-    const scalar_t* x_n = x + n * xs.s0;
-    for (int64_t ci = ci_lo; ci < ci_hi; ++ci) {
-      const scalar_t* x_c = x_n + (b.x_off + ci) * xs.s1;
-      const scalar_t* w_c = w_row + (depthwise ? 0 : b.in_start + ci) * ws.s1;
-      for (int64_t kh = 0; kh < g.KH; ++kh) {
-        const int64_t ih = input_index(oh, kh, g.sh, g.ph, g.dh, g.H);
-        if (ih < 0) continue;
-        for (int64_t kw = 0; kw < g.KW; ++kw) {
-          const int64_t iw = input_index(ow, kw, g.sw, g.pw, g.dw, g.W);
-          if (iw < 0) continue;
-          acc += static_cast<acc_t>(x_c[ih * xs.s2 + iw * xs.s3]) * static_cast<acc_t>(w_c[kh * ws.s2 + kw * ws.s3]);
+    const int64_t channels = depthwise ? 1 : b.in_size;
+    const scalar_t* x_c = x + n * xs.s0 + (b.x_off + (depthwise ? co : 0)) * xs.s1;
+    const scalar_t* w_c = w + (b.out_start + co) * ws.s0 + (depthwise ? 0 : b.in_start) * ws.s1;
+    // Taps outside, channels inside: the padding test runs once per tap, not per channel.
+    for (int64_t kh = 0; kh < g.KH; ++kh) {
+      const int64_t ih = input_index(oh, kh, g.sh, g.ph, g.dh, g.H);
+      if (ih < 0) continue;
+      for (int64_t kw = 0; kw < g.KW; ++kw) {
+        const int64_t iw = input_index(ow, kw, g.sw, g.pw, g.dw, g.W);
+        if (iw < 0) continue;
+        const scalar_t* x_p = x_c + ih * xs.s2 + iw * xs.s3;
+        const scalar_t* w_p = w_c + kh * ws.s2 + kw * ws.s3;
+        for (int64_t ci = 0; ci < channels; ++ci) {
+          acc += static_cast<acc_t>(x_p[ci * xs.s1]) * static_cast<acc_t>(w_p[ci * ws.s1]);
         }
       }
     }
@@ -139,7 +140,7 @@ __global__ void block_conv_grad_x_kernel(const scalar_t* __restrict__ go, Stride
 // Sum over the threads of a block, returned in thread 0. blockDim.x is a multiple of 32 (<= 1024).
 template <typename acc_t>
 __device__ acc_t block_sum(acc_t v) {
-  __shared__ unsigned char raw[32 * sizeof(double)];
+  __shared__ double raw[32];  // double: aligned for either accumulator type
   acc_t* partial = reinterpret_cast<acc_t*>(raw);
   for (int off = 16; off > 0; off /= 2) v += __shfl_down_sync(0xffffffffu, v, off);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;

@@ -1,0 +1,503 @@
+// CPU kernels of slimkern::block_conv2d and its backward.
+//
+// Three paths, chosen per call:
+//  * depthwise (float/double): direct loops over output rows, one task per (image, channel)
+//    plane, inner loops over contiguous rows that the compiler vectorises (built for
+//    AVX-512 / AVX2 / baseline and picked at run time). torch's CPU depthwise conv runs at a
+//    few GF/s on these shapes; this is the path where block tables win the most.
+//  * 1x1, stride 1, no padding (float/double): per block one batched GEMM reading the weight
+//    slice and x's channel window in place and writing straight into the output's channel
+//    window (no slice copies, no cat). Backward: batched GEMMs for grad_x, per-thread partial
+//    GEMMs for grad_weight, reduced into the weight slice.
+//  * everything else (dense kxk, strided 1x1, other dtypes): at::convolution per block on
+//    the weight slice view (oneDNN), outputs copied into their channel window; G = 1 returns
+//    the convolution's output itself, so a single block costs what a dense conv costs.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "slimkern/block_checks.h"
+#include "slimkern/conv_math.h"
+
+namespace slimkern {
+namespace {
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SK_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SK_MULTIVERSION
+#endif
+#define SK_ALWAYS_INLINE __attribute__((always_inline)) inline
+
+// Geometry of one depthwise plane. x planes have unit column stride and row stride sxh;
+// output / grad planes are contiguous.
+constexpr int64_t kMaxKW = 16;  // wider depthwise kernels take the general path
+
+struct Plane {
+  int64_t H, W, Ho, Wo, KH, KW, sh, sw, ph, pw, dh, dw, sxh;
+};
+
+template <typename T>
+SK_ALWAYS_INLINE void dw_fwd_plane_impl(const T* __restrict__ x, const T* __restrict__ w, T bias,
+                                        T* __restrict__ out, const Plane& g) {
+  int64_t los[kMaxKW], his[kMaxKW];  // valid output columns per tap: no divisions in the row loops
+  for (int64_t kw = 0; kw < g.KW; ++kw) conv_valid_out_range(g.W, g.Wo, kw, g.sw, g.pw, g.dw, &los[kw], &his[kw]);
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    T* __restrict__ row = out + oh * g.Wo;
+    for (int64_t i = 0; i < g.Wo; ++i) row[i] = bias;
+    for (int64_t kh = 0; kh < g.KH; ++kh) {
+      const int64_t ih = conv_in_index(oh, kh, g.sh, g.ph, g.dh);
+      if (ih < 0 || ih >= g.H) continue;
+      const T* xrow = x + ih * g.sxh;
+      for (int64_t kw = 0; kw < g.KW; ++kw) {
+        const int64_t lo = los[kw], hi = his[kw];
+        const T wv = w[kh * g.KW + kw];
+        const T* __restrict__ src = xrow + conv_in_index(lo, kw, g.sw, g.pw, g.dw);
+        T* __restrict__ dst = row + lo;
+        const int64_t n = hi - lo;
+        if (g.sw == 1) {
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) dst[i] += wv * src[i];
+        } else {
+          const int64_t s = g.sw;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) dst[i] += wv * src[i * s];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+SK_ALWAYS_INLINE void dw_bwd_input_plane_impl(const T* __restrict__ go, const T* __restrict__ w,
+                                              T* __restrict__ gx, const Plane& g) {
+  int64_t los[kMaxKW], his[kMaxKW];  // valid output columns per tap: no divisions in the row loops
+  for (int64_t kw = 0; kw < g.KW; ++kw) conv_valid_out_range(g.W, g.Wo, kw, g.sw, g.pw, g.dw, &los[kw], &his[kw]);
+  // gx is a contiguous H x W plane.
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    const T* __restrict__ grow = go + oh * g.Wo;
+    for (int64_t kh = 0; kh < g.KH; ++kh) {
+      const int64_t ih = conv_in_index(oh, kh, g.sh, g.ph, g.dh);
+      if (ih < 0 || ih >= g.H) continue;
+      T* xrow = gx + ih * g.W;
+      for (int64_t kw = 0; kw < g.KW; ++kw) {
+        const int64_t lo = los[kw], hi = his[kw];
+        const T wv = w[kh * g.KW + kw];
+        T* __restrict__ dst = xrow + conv_in_index(lo, kw, g.sw, g.pw, g.dw);
+        const T* __restrict__ src = grow + lo;
+        const int64_t n = hi - lo;
+        if (g.sw == 1) {
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) dst[i] += wv * src[i];
+        } else {
+          const int64_t s = g.sw;
+          for (int64_t i = 0; i < n; ++i) dst[i * s] += wv * src[i];
+        }
+      }
+    }
+  }
+}
+
+// Accumulates, per tap t and output column i, accv[t*Wo + i] += go * x (and the bias sum
+// into accv[KH*KW*Wo + i]): row-wise multiply-adds with no horizontal reduction per row; the
+// caller reduces accv once per weight channel.
+template <typename T>
+SK_ALWAYS_INLINE void dw_bwd_weight_plane_impl(const T* __restrict__ go, const T* __restrict__ x, T* __restrict__ accv,
+                                               const Plane& g) {
+  int64_t los[kMaxKW], his[kMaxKW];  // valid output columns per tap: no divisions in the row loops
+  for (int64_t kw = 0; kw < g.KW; ++kw) conv_valid_out_range(g.W, g.Wo, kw, g.sw, g.pw, g.dw, &los[kw], &his[kw]);
+  T* __restrict__ bv = accv + g.KH * g.KW * g.Wo;
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    const T* __restrict__ grow = go + oh * g.Wo;
+#pragma omp simd
+    for (int64_t i = 0; i < g.Wo; ++i) bv[i] += grow[i];
+    for (int64_t kh = 0; kh < g.KH; ++kh) {
+      const int64_t ih = conv_in_index(oh, kh, g.sh, g.ph, g.dh);
+      if (ih < 0 || ih >= g.H) continue;
+      const T* xrow = x + ih * g.sxh;
+      for (int64_t kw = 0; kw < g.KW; ++kw) {
+        const int64_t lo = los[kw], hi = his[kw];
+        const T* __restrict__ src = xrow + conv_in_index(lo, kw, g.sw, g.pw, g.dw);
+        const T* __restrict__ gsrc = grow + lo;
+        T* __restrict__ av = accv + (kh * g.KW + kw) * g.Wo + lo;
+        const int64_t n = hi - lo;
+        if (g.sw == 1) {
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) av[i] += gsrc[i] * src[i];
+        } else {
+          const int64_t st = g.sw;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) av[i] += gsrc[i] * src[i * st];
+        }
+      }
+    }
+  }
+}
+
+// Non-template entry points so each is compiled for several instruction sets.
+SK_MULTIVERSION void dw_fwd_plane(const float* x, const float* w, float b, float* out, const Plane& g) {
+  dw_fwd_plane_impl(x, w, b, out, g);
+}
+SK_MULTIVERSION void dw_fwd_plane(const double* x, const double* w, double b, double* out, const Plane& g) {
+  dw_fwd_plane_impl(x, w, b, out, g);
+}
+SK_MULTIVERSION void dw_bwd_input_plane(const float* go, const float* w, float* gx, const Plane& g) {
+  dw_bwd_input_plane_impl(go, w, gx, g);
+}
+SK_MULTIVERSION void dw_bwd_input_plane(const double* go, const double* w, double* gx, const Plane& g) {
+  dw_bwd_input_plane_impl(go, w, gx, g);
+}
+SK_MULTIVERSION void dw_bwd_weight_plane(const float* go, const float* x, float* accv, const Plane& g) {
+  dw_bwd_weight_plane_impl(go, x, accv, g);
+}
+SK_MULTIVERSION void dw_bwd_weight_plane(const double* go, const double* x, double* accv, const Plane& g) {
+  dw_bwd_weight_plane_impl(go, x, accv, g);
+}
+
+bool fast_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble;
+}
+
+// x with unit column stride (rows may be strided: a channel window of a wider tensor is fine).
+at::Tensor unit_col(const at::Tensor& x) { return (x.stride(3) == 1 || x.size(3) == 1) ? x : x.contiguous(); }
+
+// x whose H x W planes are contiguous (channel and batch strides arbitrary).
+at::Tensor contiguous_planes(const at::Tensor& x) {
+  const bool ok = (x.stride(3) == 1 || x.size(3) == 1) && (x.stride(2) == x.size(3) || x.size(2) == 1);
+  return ok ? x : x.contiguous();
+}
+
+Plane make_plane(const ConvGeom& G, int64_t sxh) {
+  return Plane{G.H, G.W, G.Ho, G.Wo, G.KH, G.KW, G.sh, G.sw, G.ph, G.pw, G.dh, G.dw, sxh};
+}
+
+// Per packed output channel: the x channel it reads and its weight channel.
+void channel_maps(const ConvGeom& G, c10::IntArrayRef offs, std::vector<int64_t>& oc_x, std::vector<int64_t>& oc_w) {
+  oc_x.resize(G.C_out_total);
+  oc_w.resize(G.C_out_total);
+  int64_t pos = 0;
+  for (size_t b = 0; b < G.blocks.size(); ++b) {
+    for (int64_t j = 0; j < G.blocks[b].in_size(); ++j) {
+      oc_x[pos + j] = offs[b] + j;
+      oc_w[pos + j] = G.blocks[b].in_start + j;
+    }
+    pos += G.blocks[b].in_size();
+  }
+}
+
+// Depthwise taps of every packed output channel, read through the weight's strides.
+template <typename T>
+std::vector<T> gather_taps(const at::Tensor& weight, const std::vector<int64_t>& oc_w, int64_t KH, int64_t KW) {
+  std::vector<T> taps(oc_w.size() * KH * KW);
+  const T* wp = weight.data_ptr<T>();
+  for (size_t oc = 0; oc < oc_w.size(); ++oc)
+    for (int64_t kh = 0; kh < KH; ++kh)
+      for (int64_t kw = 0; kw < KW; ++kw)
+        taps[(oc * KH + kh) * KW + kw] = wp[oc_w[oc] * weight.stride(0) + kh * weight.stride(2) + kw * weight.stride(3)];
+  return taps;
+}
+
+// CSR lists: for each key in [0, n_keys), the packed output channels mapped to it.
+void invert(const std::vector<int64_t>& oc_key, int64_t n_keys, std::vector<int64_t>& start, std::vector<int64_t>& list) {
+  start.assign(n_keys + 1, 0);
+  for (auto k : oc_key) start[k + 1]++;
+  for (int64_t k = 0; k < n_keys; ++k) start[k + 1] += start[k];
+  list.resize(oc_key.size());
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (size_t oc = 0; oc < oc_key.size(); ++oc) list[fill[oc_key[oc]]++] = static_cast<int64_t>(oc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// depthwise
+
+template <typename T>
+void dw_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                const ConvGeom& G, c10::IntArrayRef offs, at::Tensor& out) {
+  const at::Tensor x = unit_col(x_in);
+  std::vector<int64_t> oc_x, oc_w;
+  channel_maps(G, offs, oc_x, oc_w);
+  const auto taps = gather_taps<T>(weight, oc_w, G.KH, G.KW);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const T* bp = has_bias ? bias->data_ptr<T>() : nullptr;
+  const int64_t bstride = has_bias ? bias->stride(0) : 0;
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const Plane pl = make_plane(G, x.stride(2));
+  const int64_t C = G.C_out_total, KK = G.KH * G.KW, plane = G.Ho * G.Wo;
+  at::parallel_for(0, G.N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t n = idx / C, oc = idx % C;
+      const T b = has_bias ? bp[oc_w[oc] * bstride] : T(0);
+      dw_fwd_plane(xp + n * x.stride(0) + oc_x[oc] * x.stride(1), taps.data() + oc * KK, b, op + idx * plane, pl);
+    }
+  });
+}
+
+template <typename T>
+void dw_backward(const at::Tensor& go, const at::Tensor& x_in, const at::Tensor& weight, const ConvGeom& G,
+                 c10::IntArrayRef offs, std::array<bool, 3> mask, at::Tensor& gx, at::Tensor& gw, at::Tensor& gb) {
+  const at::Tensor x = unit_col(x_in);
+  std::vector<int64_t> oc_x, oc_w;
+  channel_maps(G, offs, oc_x, oc_w);
+  const auto taps = gather_taps<T>(weight, oc_w, G.KH, G.KW);
+  const int64_t C = G.C_out_total, KK = G.KH * G.KW, oplane = G.Ho * G.Wo;
+  const T* gop = go.data_ptr<T>();
+  const Plane pl = make_plane(G, x.stride(2));
+  if (mask[0]) {
+    // One task per (image, x channel): every block reading that channel adds into it, so
+    // overlapping x windows (shared inputs) never race.
+    std::vector<int64_t> start, list;
+    invert(oc_x, G.Cx, start, list);
+    T* gxp = gx.data_ptr<T>();
+    const int64_t iplane = G.H * G.W;
+    at::parallel_for(0, G.N * G.Cx, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t n = idx / G.Cx, xc = idx % G.Cx;
+        for (int64_t k = start[xc]; k < start[xc + 1]; ++k) {
+          const int64_t oc = list[k];
+          dw_bwd_input_plane(gop + (n * C + oc) * oplane, taps.data() + oc * KK, gxp + idx * iplane, pl);
+        }
+      }
+    });
+  }
+  if (mask[1] || mask[2]) {
+    // One task per weight channel: overlapping blocks sum into it without races.
+    const int64_t Cw = weight.size(0);
+    std::vector<int64_t> start, list;
+    invert(oc_w, Cw, start, list);
+    const T* xp = x.data_ptr<T>();
+    T* gwp = mask[1] ? gw.data_ptr<T>() : nullptr;
+    T* gbp = mask[2] ? gb.data_ptr<T>() : nullptr;
+    at::parallel_for(0, Cw, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> accv((KK + 1) * G.Wo);
+      for (int64_t wc = begin; wc < end; ++wc) {
+        if (start[wc] == start[wc + 1]) continue;
+        std::fill(accv.begin(), accv.end(), T(0));
+        for (int64_t k = start[wc]; k < start[wc + 1]; ++k) {
+          const int64_t oc = list[k];
+          for (int64_t n = 0; n < G.N; ++n)
+            dw_bwd_weight_plane(gop + (n * C + oc) * oplane, xp + n * x.stride(0) + oc_x[oc] * x.stride(1),
+                                accv.data(), pl);
+        }
+        for (int64_t t = 0; t <= KK; ++t) {
+          T sum = 0;
+          for (int64_t i = 0; i < G.Wo; ++i) sum += accv[t * G.Wo + i];
+          if (t < KK && gwp) gwp[wc * KK + t] = sum;
+          if (t == KK && gbp) gbp[wc] = sum;
+        }
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1x1, stride 1, no padding: GEMMs on [C, H*W] channel windows, through ATen's BLAS
+// (MKL) on views, so nothing is sliced into a copy and nothing is concatenated.
+
+// [Co, Ci] view of a 1x1 weight slice (no copy).
+at::Tensor pw_weight(const at::Tensor& w, const Block& b) {
+  return w.narrow(0, b.out_start, b.out_size()).narrow(1, b.in_start, b.in_size()).select(3, 0).select(2, 0);
+}
+
+// [N, C, H*W] view of channels [c0, c0 + c) of a tensor with contiguous planes.
+at::Tensor planes(const at::Tensor& t, int64_t c0, int64_t c) {
+  return t.narrow(1, c0, c).flatten(2, 3);
+}
+
+void pw_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                const ConvGeom& G, c10::IntArrayRef offs, at::Tensor& out) {
+  const at::Tensor x = contiguous_planes(x_in);
+  const bool has_bias = bias.has_value() && bias->defined();
+  int64_t pos = 0;
+  for (size_t g = 0; g < G.blocks.size(); ++g) {
+    const auto& b = G.blocks[g];
+    at::Tensor o3 = planes(out, pos, b.out_size());
+    at::Tensor w3 = pw_weight(weight, b).expand({G.N, b.out_size(), b.in_size()});
+    at::Tensor x3 = planes(x, offs[g], b.in_size());
+    if (has_bias) {
+      o3.copy_(bias->narrow(0, b.out_start, b.out_size()).view({1, b.out_size(), 1}).expand_as(o3));
+      o3.baddbmm_(w3, x3);
+    } else {
+      at::bmm_out(o3, w3, x3);
+    }
+    pos += b.out_size();
+  }
+}
+
+void pw_backward(const at::Tensor& go, const at::Tensor& x_in, const at::Tensor& weight, const ConvGeom& G,
+                 c10::IntArrayRef offs, std::array<bool, 3> mask, at::Tensor& gx, at::Tensor& gw, at::Tensor& gb) {
+  const at::Tensor x = contiguous_planes(x_in);
+  if (mask[0]) {
+    // gx starts uninitialised: the first block to write a channel overwrites, later ones add,
+    // so packed (non-overlapping) windows never pay for zeroing.
+    std::vector<char> written(G.Cx, 0);
+    int64_t pos = 0;
+    for (size_t g = 0; g < G.blocks.size(); ++g) {
+      const auto& b = G.blocks[g];
+      const int64_t lo = offs[g], hi = offs[g] + b.in_size();
+      int64_t n_written = 0;
+      for (int64_t c = lo; c < hi; ++c) n_written += written[c];
+      if (n_written > 0 && n_written < hi - lo)
+        for (int64_t c = lo; c < hi; ++c)
+          if (!written[c]) gx.select(1, c).zero_();
+      at::Tensor gx3 = planes(gx, lo, b.in_size());
+      at::Tensor wt3 = pw_weight(weight, b).t().expand({G.N, b.in_size(), b.out_size()});
+      at::Tensor go3 = planes(go, pos, b.out_size());
+      if (n_written > 0)
+        gx3.baddbmm_(wt3, go3);
+      else
+        at::bmm_out(gx3, wt3, go3);
+      for (int64_t c = lo; c < hi; ++c) written[c] = 1;
+      pos += b.out_size();
+    }
+    for (int64_t c = 0; c < G.Cx; ++c)
+      if (!written[c]) gx.select(1, c).zero_();
+  }
+  if (mask[1]) {
+    // sum_n go_n @ x_n^T: images split across threads, each with its own partial sum.
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), G.N));
+    int64_t pos = 0;
+    for (size_t g = 0; g < G.blocks.size(); ++g) {
+      const auto& b = G.blocks[g];
+      const int64_t Co = b.out_size(), Ci = b.in_size();
+      at::Tensor go3 = planes(go, pos, Co), x3 = planes(x, offs[g], Ci);
+      at::Tensor part = at::empty({chunks, Co, Ci}, gw.options());
+      at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+        for (int64_t c = cb; c < ce; ++c) {
+          const int64_t n0 = c * G.N / chunks, n1 = (c + 1) * G.N / chunks;
+          at::Tensor pc = part.select(0, c);
+          for (int64_t n = n0; n < n1; ++n) {
+            if (n == n0)
+              at::mm_out(pc, go3.select(0, n), x3.select(0, n).t());
+            else
+              pc.addmm_(go3.select(0, n), x3.select(0, n).t());
+          }
+        }
+      });
+      at::Tensor gws = gw.narrow(0, b.out_start, Co).narrow(1, b.in_start, Ci).select(3, 0).select(2, 0);
+      gws.add_(chunks == 1 ? part.select(0, 0) : part.sum(0));
+      pos += Co;
+    }
+  }
+  if (mask[2]) {
+    const at::Tensor sums = go.sum({0, 2, 3});
+    int64_t pos = 0;
+    for (const auto& b : G.blocks) {
+      gb.narrow(0, b.out_start, b.out_size()).add_(sums.narrow(0, pos, b.out_size()));
+      pos += b.out_size();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// general: at::convolution per block on the weight slice view.
+
+at::Tensor weight_slice(const at::Tensor& w, const Block& b, bool depthwise) {
+  at::Tensor s = w.narrow(0, b.out_start, b.out_size());
+  return depthwise ? s : s.narrow(1, b.in_start, b.in_size());
+}
+
+at::Tensor general_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           const ConvGeom& G, c10::IntArrayRef offs) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  std::vector<int64_t> st{G.sh, G.sw}, pd{G.ph, G.pw}, dl{G.dh, G.dw};
+  auto one = [&](size_t g) {
+    const auto& b = G.blocks[g];
+    std::optional<at::Tensor> bg;
+    if (has_bias) bg = bias->narrow(0, b.out_start, b.out_size());
+    return at::convolution(x.narrow(1, offs[g], b.in_size()), weight_slice(weight, b, G.depthwise), bg, st, pd, dl,
+                           false, {0, 0}, G.depthwise ? b.in_size() : 1);
+  };
+  if (G.blocks.size() == 1) return one(0).contiguous();
+  at::Tensor out = at::empty({G.N, G.C_out_total, G.Ho, G.Wo}, x.options());
+  int64_t pos = 0;
+  for (size_t g = 0; g < G.blocks.size(); ++g) {
+    out.narrow(1, pos, G.blocks[g].out_size()).copy_(one(g));
+    pos += G.blocks[g].out_size();
+  }
+  return out;
+}
+
+void general_backward(const at::Tensor& go, const at::Tensor& x, const at::Tensor& weight, const ConvGeom& G,
+                      c10::IntArrayRef offs, std::array<bool, 3> mask, at::Tensor& gx, at::Tensor& gw,
+                      at::Tensor& gb) {
+  std::vector<int64_t> st{G.sh, G.sw}, pd{G.ph, G.pw}, dl{G.dh, G.dw};
+  if (mask[0]) gx.zero_();
+  int64_t pos = 0;
+  for (size_t g = 0; g < G.blocks.size(); ++g) {
+    const auto& b = G.blocks[g];
+    std::vector<int64_t> bias_sizes{b.out_size()};
+    auto grads = at::convolution_backward(go.narrow(1, pos, b.out_size()), x.narrow(1, offs[g], b.in_size()),
+                                          weight_slice(weight, b, G.depthwise), at::OptionalIntArrayRef(bias_sizes),
+                                          st, pd, dl, false, {0, 0}, G.depthwise ? b.in_size() : 1, mask);
+    if (mask[0]) gx.narrow(1, offs[g], b.in_size()).add_(std::get<0>(grads));
+    if (mask[1]) weight_slice(gw, b, G.depthwise).add_(std::get<1>(grads));
+    if (mask[2]) gb.narrow(0, b.out_start, b.out_size()).add_(std::get<2>(grads));
+    pos += b.out_size();
+  }
+}
+
+bool is_pointwise(const ConvGeom& G) {
+  return !G.depthwise && G.KH == 1 && G.KW == 1 && G.sh == 1 && G.sw == 1 && G.ph == 0 && G.pw == 0;
+}
+
+at::Tensor block_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            c10::IntArrayRef blocks, c10::IntArrayRef x_offsets, c10::IntArrayRef stride,
+                            c10::IntArrayRef padding, c10::IntArrayRef dilation, bool depthwise) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels call ATen ops on views
+  const ConvGeom G = check_block_conv2d(x, weight, bias, blocks, x_offsets, stride, padding, dilation, depthwise);
+  if (G.N == 0) return at::empty({0, G.C_out_total, G.Ho, G.Wo}, x.options());
+  const bool fast = fast_dtype(x) && ((G.depthwise && G.KW <= kMaxKW) || is_pointwise(G));
+  if (!fast) return general_forward(x, weight, bias, G, x_offsets);
+  at::Tensor out = at::empty({G.N, G.C_out_total, G.Ho, G.Wo}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_conv2d_cpu", [&] {
+    if (G.depthwise)
+      dw_forward<scalar_t>(x, weight, bias, G, x_offsets, out);
+    else
+      pw_forward(x, weight, bias, G, x_offsets, out);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_conv2d_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef blocks,
+    c10::IntArrayRef x_offsets, c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+    bool depthwise, std::array<bool, 3> mask) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels call ATen ops on views
+  const ConvGeom G = check_block_conv2d(x, weight, std::nullopt, blocks, x_offsets, stride, padding, dilation,
+                                        depthwise, &grad_out);
+  const at::Tensor go = grad_out.contiguous();
+  at::Tensor gx = mask[0] ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor gw = mask[1] ? at::zeros(weight.sizes(), weight.options()) : at::empty({0}, weight.options());
+  at::Tensor gb = mask[2] ? at::zeros({weight.size(0)}, weight.options()) : at::empty({0}, weight.options());
+  if (G.N == 0) {
+    if (mask[0]) gx.zero_();
+    return {gx, gw, gb};
+  }
+  const bool fast = fast_dtype(x) && ((G.depthwise && G.KW <= kMaxKW) || is_pointwise(G));
+  if (!fast) {
+    general_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
+    return {gx, gw, gb};
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_conv2d_backward_cpu", [&] {
+    if (G.depthwise) {
+      if (mask[0]) gx.zero_();
+      dw_backward<scalar_t>(go, x, weight, G, x_offsets, mask, gx, gw, gb);
+    } else {
+      pw_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
+    }
+  });
+  return {gx, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slimkern, CPU, m) {
+  m.impl("block_conv2d", &block_conv2d_cpu);
+  m.impl("block_conv2d_backward", &block_conv2d_backward_cpu);
+}
+
+}  // namespace slimkern

@@ -1,0 +1,187 @@
+"""One branch of a switch as a plain ``torch.fx`` graph module (shared by export and profile).
+
+A slim net under switch ``sw`` is, for branch ``i``, the same dataflow graph in which every
+slim layer reads and writes only its window ``layer.windows(sw)[i]``: a plain ``nn.Conv2d`` /
+``nn.Linear`` / ``nn.BatchNorm2d`` on those channels. Parameter-free ops (activations,
+pooling, residual adds, flatten) are unchanged. The *fused* layer (the classifier:
+``slice_in`` and not ``slice_out``) becomes a plain layer without bias that computes the
+branch's partial logits ``W[:, in_i] @ x_i``; ParaDiS fusion sums them and adds the bias once.
+
+The net is traced with ``torch.fx`` (slim layers as leaves), so this works for any net made
+of slimkern layers: ``slimmify`` outputs and hand-written models alike.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from slimkern.nn._base import ChannelMixin, SlimModule
+from slimkern.nn.batchnorm import SlimBatchNorm1d, SwitchableBatchNorm2d, _SwitchableBatchNorm
+from slimkern.nn.conv import SlimConv2d
+from slimkern.nn.linear import SlimLinear
+from slimkern.switch import Switch
+
+
+class SlimTracer(fx.Tracer):
+    """fx tracer that keeps slimkern layers as leaf modules (their forward is data dependent)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, SlimModule):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(net: nn.Module, what: str = "slimkern") -> fx.Graph:
+    """``torch.fx`` graph of ``net`` with slim layers as leaves; a clear error if untraceable."""
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"{what} expects an nn.Module, got {type(net).__name__}")
+    try:
+        return SlimTracer().trace(net)
+    except Exception as e:  # fx raises many kinds (TraceError, TypeError on control flow, ...)
+        raise RuntimeError(f"{what}: could not trace {type(net).__name__} with torch.fx "
+                           f"({type(e).__name__}: {e}). The forward must be symbolically traceable: no "
+                           "Python control flow on tensor values or shapes") from e
+
+
+def is_fused(m: nn.Module) -> bool:
+    """A layer that sums its branches' partial outputs (a classifier): sliced in, not out."""
+    return isinstance(m, ChannelMixin) and m.slice_in and not m.slice_out
+
+
+def _bn_row(m: _SwitchableBatchNorm, sw: Switch, name: str) -> int:
+    row = m.switch_row(sw)
+    if row is None:
+        raise ValueError(f"layer {name!r} ({type(m).__name__}) has no BN statistics for switch {sw}: train it "
+                         "with that switch or run slimkern.calibrate_bn(net, loader, [sw]) before exporting")
+    return row
+
+
+def plain_layer(m: nn.Module, sw: Switch, i: int, name: str, meta: bool = False) -> nn.Module:
+    """The plain torch layer that branch ``i`` of ``sw`` runs in place of slim layer ``m``.
+
+    Weights are copied out (``meta=True``: shapes only, on the meta device, nothing copied).
+    """
+    ref = next(iter(m.parameters()), None)
+    if ref is None:
+        ref = next(iter(m.buffers()), torch.empty(0))
+    fk = {"device": "meta" if meta else ref.device, "dtype": ref.dtype}
+    try:
+        if isinstance(m, SlimConv2d):
+            (i0, i1), (o0, o1) = m.windows(sw)[i]
+            fused = is_fused(m)
+            cin, cout = i1 - i0, o1 - o0
+            bias = m.bias is not None and not fused
+            if m.depthwise:
+                p = nn.Conv2d(cout, cout, m.kernel_size, m.stride, m.padding, m.dilation, groups=cout, bias=bias, **fk)
+                w = m.weight[o0:o1]
+            else:
+                p = nn.Conv2d(cin, cout, m.kernel_size, m.stride, m.padding, m.dilation, bias=bias, **fk)
+                w = m.weight[o0:o1, i0:i1]
+            if not meta:
+                with torch.no_grad():
+                    p.weight.copy_(w)
+                    if bias:
+                        p.bias.copy_(m.bias[o0:o1])
+            return p
+        if isinstance(m, SlimLinear):
+            (i0, i1), (o0, o1) = m.windows(sw)[i]
+            bias = m.bias is not None and not is_fused(m)
+            p = nn.Linear(i1 - i0, o1 - o0, bias=bias, **fk)
+            if not meta:
+                with torch.no_grad():
+                    p.weight.copy_(m.weight[o0:o1, i0:i1])
+                    if bias:
+                        p.bias.copy_(m.bias[o0:o1])
+            return p
+        if isinstance(m, (SwitchableBatchNorm2d, SlimBatchNorm1d)):
+            o0, o1 = m.out_ranges(sw)[i]
+            cls = nn.BatchNorm2d if isinstance(m, SwitchableBatchNorm2d) else nn.BatchNorm1d
+            p = cls(o1 - o0, eps=m.eps, momentum=m.momentum, affine=m.affine, **fk)
+            if not meta:
+                row = _bn_row(m, sw, name)
+                with torch.no_grad():
+                    if m.affine:
+                        p.weight.copy_(m.weight[o0:o1])
+                        p.bias.copy_(m.bias[o0:o1])
+                    p.running_mean.copy_(m.running_mean[row, o0:o1])
+                    p.running_var.copy_(m.running_var[row, o0:o1])
+                    p.num_batches_tracked.copy_(m.num_batches_tracked[row])
+            if m.activation == "relu":
+                return nn.Sequential(p, nn.ReLU())
+            if m.activation == "relu6":
+                return nn.Sequential(p, nn.ReLU6())
+            return p
+    except ValueError as e:
+        raise ValueError(f"layer {name!r} ({type(m).__name__}): {e}") from None
+    raise TypeError(f"layer {name!r}: no plain equivalent is known for {type(m).__name__} "
+                    "(export/profile handle SlimConv2d, SlimLinear, SwitchableBatchNorm2d, SlimBatchNorm1d)")
+
+
+class BranchGraph:
+    """The traced graph of a net plus what export/profile need to know about it."""
+
+    def __init__(self, net: nn.Module, what: str):
+        self.net = net
+        self.graph = trace(net, what)
+        self.modules = dict(net.named_modules())
+        self.fused = [n for n in self.graph.nodes
+                      if n.op == "call_module" and is_fused(self.modules[n.target])]
+        self.slim = any(isinstance(self.modules[n.target], SlimModule)
+                        for n in self.graph.nodes if n.op == "call_module")
+
+    def check_fusion(self, sw: Switch, what: str) -> nn.Module | None:
+        """The fused layer whose output is the net's output (None for an unsliced net).
+
+        Summing the branches is only the net's output when the fused layer's result *is* the
+        output: anything after it (an activation, a second layer) would not distribute over
+        the sum.
+        """
+        if not self.fused:
+            if self.slim and sw.num_branches > 1:
+                raise ValueError(f"{what}: the net has no fused layer (a classifier SlimLinear/SlimConv2d with "
+                                 "slice_out=False), so its branches cannot be summed")
+            return None
+        if len(self.fused) > 1:
+            raise ValueError(f"{what}: the net has {len(self.fused)} fused layers "
+                             f"({[n.target for n in self.fused]}); one classifier is supported")
+        node = self.fused[0]
+        users = list(node.users)
+        if not (len(users) == 1 and users[0].op == "output" and users[0].args[0] is node):
+            raise ValueError(f"{what}: the fused layer {node.target!r} must produce the net's output directly "
+                             f"(found users {[u.format_node() for u in users]}); ParaDiS fusion sums partial "
+                             "outputs, which only equals the net when nothing follows the classifier")
+        return self.modules[node.target]
+
+    def branch(self, sw: Switch, i: int, meta: bool = False, class_name: str = "Branch") -> fx.GraphModule:
+        """Branch ``i`` of ``sw`` as a ``GraphModule`` of plain torch layers."""
+        g = fx.Graph()
+        out = g.graph_copy(self.graph, {})
+        g.output(out)
+        root: dict[str, object] = {}
+        for n in g.nodes:
+            if n.op == "call_module":
+                m = self.modules[n.target]
+                if n.target in root:
+                    continue
+                if isinstance(m, SlimModule):
+                    root[n.target] = plain_layer(m, sw, i, n.target, meta)
+                else:
+                    c = copy.deepcopy(m)
+                    root[n.target] = c.to("meta") if meta else c
+            elif n.op == "get_attr":
+                t = _get_attr(self.net, n.target)
+                if isinstance(t, torch.Tensor):
+                    t = t.detach().to("meta") if meta else t.detach().clone()
+                root[n.target] = t
+        gm = fx.GraphModule(root, g, class_name=class_name)
+        gm.train(self.net.training)
+        return gm
+
+
+def _get_attr(mod: nn.Module, target: str):
+    for part in target.split("."):
+        mod = getattr(mod, part)
+    return mod
