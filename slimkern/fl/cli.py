@@ -29,7 +29,7 @@ _HELP = {
     "alpha": "Dirichlet concentration (label skew; smaller = more skewed)",
     "classes_per_client": "shards: classes per client",
     "rounds": "federated rounds", "local_epochs": "local epochs per round",
-    "clients_per_round": "clients picked per round", "lr": "client SGD learning rate",
+    "clients_per_round": "clients picked per round (0: all)", "lr": "client SGD learning rate",
     "lr_schedule": "constant or cosine (over rounds)", "batch_size": "client batch size",
     "channels": "SmallCNN channels of the 1.0x net", "calib_fraction": "share of the training split kept "
     "on the server for BN calibration", "calib_batches": "BN calibration batches",

@@ -33,7 +33,7 @@ DEMO_FL: dict = {
     "tiers": "full device=1.0:0.3,small device=0.5:0.4,two small devices=[0.5,0.5]:0.3",
     "strategies": ["paradis", "heterofl", "fedavg"],
     "clients": 20, "partition": "dirichlet", "alpha": 0.5, "rounds": 20, "local_epochs": 2,
-    "clients_per_round": 20, "lr": 0.1, "lr_schedule": "cosine", "batch_size": 32,
+    "clients_per_round": 0, "lr": 0.1, "lr_schedule": "cosine", "batch_size": 32,
     "channels": [32, 64, 64], "calib_fraction": 0.1, "calib_batches": 8, "eval_every": 5,
     "seed": 0, "threads": 1, "out": "runs/demo-fl",
 }
@@ -148,7 +148,7 @@ def run_fl_demo(cfg: dict | None = None, progress: bool = True, console=None, re
         t0 = time.perf_counter()
         net = small_cnn(10, 1, tuple(cfg["channels"]), seed=cfg["seed"])
         hist = simulate(net, train, test, clients, strat, rounds=cfg["rounds"], local_epochs=cfg["local_epochs"],
-                        lr=cfg["lr"], batch_size=cfg["batch_size"], clients_per_round=cfg["clients_per_round"],
+                        lr=cfg["lr"], batch_size=cfg["batch_size"], clients_per_round=cfg["clients_per_round"] or None,
                         seed=cfg["seed"], progress=progress, calib_set=calib, lr_schedule=cfg["lr_schedule"],
                         eval_every=cfg["eval_every"], calib_batches=cfg["calib_batches"],
                         checkpoint=os.path.join(out, f"checkpoint-{strat}.pt"), resume=resume,
