@@ -223,3 +223,22 @@ def test_bad_input():
         net.set_switch("[0.5, 0.5")
     with pytest.raises(ValueError, match="above the net's max_width"):
         net.set_switch("[1.5]x")
+
+
+def test_mlp_with_batchnorm1d():
+    torch.manual_seed(4)
+    model = randomize_bn(nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                       nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))).eval()
+    net = sk.slimmify(model, max_width=1.5).eval()
+    mods = dict(net.named_modules())
+    assert isinstance(mods["2"], sk.nn.SlimBatchNorm1d) and not mods["1"].slice_in and not mods["7"].slice_out
+    x = torch.randn(5, 3, 2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x))
+        net.train().set_switch("[0.5, 0.5]x")(torch.randn(8, 3, 2, 2))
+        net.eval()
+        ref = net(x)
+        dep = sk.export(net, "[0.5, 0.5]x")
+        torch.testing.assert_close(dep(x), ref)
+        assert isinstance(dep.branches[1].get_submodule("2"), nn.BatchNorm1d)
+        assert dep.branches[1].get_submodule("4").weight.shape == (3, 4)
