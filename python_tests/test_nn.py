@@ -385,3 +385,20 @@ def test_from_dense_reproduces_plain_layers():
     torch.testing.assert_close(head(torch.ones(2, 6)), head.weight[:, :6].sum(1).expand(2, 4) + head.bias)
     with pytest.raises(TypeError, match="takes an nn.Conv2d"):
         SlimConv2d.from_dense(plain[1])
+
+
+def test_calibrate_warns_for_unreached_bn():
+    class Net(SlimNet):
+        def __init__(self):
+            super().__init__()
+            self.seq = torch.nn.Sequential(SlimLinear(4, 6, slice_in=False), SlimBatchNorm1d(6),
+                                           SlimLinear(6, 3, slice_out=False))
+            self.unused = SlimBatchNorm1d(6)
+
+        def forward(self, x):
+            return self.seq(x)
+
+    net = Net()
+    with pytest.warns(RuntimeWarning, match=r"not updated on every batch.*unused \[1.0\]x"):
+        sk.calibrate_bn(net, [torch.randn(4, 4)], ["[1.0]x"])
+    assert net.seq[1].num_batches_tracked.tolist() == [1]
