@@ -150,14 +150,14 @@ def test_slimmified_resnet18_paradis_export():
     torch.manual_seed(3)
     net = sk.slimmify(tvm.resnet18(weights=None, num_classes=10))
     sw = "[0.5, 0.25, 0.25]x"
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         net.train().set_switch(sw)(x)
         net.eval()
         ref = net(x)
         dep = sk.export(net, sw)
         torch.testing.assert_close(dep(x), ref, rtol=1e-4, atol=1e-5)
-    prof = sk.profile(net, sw, (1, 3, 32, 32))
+    prof = sk.profile(net, sw, (1, 3, 16, 16))
     assert [b.params for b in prof.branches] == [sum(p.numel() for p in b.parameters()) for b in dep.branches]
     assert prof.max_device_macs == prof.branches[0].macs < prof.macs
 
