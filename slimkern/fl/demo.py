@@ -6,7 +6,8 @@ device (``[0.5]``, 40%) and a household of two small devices (``[0.5, 0.5]``, 30
 strategies on the same clients and seed:
 
 * ``paradis``  -- every tier trains what it can run; the two-device tier trains the ParaDiS
-  switch ``[0.5, 0.5]`` over its two devices;
+  switch ``[0.5, 0.5]`` over its two devices; clients also train the smaller tier switches
+  their devices can run, distilled in place (``ParaDiSFL(nested=True)``);
 * ``heterofl`` -- prefix widths only: the two-device tier can only use ``[0.5]``;
 * ``fedavg``   -- small-model-only FedAvg: everyone trains ``[0.5]`` (what all can run).
 

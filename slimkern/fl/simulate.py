@@ -221,8 +221,8 @@ def _calibrate(net, X, Y, switches, batch_size, num_batches) -> None:
 
 
 def _local_train(net, X, Y, idx, sw, strategy: Strategy, epochs, lr, batch_size, momentum,
-                 weight_decay, gen: torch.Generator, pyrng: random.Random) -> None:
-    from slimkern.nn import use_switch
+                 weight_decay, gen: torch.Generator, pyrng: random.Random, kd_weight: float = 1.0) -> None:
+    from slimkern.nn import forward_switches, use_switch
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     net.train()
     idx = torch.as_tensor(idx, dtype=torch.long)
@@ -234,14 +234,22 @@ def _local_train(net, X, Y, idx, sw, strategy: Strategy, epochs, lr, batch_size,
                 bi = perm[s:s + batch_size]
                 if len(bi) < 2 and len(perm) >= 2:  # BN in train mode needs two samples
                     continue
-                step_sw = strategy.step_switch(sw, pyrng)
-                if step_sw != current:
-                    if ctx is not None:
-                        ctx.__exit__(None, None, None)
-                    ctx = use_switch(net, step_sw)
-                    ctx.__enter__()
-                    current = step_sw
-                loss = F.cross_entropy(net(X[bi]), Y[bi])
+                sws = strategy.step_switches(sw, pyrng)
+                if len(sws) == 1:
+                    if sws[0] != current:
+                        if ctx is not None:
+                            ctx.__exit__(None, None, None)
+                        ctx = use_switch(net, sws[0])
+                        ctx.__enter__()
+                        current = sws[0]
+                    loss = F.cross_entropy(net(X[bi]), Y[bi])
+                else:
+                    # one packed pass; the client's own switch teaches the others (in-place KD)
+                    outs = forward_switches(net, X[bi], sws)
+                    loss = F.cross_entropy(outs[0], Y[bi])
+                    soft = F.softmax(outs[0].detach(), dim=1)
+                    for o in outs[1:]:
+                        loss = loss + kd_weight * F.cross_entropy(o, soft)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
