@@ -61,11 +61,11 @@ def test_parse_tiers_and_clients():
 
 
 def test_small_run_learns_and_counts_bytes(data):
-    net, h = _run(data, "paradis", rounds=3)
-    assert len(h.rounds) == 3
+    net, h = _run(data, "paradis", rounds=5)
+    assert len(h.rounds) == 5
     assert h.tiers == {"full": "[1.0]x", "small": "[0.5]x", "two": "[0.5, 0.5]x"}
     last = h.last_accuracy()
-    assert set(last) == {"full", "small", "two"} and all(a > 0.2 for a in last.values()), last  # chance: 0.1
+    assert set(last) == {"full", "small", "two"} and all(a > 0.3 for a in last.values()), last  # chance: 0.1
     # bytes: per client the sliced parameter count of its switch x 4 bytes, down and up
     from slimkern.nn import parameter_ranges
     params = dict(net.named_parameters())
