@@ -297,3 +297,20 @@ def test_cuda_gradcheck_float64():
     f = lambda x, w, b: switchable_batch_norm(x, w, b, rm.clone(), rv.clone(), blocks, rows, True, 0.1, 1e-5,
                                               "relu", backend="cpp")
     assert torch.autograd.gradcheck(f, (x, w, b), atol=1e-6, rtol=1e-5)
+
+
+def test_backend_choice_and_reasons(monkeypatch):
+    from slimkern.ops import switchable_batch_norm as _  # noqa: F401  (the function; module below)
+    import importlib
+
+    mod = importlib.import_module("slimkern.ops.switchable_batch_norm")
+    x = torch.randn(2, 4)
+    expected = "cpp" if _library.has_op("switchable_batch_norm_forward") else "torch"
+    assert mod._choose_backend(x, None) == expected
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reasons = mod.not_supported_reasons(x, "triton")
+    assert reasons and ("TRITON_INTERPRET=1" in reasons[0] or "not installed" in reasons[0])
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run this input"):
+        mod._choose_backend(x, "triton")
+    if expected == "cpp":
+        assert "float32 and float64" in mod.not_supported_reasons(x.half(), "cpp")[0]
