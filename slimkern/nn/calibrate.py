@@ -1,6 +1,7 @@
 """``calibrate_bn``: recompute BN statistics of switches from data (Yu & Huang 2019, BN calibration)."""
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -61,4 +62,11 @@ def calibrate_bn(net: nn.Module, loader: Iterable, switches: Sequence, num_batch
             m.momentum = mom
     if used == 0:
         raise ValueError("calibrate_bn: the loader yielded no batch")
+    # Calibration must never silently do nothing: every row must have seen every batch.
+    names = {id(m): n for n, m in net.named_modules()}
+    stale = [f"{names[id(m)]} {sw}" for m in bns for sw in sws
+             if int(m.num_batches_tracked[m.switch_row(sw)]) != used]
+    if stale:
+        warnings.warn(f"calibrate_bn: these BN layers/switches were not updated on every batch (not reached "
+                      f"by the forward pass?): {stale}", RuntimeWarning, stacklevel=2)
     return used
