@@ -122,42 +122,52 @@ class Layout:
         self.index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
         self.numel = int(self.index.numel())
 
+    def _plan(self):
+        """Per parameter: (name, number of windows); flat lists of shapes and keeps."""
+        if not hasattr(self, "_counts"):
+            counts: dict[str, int] = {}
+            for name, *_ in self.pieces:
+                counts[name] = counts.get(name, 0) + 1
+            self._counts = list(counts.items())
+            self._shapes = [shape for _, _, shape, _ in self.pieces]
+            self._keeps = [(i, keep) for i, (_, _, _, keep) in enumerate(self.pieces) if keep is not None]
+        return self._counts, self._shapes, self._keeps
+
     def pack(self, sliced: Mapping[str, Any], out: torch.Tensor | None = None) -> torch.Tensor:
         """``name -> [tensor per window]`` into the flat vector (written into ``out`` when
-        given, e.g. a row of the server's stacked matrix); raises UpdateRejected."""
-        parts = []
-        by_name: dict[str, list] = {}
-        for name, *_ in self.pieces:
-            by_name.setdefault(name, [])
-        missing = [n for n in by_name if n not in sliced]
-        if missing:
-            raise UpdateRejected(f"missing parameters {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        cursor: dict[str, int] = {}
-        for name, win, shape, keep in self.pieces:
-            got = sliced[name]
-            tensors = [got] if isinstance(got, torch.Tensor) else list(got)
-            i = cursor.get(name, 0)
-            cursor[name] = i + 1
-            if i >= len(tensors):
-                raise UpdateRejected(f"parameter {name!r}: expected more windows than the {len(tensors)} sent")
-            t = tensors[i]
-            if not isinstance(t, torch.Tensor):
-                raise UpdateRejected(f"parameter {name!r}: window {i} is a {type(t).__name__}, not a tensor")
-            if t.shape != shape:
-                raise UpdateRejected(f"parameter {name!r}: window {i} has shape {tuple(t.shape)}, "
-                                     f"expected {tuple(shape)}")
-            if not t.is_floating_point():
-                raise UpdateRejected(f"parameter {name!r}: values must be floating point, got {t.dtype}")
-            flat = t.reshape(-1)
-            if keep is None:
-                parts.append(flat)
-            elif keep.numel():
-                parts.append(flat[keep])
-        for name, n in cursor.items():
-            got = sliced[name]
-            sent = 1 if isinstance(got, torch.Tensor) else len(got)
-            if sent != n:
-                raise UpdateRejected(f"parameter {name!r}: {sent} windows sent, expected {n}")
+        given, e.g. a reused buffer); raises UpdateRejected naming the first bad entry."""
+        counts, shapes, keeps = self._plan()
+        tensors: list = []
+        for name, n in counts:
+            got = sliced.get(name) if isinstance(sliced, Mapping) else None
+            if got is None:
+                missing = [m for m, _ in counts if m not in sliced]
+                raise UpdateRejected(f"missing parameters {missing[:3]}{'...' if len(missing) > 3 else ''}")
+            if isinstance(got, torch.Tensor):
+                got = (got,)
+            if len(got) != n:
+                raise UpdateRejected(f"parameter {name!r}: {len(got)} windows sent, expected {n}")
+            tensors.extend(got)
+        # checks in bulk (one comparison of shape lists), details only on failure
+        try:
+            ok = [t.shape for t in tensors] == shapes and all(t.is_floating_point() for t in tensors)
+        except AttributeError:
+            ok = False
+        if not ok:
+            for (name, _, shape, _), t in zip(self.pieces, tensors):
+                if not isinstance(t, torch.Tensor):
+                    raise UpdateRejected(f"parameter {name!r}: a window is a {type(t).__name__}, not a tensor")
+                if t.shape != shape:
+                    raise UpdateRejected(f"parameter {name!r}: window has shape {tuple(t.shape)}, "
+                                         f"expected {tuple(shape)}")
+                if not t.is_floating_point():
+                    raise UpdateRejected(f"parameter {name!r}: values must be floating point, got {t.dtype}")
+        parts = [t.reshape(-1) for t in tensors]
+        for i, keep in reversed(keeps):  # windows repeated by several branches: first one owns
+            if keep.numel():
+                parts[i] = parts[i][keep]
+            else:
+                del parts[i]
         if out is None:
             return torch.cat(parts) if parts else torch.zeros(0)
         if parts:
