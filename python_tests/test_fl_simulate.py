@@ -162,3 +162,13 @@ def test_bad_arguments(data):
         simulate(net, train, test, cl, "paradis", rounds=1, clients_per_round=99, progress=False)
     with pytest.raises(ValueError, match="resume=True needs a checkpoint"):
         simulate(net, train, test, cl, "paradis", rounds=1, resume=True, progress=False)
+
+
+def test_fedrolex_wrapped_window_runs(data):
+    from slimkern.fl.strategy import FedRolex
+    net, h = _run(data, FedRolex(step=0.75), rounds=2)
+    r1 = h.rounds[1]
+    # round 1: width-0.5 clients train the wrapped window [0.75, 1) + [0, 0.25) (two ranges)
+    assert r1.accepted == sorted(r1.selected) and not r1.rejected
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert h.tiers == {"full": "[1.0]x", "small": "[0.5]x", "two": "[0.5]x"}
