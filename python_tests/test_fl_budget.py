@@ -46,3 +46,22 @@ def test_none_fits_clear_error():
         Budget(macs=-1)
     with pytest.raises(TypeError, match="budget must be a Budget"):
         assign_switch(5, ["[1.0]"], cost)
+
+
+def test_assignment_by_slimkern_profile():
+    import slimkern
+    from slimkern import Switch
+    from slimkern.fl.budget import profile_cost
+    from slimkern.fl.models import small_cnn
+
+    net = small_cnn(channels=(8, 16, 16))
+    cost = profile_cost(net, (1, 1, 8, 8))
+    cands = [Switch([1.0]), Switch([0.5]), Switch([0.5, 0.5]), Switch([0.25])]
+    half = slimkern.profile(net, Switch([0.5]), input_size=(1, 1, 8, 8))
+    full = slimkern.profile(net, Switch([1.0]), input_size=(1, 1, 8, 8))
+    assert cost(Switch([0.5, 0.5])).macs > cost(Switch([0.5])).macs == pytest.approx(half.macs)
+    assert assign_switch(Budget(macs=full.macs), cands, cost) == Switch([1.0])
+    assert assign_switch(Budget(macs=half.macs * 1.01), cands, cost) == Switch([0.5])
+    assert assign_switch(Budget(macs=half.macs * 1.01, devices=2), cands, cost) == Switch([0.5, 0.5])
+    with pytest.raises(ValueError, match=r"cheapest, \[0.25\]x"):
+        assign_switch(Budget(macs=1.0), cands, cost)

@@ -15,3 +15,4 @@ from slimkern.nn import set_switch, use_switch, forward_switches, calibrate_bn
 from slimkern.profile import profile
 from slimkern.export import export
 from slimkern.slimmify import slimmify
+from slimkern.evaluate import evaluate
