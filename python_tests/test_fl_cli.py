@@ -20,7 +20,8 @@ def test_fl_command_writes_run_folder(tmp_path, capsys):
     out = str(tmp_path / "run")
     rc = main(["fl", "--strategy", "paradis", "heterofl", "--clients", "4", "--rounds", "1",
                "--tiers", "big=1.0:0.5,pair=[0.5,0.5]:0.5", "--channels", "4", "8", "8", "--local-epochs", "1",
-               "--eval-every", "1", "--out", out, "--no-progress"])
+               "--eval-every", "1", "--partition", "shards", "--classes-per-client", "3",
+               "--out", out, "--no-progress"])
     assert rc == 0
     for f in ("config.json", "report.json", "report.csv", "history.json", "log.txt", "fl_accuracy.png",
               "checkpoint-paradis.pt"):

@@ -33,7 +33,7 @@ __all__ = ["DEMO_FL", "run_fl_demo", "load_digits_split"]
 DEMO_FL: dict = {
     "tiers": "full device=1.0:0.3,small device=0.5:0.4,two small devices=[0.5,0.5]:0.3",
     "strategies": ["paradis", "heterofl", "fedavg"],
-    "clients": 20, "partition": "dirichlet", "alpha": 0.5, "rounds": 20, "local_epochs": 2,
+    "clients": 20, "partition": "dirichlet", "alpha": 0.5, "classes_per_client": 2, "rounds": 20, "local_epochs": 2,
     "clients_per_round": 0, "lr": 0.1, "lr_schedule": "cosine", "batch_size": 32,
     "channels": [32, 64, 64], "calib_fraction": 0.1, "calib_batches": 8, "eval_every": 5,
     "seed": 0, "threads": 1, "out": "runs/demo-fl",
@@ -140,6 +140,7 @@ def run_fl_demo(cfg: dict | None = None, progress: bool = True, console=None, re
     train, calib, test = load_digits_split(cfg["seed"], cfg["calib_fraction"])
     tiers = parse_tiers(cfg["tiers"])
     clients = make_clients(train[1].numpy(), tiers, cfg["clients"], cfg["partition"], alpha=cfg["alpha"],
+                           classes_per_client=cfg["classes_per_client"],
                            seed=cfg["seed"])
     log(f"digits: {len(train[1])} client samples, {len(calib[1])} server calibration, {len(test[1])} test; "
         f"{len(clients)} clients: " + ", ".join(f"{t.name} {t.switch} x{sum(c.tier == t.name for c in clients)}"
