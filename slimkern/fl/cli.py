@@ -31,7 +31,10 @@ _HELP = {
     "rounds": "federated rounds", "local_epochs": "local epochs per round",
     "clients_per_round": "clients picked per round (0: all)", "lr": "client SGD learning rate",
     "lr_schedule": "constant or cosine (over rounds)", "batch_size": "client batch size",
-    "channels": "SmallCNN channels of the 1.0x net", "calib_fraction": "share of the training split kept "
+    "channels": "SmallCNN channels of the 1.0x net",
+    "aug_rotate": "client-side augmentation: max rotation in degrees (0: off)",
+    "aug_translate": "client-side augmentation: max shift in pixels", "aug_scale": "client-side augmentation: "
+    "max relative scaling", "calib_fraction": "share of the training split kept "
     "on the server for BN calibration", "calib_batches": "BN calibration batches",
     "eval_every": "evaluate every N rounds (and after the last)", "seed": "seed", "threads": "torch CPU threads",
     "out": "run folder",

@@ -35,7 +35,8 @@ DEMO_FL: dict = {
     "strategies": ["paradis", "heterofl", "fedavg"],
     "clients": 20, "partition": "dirichlet", "alpha": 0.5, "classes_per_client": 2, "rounds": 20, "local_epochs": 2,
     "clients_per_round": 0, "lr": 0.1, "lr_schedule": "cosine", "batch_size": 32,
-    "channels": [32, 64, 64], "calib_fraction": 0.1, "calib_batches": 8, "eval_every": 5,
+    "channels": [32, 64, 64], "aug_rotate": 0.0, "aug_translate": 0.0, "aug_scale": 0.0,
+    "calib_fraction": 0.1, "calib_batches": 8, "eval_every": 5,
     "seed": 0, "threads": 1, "out": "runs/demo-fl",
 }
 
@@ -145,6 +146,11 @@ def run_fl_demo(cfg: dict | None = None, progress: bool = True, console=None, re
     log(f"digits: {len(train[1])} client samples, {len(calib[1])} server calibration, {len(test[1])} test; "
         f"{len(clients)} clients: " + ", ".join(f"{t.name} {t.switch} x{sum(c.tier == t.name for c in clients)}"
                                                  for t in tiers))
+    augment = None
+    if cfg["aug_rotate"] or cfg["aug_translate"] or cfg["aug_scale"]:
+        from slimkern.fl.augment import RandomAffine
+        # the blank background of the standardised images (raw pixel 0) fills shifted-in borders
+        augment = RandomAffine(cfg["aug_rotate"], cfg["aug_translate"], cfg["aug_scale"], fill=float(train[0].min()))
     results: dict[str, dict] = {}
     for strat in cfg["strategies"]:
         t0 = time.perf_counter()
@@ -152,7 +158,7 @@ def run_fl_demo(cfg: dict | None = None, progress: bool = True, console=None, re
         hist = simulate(net, train, test, clients, strat, rounds=cfg["rounds"], local_epochs=cfg["local_epochs"],
                         lr=cfg["lr"], batch_size=cfg["batch_size"], clients_per_round=cfg["clients_per_round"] or None,
                         seed=cfg["seed"], progress=progress, calib_set=calib, lr_schedule=cfg["lr_schedule"],
-                        eval_every=cfg["eval_every"], calib_batches=cfg["calib_batches"],
+                        eval_every=cfg["eval_every"], calib_batches=cfg["calib_batches"], augment=augment,
                         checkpoint=os.path.join(out, f"checkpoint-{strat}.pt"), resume=resume,
                         log=lambda m, s=strat: log(f"[{s}] {m}"))
         acc = hist.last_accuracy()

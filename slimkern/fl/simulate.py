@@ -221,7 +221,8 @@ def _calibrate(net, X, Y, switches, batch_size, num_batches) -> None:
 
 
 def _local_train(net, X, Y, idx, sw, strategy: Strategy, epochs, lr, batch_size, momentum,
-                 weight_decay, gen: torch.Generator, pyrng: random.Random, kd_weight: float = 1.0) -> None:
+                 weight_decay, gen: torch.Generator, pyrng: random.Random, kd_weight: float = 1.0,
+                 augment=None) -> None:
     from slimkern.nn import forward_switches, use_switch
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     net.train()
@@ -235,6 +236,7 @@ def _local_train(net, X, Y, idx, sw, strategy: Strategy, epochs, lr, batch_size,
                 if len(bi) < 2 and len(perm) >= 2:  # BN in train mode needs two samples
                     continue
                 sws = strategy.step_switches(sw, pyrng)
+                xb = X[bi] if augment is None else augment(X[bi], gen)
                 if len(sws) == 1:
                     if sws[0] != current:
                         if ctx is not None:
@@ -242,10 +244,10 @@ def _local_train(net, X, Y, idx, sw, strategy: Strategy, epochs, lr, batch_size,
                         ctx = use_switch(net, sws[0])
                         ctx.__enter__()
                         current = sws[0]
-                    loss = F.cross_entropy(net(X[bi]), Y[bi])
+                    loss = F.cross_entropy(net(xb), Y[bi])
                 else:
                     # one packed pass; the client's own switch teaches the others (in-place KD)
-                    outs = forward_switches(net, X[bi], sws)
+                    outs = forward_switches(net, xb, sws)
                     loss = F.cross_entropy(outs[0], Y[bi])
                     soft = F.softmax(outs[0].detach(), dim=1)
                     for o in outs[1:]:
@@ -258,8 +260,9 @@ def _local_train(net, X, Y, idx, sw, strategy: Strategy, epochs, lr, batch_size,
             ctx.__exit__(None, None, None)
 
 
-def _fingerprint(strategy, clients, seed, net_names) -> str:
-    desc = json.dumps({"strategy": repr(strategy), "seed": seed, "params": net_names,
+def _fingerprint(strategy, clients, seed, net_names, augment=None) -> str:
+    extra = {} if augment is None else {"augment": repr(augment)}
+    desc = json.dumps({"strategy": repr(strategy), "seed": seed, "params": net_names, **extra,
                        "clients": [(c.id, c.tier, str(c.tier_switch), len(c.indices),
                                     int(np.asarray(c.indices).sum())) for c in clients]})
     return hashlib.sha256(desc.encode()).hexdigest()[:16]
@@ -282,6 +285,7 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
              eval_every: int = 1,
              calib_batches: int = 20, eval_batch_size: int = 256, dropout: float = 0.0,
              fault_fn: Callable[[int, ClientUpdate], ClientUpdate | None] | None = None,
+             augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
              log: Callable[[str], None] | None = None) -> History:
     """Federated training of ``net`` (a slimmable / ParaDiS net; see the module docstring).
 
@@ -294,6 +298,9 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
             hold it; the demo passes a held-out split).
         lr_schedule: "constant", or "cosine": round r uses ``lr * (1 + cos(pi r / rounds)) / 2``.
         dropout: probability that a picked client never returns (seeded).
+        augment: ``(images, generator) -> images``, applied to every local training batch
+            with the client's seeded generator (e.g. ``slimkern.fl.augment.RandomAffine``);
+            evaluation and BN calibration see the data unchanged.
         fault_fn: ``(round, update) -> update or None``, applied to every returned update
             before the server sees it (for robustness tests: poison, reshape, drop).
         checkpoint / resume: file written atomically after every round; with ``resume`` an
@@ -346,7 +353,7 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
         tier_eval.setdefault(c.tier, strat.eval_switch(assigned[c.id]))
     eval_switches = sorted(set(tier_eval.values()), key=str)
     groups = sorted({strat.group(assigned[i]) for i in ids}, key=str) if strat.grouped else [None]
-    fp = _fingerprint(strat, clients, seed, list(params))
+    fp = _fingerprint(strat, clients, seed, list(params), augment)
 
     flat0 = agg.flatten(params).clone()
     state = {g: flat0.clone() for g in groups}
@@ -408,7 +415,7 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
             gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, r, cid, 7]).integers(2 ** 62)))
             pyrng = random.Random(hash((seed, r, cid)) & 0xFFFFFFFF)
             _local_train(work, Xtr, Ytr, cl.indices, sw, strat, local_epochs, lr_r, batch_size, momentum,
-                         weight_decay, gen, pyrng)
+                         weight_decay, gen, pyrng, augment=augment)
             u = ClientUpdate(cid, sw, agg.extract(agg.flatten(wparams), sw), float(len(cl.indices)))
             if fault_fn is not None:
                 u = fault_fn(r, u)
