@@ -3,7 +3,10 @@
 Three 3x3 conv + switchable BN + ReLU stages, global average pooling and the fused
 classifier; every hidden layer is sliced (the image input and class output are not), so
 ``[1.0]``, ``[0.5]``, ``[0.5, 0.5]`` and rolling windows all run on it. Small enough that
-a 20-client simulation takes seconds per round on a laptop CPU.
+a 20-client simulation takes seconds per round on a laptop CPU. A narrow last stage (the
+federated demo uses channels 32-64-8/12) is a bottleneck at the classifier input: the
+pooled feature vector has ``p * channels[-1]`` entries at width ``p``, so a half-width
+network is short of capacity where a wide last stage would saturate on 8x8 digits.
 """
 from __future__ import annotations
 
