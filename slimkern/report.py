@@ -143,11 +143,15 @@ class Report:
                 ax.annotate(r.switch, (r.macs / 1e6, 100 * r.top1), fontsize=7, xytext=(4, 4),
                             textcoords="offset points", color="C3")
         ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("MFLOPs (millions of multiply-adds per image)")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.set_title(title or self.meta.get("title", "accuracy vs cost"))
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))
