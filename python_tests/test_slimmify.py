@@ -150,14 +150,14 @@ def test_slimmified_resnet18_paradis_export():
     torch.manual_seed(3)
     net = sk.slimmify(tvm.resnet18(weights=None, num_classes=10))
     sw = "[0.5, 0.25, 0.25]x"
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         net.train().set_switch(sw)(x)
         net.eval()
         ref = net(x)
         dep = sk.export(net, sw)
         torch.testing.assert_close(dep(x), ref, rtol=1e-4, atol=1e-5)
-    prof = sk.profile(net, sw, (1, 3, 32, 32))
+    prof = sk.profile(net, sw, (1, 3, 16, 16))
     assert [b.params for b in prof.branches] == [sum(p.numel() for p in b.parameters()) for b in dep.branches]
     assert prof.max_device_macs == prof.branches[0].macs < prof.macs
 
@@ -223,3 +223,22 @@ def test_bad_input():
         net.set_switch("[0.5, 0.5")
     with pytest.raises(ValueError, match="above the net's max_width"):
         net.set_switch("[1.5]x")
+
+
+def test_mlp_with_batchnorm1d():
+    torch.manual_seed(4)
+    model = randomize_bn(nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                       nn.Linear(8, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))).eval()
+    net = sk.slimmify(model, max_width=1.5).eval()
+    mods = dict(net.named_modules())
+    assert isinstance(mods["2"], sk.nn.SlimBatchNorm1d) and not mods["1"].slice_in and not mods["7"].slice_out
+    x = torch.randn(5, 3, 2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x))
+        net.train().set_switch("[0.5, 0.5]x")(torch.randn(8, 3, 2, 2))
+        net.eval()
+        ref = net(x)
+        dep = sk.export(net, "[0.5, 0.5]x")
+        torch.testing.assert_close(dep(x), ref)
+        assert isinstance(dep.branches[1].get_submodule("2"), nn.BatchNorm1d)
+        assert dep.branches[1].get_submodule("4").weight.shape == (3, 4)
