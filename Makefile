@@ -37,7 +37,7 @@ test-triton:
 test-ctest: venv
 	$(VENV)/bin/cmake -S cmake -B build/cmake -DCMAKE_BUILD_TYPE=Release
 	$(VENV)/bin/cmake --build build/cmake -j $(MAX_JOBS)
-	cd build/cmake && ../../$(VENV)/bin/ctest --output-on-failure
+	$(VENV)/bin/ctest --test-dir build/cmake --output-on-failure
 
 demo: build
 	$(VENV)/bin/slimkern demo

@@ -31,10 +31,13 @@ needs_cpp_linear = pytest.mark.skipif(not _has_cuda_kernel("block_linear"),
 
 @pytest.fixture(autouse=True)
 def _no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    # Exact fp32 references (no TF32), and float32 defaults whatever another module set.
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.get_default_dtype()
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_default_dtype(torch.float32)
     yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
+    torch.set_default_dtype(saved[2])
 
 
 def _close(got, ref, dtype, what):
@@ -157,7 +160,7 @@ def test_conv_empty_batch(backend):
         pytest.skip("slimkern._C was built without the CUDA kernels")
     x, w, b, blocks, offs, st, pd, dl, dw = _conv_args(CONV_CASES[0], torch.float32)
     x = x[:0]
-    gy = torch.empty((0, 12, 6, 5), device=DEVICE)
+    gy = torch.empty((0, 12, 6, 5), dtype=torch.float32, device=DEVICE)
     y, gx, gw, gb = _conv_backends()[backend](x, w, b, flat(blocks), offs, st, pd, dl, dw, gy)
     assert y.shape == (0, 12, 6, 5) and gx.shape == x.shape
     assert gw.shape == w.shape and gw.abs().sum() == 0 and gb.abs().sum() == 0

@@ -104,3 +104,25 @@ def test_export_errors(net):
 
     with pytest.raises(RuntimeError, match="could not trace Untraceable with torch.fx"):
         sk.export(Untraceable(), "[1.0]x")
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v1", "resnet20"])
+def test_project_models_export_and_profile(name):
+    models = pytest.importorskip("slimkern.models")
+    torch.manual_seed(0)
+    net = models.build(name, num_classes=10, max_width=1.2, width_mult=0.25)
+    sws = ["[0.5, 0.25, 0.25]x", "[0.25:0.75]x"]  # ParaDiS and an offset window
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        net.train()
+        net.forward_switches(torch.randn(2, 3, 16, 16), sws)
+        net.eval()
+        for sw in sws:
+            with net.use_switch(sw):
+                ref = net(x)
+            dep = sk.export(net, sw)
+            torch.testing.assert_close(dep(x), ref, rtol=1e-4, atol=1e-5)
+            prof = sk.profile(net, sw, (1, 3, 16, 16))
+            assert prof.params == sum(p.numel() for p in dep.parameters())
+            assert [b.params for b in prof.branches] == [sum(p.numel() for p in b.parameters())
+                                                          for b in dep.branches]

@@ -27,11 +27,14 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 
 @pytest.fixture(autouse=True)
 def _exact_fp32():
-    # The reference must not use TF32 either, or fp32 comparisons need loose tolerances.
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    # The reference must not use TF32 either, or fp32 comparisons need loose tolerances; and
+    # a default dtype changed by another test module must not leak into these float32 tests.
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.get_default_dtype()
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_default_dtype(torch.float32)
     yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
+    torch.set_default_dtype(saved[2])
 
 
 def _rand(*shape, dtype=torch.float32, gen=None):
@@ -56,7 +59,7 @@ def test_conv_forward_and_grads_fp32(case, noncontig):
     x, w, b, blocks, offs, stride, padding, dilation, depthwise = _conv_inputs(case, noncontig=noncontig)
     flat = _flat(blocks)
     y = tconv.forward(x, w, b, flat, offs, stride, padding, dilation, depthwise)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float32).to(DEVICE)
     y_ref, gx_ref, gw_ref, gb_ref = _ref_conv_grads(x, w, b, blocks, offs, stride, padding, dilation, depthwise, gy)
     assert y.shape == y_ref.shape and y.dtype == torch.float32
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
@@ -79,7 +82,7 @@ def test_conv_split_reductions(case, split_k):
     x, w, b, blocks, offs, stride, padding, dilation, depthwise = _conv_inputs(case)
     flat = _flat(blocks)
     y = tconv.forward(x, w, b, flat, offs, stride, padding, dilation, depthwise)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float32).to(DEVICE)
     _, _, gw_ref, gb_ref = _ref_conv_grads(x, w, b, blocks, offs, stride, padding, dilation, depthwise, gy)
     _, gw, gb = tconv.backward(gy, x, w, flat, offs, stride, padding, dilation, depthwise, (False, True, True),
                                split_k=split_k)
@@ -107,7 +110,7 @@ def test_conv_output_mask_gives_empty_tensors():
                                 (False, False, True))
     assert gx.numel() == 0 and gw.numel() == 0
     # d(sum y)/d bias[c] = number of output pixels per channel, once per block reading c.
-    expected = torch.full((8,), float(y.shape[0] * y.shape[2] * y.shape[3]), device=DEVICE)
+    expected = torch.full((8,), float(y.shape[0] * y.shape[2] * y.shape[3]), dtype=torch.float32, device=DEVICE)
     torch.testing.assert_close(gb, expected)
 
 
@@ -147,7 +150,7 @@ def test_linear_forward_and_grads_fp32(case, bias):
     br = b.detach().double().requires_grad_() if bias else None
     y_ref = ref_block_linear(xr, wr, br, torch.tensor(blocks), offs)
     torch.testing.assert_close(y.double(), y_ref.detach(), rtol=1e-4, atol=1e-4)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float32).to(DEVICE)
     y_ref.backward(gy.double())
     gx, gw, gb = tlin.backward(gy, x, w, flat, offs, (True, True, bias))
     assert gx.shape == x.shape and gw.shape == w.shape
@@ -232,7 +235,7 @@ def test_public_ops_with_triton_backend_match_reference():
     x, w, b, blocks, offs, stride, padding, dilation, depthwise = _conv_inputs(CONV_CASES[5], noncontig=True)
     x, w, b = (t.detach().requires_grad_() for t in (x, w, b))
     y = sk.ops.block_conv2d(x, w, b, blocks, offs, stride, padding, dilation, depthwise, backend="triton")
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float32).to(DEVICE)
     y.backward(gy)
     y_ref, gx_ref, gw_ref, gb_ref = _ref_conv_grads(x, w, b, blocks, offs, stride, padding, dilation, depthwise, gy)
     for got, ref in ((y.detach(), y_ref), (x.grad, gx_ref), (w.grad, gw_ref), (b.grad, gb_ref)):

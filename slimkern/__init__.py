@@ -6,6 +6,7 @@ and the namespaces ``ops``, ``solvers``, ``nn``, ``models``, ``data``, ``train``
 """
 from slimkern import _library  # noqa: F401  (loads the extension, warns when it cannot)
 from slimkern import ops
+from slimkern import solvers
 
 __version__ = "0.1.0"
 from slimkern.switch import Switch
@@ -13,3 +14,5 @@ from slimkern import nn
 from slimkern.nn import set_switch, use_switch, forward_switches, calibrate_bn
 from slimkern.profile import profile
 from slimkern.export import export
+from slimkern.slimmify import slimmify
+from slimkern.evaluate import evaluate

@@ -126,8 +126,9 @@ def check_tensors(x, weight, bias, *, x_rank: int, w_rank: int, op: str) -> None
 def choose_backend(backend, x: torch.Tensor, op: str) -> str:
     """Resolves ``backend`` (None/"auto", "cpp", "triton", "torch") for the device of ``x``.
 
-    auto: CPU tensors -> C++; CUDA tensors -> Triton when importable, else the C++ CUDA
-    kernel; the pure-torch path when the extension has no kernel for the device.
+    auto: CPU tensors -> C++; CUDA tensors -> Triton when importable and it takes the
+    inputs (``not_supported_reasons``: e.g. float64 is not), else the C++ CUDA kernel; the
+    pure-torch path when the extension has no kernel for the device.
     """
     if backend is None:
         backend = "auto"
@@ -135,8 +136,10 @@ def choose_backend(backend, x: torch.Tensor, op: str) -> str:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     if backend != "auto":
         return backend
-    if x.device.type == "cuda" and triton_module(op, required=False) is not None:
-        return "triton"
+    if x.device.type == "cuda":
+        tri = triton_module(op, required=False)
+        if tri is not None and not tri.not_supported_reasons(x):
+            return "triton"
     if _library.has_op(op) and _has_kernel(op, x.device.type):
         return "cpp"
     return "torch"

@@ -29,7 +29,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def not_supported_reasons(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
+def not_supported_reasons(x: torch.Tensor, weight: torch.Tensor | None = None) -> list[str]:
     """Why the Triton kernels cannot take these inputs (empty list: they can)."""
     reasons = []
     if x.device.type != "cuda" and not interpreting():
@@ -38,7 +38,7 @@ def not_supported_reasons(x: torch.Tensor, weight: torch.Tensor) -> list[str]:
     if x.dtype not in SUPPORTED_DTYPES:
         reasons.append(f"dtype {x.dtype} is not supported by the Triton kernels "
                        f"(supported: {', '.join(str(d) for d in SUPPORTED_DTYPES)})")
-    if weight.dtype != x.dtype:
+    if weight is not None and weight.dtype != x.dtype:
         reasons.append(f"x and weight must have the same dtype, got {x.dtype} and {weight.dtype}")
     return reasons
 

@@ -1,0 +1,100 @@
+"""switchable_batch_norm + relu, forward+backward, vs per-block F.batch_norm + relu + cat.
+
+MobileNet-v1 (CIFAR) and CIFAR-ResNet BN shapes at batch 64, float32, CPU. Block tables:
+one 1.0x switch, ParaDiS [0.5, 0.5] (two blocks sharing one stat row), and the sandwich
+[1.0], [0.5], [0.25] packed into one call (three rows).
+
+    PYTHONPATH=. python -m pytest benchmarks/bench_switchable_bn.py --benchmark-json=benchmarks/results/switchable_bn.json
+    python benchmarks/summarize_switchable_bn.py benchmarks/results/switchable_bn.json
+
+SK_BENCH_THREADS=1 runs both providers on one thread (steadier on a shared, loaded machine).
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slimkern.ops.switchable_batch_norm import switchable_batch_norm
+
+SHAPES = {  # name: (C, H)
+    "mbv1_c64_32": (64, 32),
+    "mbv1_c128_16": (128, 16),
+    "mbv1_c256_8": (256, 8),
+    "mbv1_c512_4": (512, 4),
+    "resnet_c16_32": (16, 32),
+    "resnet_c64_8": (64, 8),
+}
+TABLES = {
+    "1.0": lambda c: ([(0, c)], [0]),
+    "paradis_0.5_0.5": lambda c: ([(0, c // 2), (c // 2, c)], [1, 1]),
+    "sandwich_1.0_0.5_0.25": lambda c: ([(0, c), (0, c // 2), (0, c // 4)], [0, 2, 3]),
+}
+BATCH = 64
+if os.environ.get("SK_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["SK_BENCH_THREADS"]))
+
+
+def per_block_reference(x, w, b, rm, rv, blocks, rows):
+    outs, off = [], 0
+    for (a, z), r in zip(blocks, rows):
+        xg = x[:, off:off + z - a]
+        off += z - a
+        outs.append(F.relu(F.batch_norm(xg, rm[r, a:z], rv[r, a:z], w[a:z], b[a:z], True, 0.1, 1e-5)))
+    return torch.cat(outs, 1)
+
+
+def make_step(provider, shape, table):
+    c, h = SHAPES[shape]
+    blocks, rows = TABLES[table](c)
+    cp = sum(z - a for a, z in blocks)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, cp, h, h, generator=g).requires_grad_(True)
+    w = (torch.rand(c, generator=g) + 0.5).requires_grad_(True)
+    b = torch.randn(c, generator=g).requires_grad_(True)
+    rm, rv = torch.zeros(4, c), torch.ones(4, c)
+    gy = torch.randn(BATCH, cp, h, h, generator=g)
+
+    if provider == "slimkern_cpp":
+        def fwd():
+            return switchable_batch_norm(x, w, b, rm, rv, blocks, rows, True, 0.1, 1e-5, "relu", backend="cpp")
+    else:
+        def fwd():
+            return per_block_reference(x, w, b, rm, rv, blocks, rows)
+
+    def step():
+        x.grad = w.grad = b.grad = None
+        fwd().backward(gy)
+
+    return step
+
+
+@pytest.mark.parametrize("provider", ["slimkern_cpp", "torch_per_block"])
+@pytest.mark.parametrize("table", list(TABLES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_bn_relu_fwd_bwd(benchmark, provider, shape, table):
+    benchmark.group = f"bn_relu_fwd_bwd/{shape}/{table}"
+    benchmark.extra_info.update(provider=provider, shape=shape, table=table, batch=BATCH,
+                                threads=torch.get_num_threads())
+    step = make_step(provider, shape, table)
+    step()
+    benchmark.pedantic(step, rounds=15, iterations=1, warmup_rounds=2)
+
+
+if __name__ == "__main__":  # quick side-by-side without pytest-benchmark
+    import time
+
+    for shape in SHAPES:
+        for table in TABLES:
+            med = {}
+            for provider in ("slimkern_cpp", "torch_per_block"):
+                step = make_step(provider, shape, table)
+                step()
+                ts = []
+                for _ in range(15):
+                    t0 = time.perf_counter()
+                    step()
+                    ts.append(time.perf_counter() - t0)
+                med[provider] = sorted(ts)[len(ts) // 2]
+            print(f"{shape:15s} {table:22s} slimkern {med['slimkern_cpp'] * 1e3:7.3f} ms  per-block "
+                  f"{med['torch_per_block'] * 1e3:7.3f} ms  ratio {med['torch_per_block'] / med['slimkern_cpp']:.2f}x")

@@ -1,0 +1,506 @@
+// Switchable batch norm on CPU: one task per packed channel (at::parallel_for), statistics
+// in one pass (shifted sums, float lanes flushed to double), normalise + affine +
+// activation fused in a second pass; the backward fuses the activation mask into both
+// reductions and the input gradient. x is read as [N, Cp, HW].
+// 64-byte GCC vector types live in inline helpers only; no ABI crosses this file.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "slimkern/bn_checks.h"
+
+namespace slimkern {
+namespace {
+
+using namespace bn;
+
+// Float partial sums are flushed to double every kChunk values of a row, which bounds
+// their rounding error whatever the map size.
+constexpr int64_t kChunk = 1024;
+
+#define SK_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// SIMD lanes as GCC vector types (one cache line: 16 floats or 8 doubles); the per-element
+// math in bn_math.h is written to take them. Plain loops with a conditional do not vectorise.
+template <typename T>
+struct Lanes {
+  typedef T V __attribute__((vector_size(64)));
+  static constexpr int L = 64 / sizeof(T);
+  SK_ALWAYS_INLINE static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  SK_ALWAYS_INLINE static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  SK_ALWAYS_INLINE static double sum(V v) {
+    double s = 0;
+    for (int j = 0; j < L; ++j) s += v[j];
+    return s;
+  }
+};
+
+// Two running sums kept in SIMD lanes across rows and flushed to double every kChunk values.
+template <typename T>
+struct Sums2 {
+  using W = Lanes<T>;
+  typename W::V a{}, b{};
+  T ta = 0, tb = 0;
+  int64_t pending = 0;
+  double A = 0, B = 0;
+  SK_ALWAYS_INLINE void flush() {
+    A += W::sum(a) + ta;
+    B += W::sum(b) + tb;
+    a = typename W::V{};
+    b = typename W::V{};
+    ta = tb = 0;
+    pending = 0;
+  }
+  SK_ALWAYS_INLINE void rowdone(int64_t n) {
+    pending += n;
+    if (pending >= kChunk) flush();
+  }
+};
+
+template <typename T>
+SK_ALWAYS_INLINE void shifted_sums(const T* p, int64_t n, T K, Sums2<T>& acc) {
+  using W = Lanes<T>;
+  using V = typename W::V;
+  int64_t i = 0;
+  for (; i + W::L <= n; i += W::L) {
+    const V v = W::load(p + i) - K;
+    acc.a += v;
+    acc.b += v * v;
+  }
+  for (; i < n; ++i) {
+    const T v = p[i] - K;
+    acc.ta += v;
+    acc.tb += v * v;
+  }
+  acc.rowdone(n);
+}
+
+template <int ACT, typename T>
+SK_ALWAYS_INLINE void apply_row(const T* x, T* y, int64_t n, T scale, T shift) {
+  using W = Lanes<T>;
+  int64_t i = 0;
+  for (; i + W::L <= n; i += W::L) W::store(y + i, activate<ACT>(W::load(x + i) * scale + shift));
+  for (; i < n; ++i) y[i] = activate<ACT>(x[i] * scale + shift);
+}
+
+// Sums of g and g * (x - mean) over one row, g = dy masked by the activation.
+template <int ACT, typename T>
+SK_ALWAYS_INLINE void grad_sums(const T* x, const T* dy, int64_t n, T scale, T shift, T mean, Sums2<T>& acc) {
+  using W = Lanes<T>;
+  using V = typename W::V;
+  int64_t i = 0;
+  for (; i + W::L <= n; i += W::L) {
+    const V xv = W::load(x + i);
+    const V g = mask_grad<ACT>(xv * scale + shift, W::load(dy + i));
+    acc.a += g;
+    acc.b += g * (xv - mean);
+  }
+  for (; i < n; ++i) {
+    const T g = mask_grad<ACT>(x[i] * scale + shift, dy[i]);
+    acc.ta += g;
+    acc.tb += g * (x[i] - mean);
+  }
+  acc.rowdone(n);
+}
+
+// dx = scale * g + k1 * (x - mean) + k0 (k1 = k0 = 0 in eval mode).
+template <int ACT, typename T>
+SK_ALWAYS_INLINE void grad_x_row(const T* x, const T* dy, T* dx, int64_t n, T scale, T shift, T mean, T k1, T k0) {
+  using W = Lanes<T>;
+  using V = typename W::V;
+  int64_t i = 0;
+  for (; i + W::L <= n; i += W::L) {
+    const V xv = W::load(x + i);
+    const V g = mask_grad<ACT>(xv * scale + shift, W::load(dy + i));
+    W::store(dx + i, scale * g + k1 * (xv - mean) + k0);
+  }
+  for (; i < n; ++i) {
+    const T g = mask_grad<ACT>(x[i] * scale + shift, dy[i]);
+    dx[i] = scale * g + k1 * (x[i] - mean) + k0;
+  }
+}
+
+// Read-only views of the affine parameters and statistics rows through their strides.
+template <typename T>
+struct Params {
+  const T* w = nullptr;
+  const T* b = nullptr;
+  int64_t ws = 0, bs = 0;
+  const T* w_at(int64_t c) const { return w ? w + c * ws : nullptr; }
+  const T* b_at(int64_t c) const { return b ? b + c * bs : nullptr; }
+};
+
+template <typename T>
+Params<T> params_of(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias) {
+  Params<T> P;
+  if (weight.has_value() && weight->defined()) {
+    P.w = weight->data_ptr<T>();
+    P.ws = weight->stride(0);
+  }
+  if (bias.has_value() && bias->defined()) {
+    P.b = bias->data_ptr<T>();
+    P.bs = bias->stride(0);
+  }
+  return P;
+}
+
+// The channel loops are compiled three times, for the x86-64 baseline, AVX2 and AVX-512
+// (the CPUs this runs on have them; torch's own kernels use them too), and the widest the
+// CPU supports runs. The lambda bodies are always_inline so they take the wrapper's ISA.
+#define SK_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
+
+template <typename F>
+__attribute__((noinline)) void range_default(const F& f, int64_t p0, int64_t p1) {
+  f(p0, p1);
+}
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename F>
+__attribute__((noinline, target("avx2"))) void range_avx2(const F& f, int64_t p0, int64_t p1) {
+  f(p0, p1);
+}
+template <typename F>
+__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq"))) void range_avx512(const F& f, int64_t p0,
+                                                                                       int64_t p1) {
+  f(p0, p1);
+}
+inline int cpu_level() {
+  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
+                               ? 2
+                               : (__builtin_cpu_supports("avx2") ? 1 : 0);
+  return level;
+}
+#endif
+
+template <typename F>
+void run_channels(int64_t C, int64_t grain, const F& f) {
+  at::parallel_for(0, C, grain, [&](int64_t p0, int64_t p1) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    switch (cpu_level()) {
+      case 2: range_avx512(f, p0, p1); return;
+      case 1: range_avx2(f, p0, p1); return;
+      default: break;
+    }
+#endif
+    range_default(f, p0, p1);
+  });
+}
+
+inline int64_t grain_for(int64_t per_channel) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_channel));
+}
+
+template <typename T, int ACT>
+void forward_kernel(const Layout& L, const at::Tensor& x, at::Tensor& y, at::Tensor& smean, at::Tensor& svar,
+                    const Params<T>& P, const at::Tensor& rm, const at::Tensor& rv, bool training, double eps) {
+  const int64_t N = L.N, Cp = L.Cp, HW = L.HW;
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  T* mp = smean.data_ptr<T>();
+  T* vp = svar.data_ptr<T>();
+  const T* rmp = rm.data_ptr<T>();
+  const T* rvp = rv.data_ptr<T>();
+  const int64_t rm0 = rm.stride(0), rm1 = rm.stride(1), rv0 = rv.stride(0), rv1 = rv.stride(1);
+  const double cnt = static_cast<double>(N * HW);
+  const T teps = static_cast<T>(eps);
+
+  // Channel statistics: batch (training) or the block's stat row (eval).
+  auto stats_from_sums = [&](double K, double S, double Q, T& mean, T& var) {
+    const double m = S / cnt;
+    double v = Q / cnt - m * m;
+    mean = static_cast<T>(K + m);
+    var = static_cast<T>(v < 0 ? 0 : v);
+  };
+  auto eval_stats = [&](int64_t p, T& mean, T& var) {
+    const int64_t r = L.chan_row[p], c = L.chan_full[p];
+    mean = rmp[r * rm0 + c * rm1];
+    var = rvp[r * rv0 + c * rv1];
+  };
+
+  if (HW == 1) {
+    // [N, Cp]: a row holds all channels, so tasks take channel ranges and walk rows.
+    at::parallel_for(0, Cp, 64, [&](int64_t p0, int64_t p1) {
+      const int64_t w = p1 - p0;
+      std::vector<double> S(w, 0.0), Q(w, 0.0);
+      std::vector<T> K(w), scale(w), shift(w);
+      if (training) {
+        for (int64_t j = 0; j < w; ++j) K[j] = xp[p0 + j];
+        for (int64_t n = 0; n < N; ++n) {
+          const T* row = xp + n * Cp + p0;
+          for (int64_t j = 0; j < w; ++j) {
+            const double v = static_cast<double>(row[j] - K[j]);
+            S[j] += v;
+            Q[j] += v * v;
+          }
+        }
+      }
+      for (int64_t j = 0; j < w; ++j) {
+        const int64_t p = p0 + j;
+        T mean, var;
+        if (training) stats_from_sums(K[j], S[j], Q[j], mean, var);
+        else eval_stats(p, mean, var);
+        mp[p] = mean;
+        vp[p] = var;
+        fold_affine(mean, invstd(var, teps), P.w_at(L.chan_full[p]), P.b_at(L.chan_full[p]), scale[j], shift[j]);
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        const T* row = xp + n * Cp + p0;
+        T* out = yp + n * Cp + p0;
+        for (int64_t j = 0; j < w; ++j) out[j] = activate<ACT>(row[j] * scale[j] + shift[j]);
+      }
+    });
+    return;
+  }
+
+  const auto body = [&](int64_t p0, int64_t p1) SK_ALWAYS_INLINE_LAMBDA {
+    for (int64_t p = p0; p < p1; ++p) {
+      T mean, var;
+      if (training) {
+        const T K = xp[p * HW];
+        Sums2<T> acc;
+        for (int64_t n = 0; n < N; ++n) shifted_sums(xp + (n * Cp + p) * HW, HW, K, acc);
+        acc.flush();
+        stats_from_sums(K, acc.A, acc.B, mean, var);
+      } else {
+        eval_stats(p, mean, var);
+      }
+      mp[p] = mean;
+      vp[p] = var;
+      T scale, shift;
+      fold_affine(mean, invstd(var, teps), P.w_at(L.chan_full[p]), P.b_at(L.chan_full[p]), scale, shift);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t off = (n * Cp + p) * HW;
+        apply_row<ACT>(xp + off, yp + off, HW, scale, shift);
+      }
+    }
+  };
+  run_channels(Cp, grain_for(N * HW), body);
+}
+
+template <typename T, int ACT>
+void backward_kernel(const Layout& L, const at::Tensor& dy, const at::Tensor& x, at::Tensor& dx,
+                     std::vector<double>& gw, std::vector<double>& gb, const Params<T>& P,
+                     const at::Tensor& smean, const at::Tensor& svar, bool training, double eps) {
+  const int64_t N = L.N, Cp = L.Cp, HW = L.HW;
+  const T* xp = x.data_ptr<T>();
+  const T* gp = dy.data_ptr<T>();
+  T* dxp = dx.data_ptr<T>();
+  const T* mp = smean.data_ptr<T>();
+  const T* vp = svar.data_ptr<T>();
+  const double cnt = static_cast<double>(N * HW);
+  const T teps = static_cast<T>(eps);
+
+  // Per channel: inv, scale, shift and, from the two sums, the dx coefficients k1, k0.
+  auto coeffs = [&](int64_t p, T& inv, T& scale, T& shift) {
+    inv = invstd(vp[p], teps);
+    fold_affine(mp[p], inv, P.w_at(L.chan_full[p]), P.b_at(L.chan_full[p]), scale, shift);
+  };
+  auto finish = [&](int64_t p, T inv, T scale, double SG, double SGX, T& k1, T& k0) {
+    gw[p] = SGX * static_cast<double>(inv);
+    gb[p] = SG;
+    if (training) {
+      k1 = static_cast<T>(-static_cast<double>(scale) * inv * inv * SGX / cnt);
+      k0 = static_cast<T>(-static_cast<double>(scale) * SG / cnt);
+    } else {
+      k1 = T(0);
+      k0 = T(0);
+    }
+  };
+
+  if (HW == 1) {
+    at::parallel_for(0, Cp, 64, [&](int64_t p0, int64_t p1) {
+      const int64_t w = p1 - p0;
+      std::vector<double> SG(w, 0.0), SGX(w, 0.0);
+      std::vector<T> inv(w), scale(w), shift(w), mean(w), k1(w), k0(w);
+      for (int64_t j = 0; j < w; ++j) {
+        coeffs(p0 + j, inv[j], scale[j], shift[j]);
+        mean[j] = mp[p0 + j];
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        const T* xr = xp + n * Cp + p0;
+        const T* gr = gp + n * Cp + p0;
+        for (int64_t j = 0; j < w; ++j) {
+          const T g = mask_grad<ACT>(xr[j] * scale[j] + shift[j], gr[j]);
+          SG[j] += g;
+          SGX[j] += static_cast<double>(g) * (xr[j] - mean[j]);
+        }
+      }
+      for (int64_t j = 0; j < w; ++j) finish(p0 + j, inv[j], scale[j], SG[j], SGX[j], k1[j], k0[j]);
+      for (int64_t n = 0; n < N; ++n) {
+        const T* xr = xp + n * Cp + p0;
+        const T* gr = gp + n * Cp + p0;
+        T* dr = dxp + n * Cp + p0;
+        for (int64_t j = 0; j < w; ++j) {
+          const T g = mask_grad<ACT>(xr[j] * scale[j] + shift[j], gr[j]);
+          dr[j] = scale[j] * g + k1[j] * (xr[j] - mean[j]) + k0[j];
+        }
+      }
+    });
+    return;
+  }
+
+  const auto body = [&](int64_t p0, int64_t p1) SK_ALWAYS_INLINE_LAMBDA {
+    for (int64_t p = p0; p < p1; ++p) {
+      T inv, scale, shift, k1, k0;
+      coeffs(p, inv, scale, shift);
+      const T mean = mp[p];
+      Sums2<T> acc;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t off = (n * Cp + p) * HW;
+        grad_sums<ACT>(xp + off, gp + off, HW, scale, shift, mean, acc);
+      }
+      acc.flush();
+      finish(p, inv, scale, acc.A, acc.B, k1, k0);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t off = (n * Cp + p) * HW;
+        grad_x_row<ACT>(xp + off, gp + off, dxp + off, HW, scale, shift, mean, k1, k0);
+      }
+    }
+  };
+  run_channels(Cp, grain_for(N * HW), body);
+}
+
+void check_cpu_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "switchable_batch_norm on CPU supports float32 and float64, got ", x.scalar_type());
+}
+
+template <typename F>
+void dispatch_activation(int act, F&& f) {
+  switch (act) {
+    case kRelu: f(std::integral_constant<int, kRelu>{}); break;
+    case kRelu6: f(std::integral_constant<int, kRelu6>{}); break;
+    default: f(std::integral_constant<int, kNone>{}); break;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean, const at::Tensor& running_var, c10::IntArrayRef blocks,
+    c10::IntArrayRef stat_rows, bool training, double eps, c10::string_view activation) {
+  const int act = parse_activation(activation);
+  const Layout L = check_forward(x_in, weight, bias, running_mean, running_var, blocks, stat_rows, training);
+  check_cpu_dtype(x_in);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor smean = at::empty({L.Cp}, x.options());
+  at::Tensor svar = at::empty({L.Cp}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "switchable_batch_norm_forward_cpu", [&] {
+    const auto P = params_of<scalar_t>(weight, bias);
+    dispatch_activation(act, [&](auto a) {
+      forward_kernel<scalar_t, decltype(a)::value>(L, x, y, smean, svar, P, running_mean, running_var, training,
+                                                    eps);
+    });
+  });
+  return {y, smean, svar};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_var,
+    c10::IntArrayRef blocks, int64_t num_channels, bool training, double eps, c10::string_view activation) {
+  const int act = parse_activation(activation);
+  TORCH_CHECK(x_in.dim() >= 2 && x_in.dim() <= 5, "x must be [N, C] or [N, C, *spatial], got shape ", x_in.sizes());
+  check_cpu_dtype(x_in);
+  Layout L = parse_blocks2(blocks, num_channels);
+  check_same(grad_y, "grad_y", x_in, "x");
+  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "grad_y must have x's shape ", x_in.sizes(), ", got ", grad_y.sizes());
+  TORCH_CHECK(x_in.size(1) == L.Cp, "x has ", x_in.size(1), " channels but the blocks hold ", L.Cp);
+  check_param(weight, "weight", x_in, L.C);
+  check_param(bias, "bias", x_in, L.C);
+  check_saved(save_mean, "save_mean", x_in, L.Cp);
+  check_saved(save_var, "save_var", x_in, L.Cp);
+  L.N = x_in.size(0);
+  L.HW = 1;
+  for (int64_t d = 2; d < x_in.dim(); ++d) L.HW *= x_in.size(d);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor dy = grad_y.contiguous();
+  at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  std::vector<double> gw(L.Cp, 0.0), gb(L.Cp, 0.0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "switchable_batch_norm_backward_cpu", [&] {
+    const auto P = params_of<scalar_t>(weight, bias);
+    dispatch_activation(act, [&](auto a) {
+      backward_kernel<scalar_t, decltype(a)::value>(L, dy, x, dx, gw, gb, P, save_mean.contiguous(),
+                                                     save_var.contiguous(), training, eps);
+    });
+  });
+  // The affine parameters are shared: a channel's gradient sums over every block using it.
+  std::vector<double> gw_full(L.C, 0.0), gb_full(L.C, 0.0);
+  for (int64_t p = 0; p < L.Cp; ++p) {
+    gw_full[L.chan_full[p]] += gw[p];
+    gb_full[L.chan_full[p]] += gb[p];
+  }
+  auto dopt = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor grad_w = at::from_blob(gw_full.data(), {L.C}, dopt).to(x.scalar_type());
+  at::Tensor grad_b = at::from_blob(gb_full.data(), {L.C}, dopt).to(x.scalar_type());
+  if (x.scalar_type() == at::kDouble) {
+    grad_w = grad_w.clone();
+    grad_b = grad_b.clone();
+  }
+  return {dx, grad_w, grad_b};
+}
+
+void update_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
+                      const c10::optional<at::Tensor>& num_batches_tracked, const at::Tensor& save_mean,
+                      const at::Tensor& save_var, c10::IntArrayRef blocks, c10::IntArrayRef stat_rows,
+                      int64_t count, c10::optional<double> momentum) {
+  const Layout L = parse_layout(running_mean, running_var, blocks, stat_rows);
+  check_cpu_dtype(running_mean);
+  check_no_shared_updates(L);
+  check_num_batches(num_batches_tracked, L, running_mean, momentum);
+  check_saved(save_mean, "save_mean", running_mean, L.Cp);
+  check_saved(save_var, "save_var", running_mean, L.Cp);
+  TORCH_CHECK(count > 1, "count (values per channel in the batch) must be > 1 to update running statistics, got ",
+              count);
+  // Every check has passed: from here on the buffers are written.
+  std::vector<int64_t> counts;
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    auto acc = num_batches_tracked->accessor<int64_t, 1>();
+    std::vector<bool> used(L.S, false);
+    for (int64_t r : L.rows) used[r] = true;
+    for (int64_t r = 0; r < L.S; ++r)
+      if (used[r]) acc[r] += 1;
+    counts.resize(L.S);
+    for (int64_t r = 0; r < L.S; ++r) counts[r] = acc[r];
+  }
+  AT_DISPATCH_FLOATING_TYPES(running_mean.scalar_type(), "switchable_batch_norm_update_stats_cpu", [&] {
+    scalar_t* rm = running_mean.data_ptr<scalar_t>();
+    scalar_t* rv = running_var.data_ptr<scalar_t>();
+    const int64_t rm0 = running_mean.stride(0), rm1 = running_mean.stride(1);
+    const int64_t rv0 = running_var.stride(0), rv1 = running_var.stride(1);
+    const at::Tensor m = save_mean.contiguous(), v = save_var.contiguous();
+    const scalar_t* mp = m.data_ptr<scalar_t>();
+    const scalar_t* vp = v.data_ptr<scalar_t>();
+    const scalar_t n = static_cast<scalar_t>(count);
+    for (int64_t p = 0; p < L.Cp; ++p) {
+      const int64_t r = L.chan_row[p], c = L.chan_full[p];
+      const scalar_t f = momentum.has_value() ? static_cast<scalar_t>(*momentum)
+                                              : static_cast<scalar_t>(1.0 / static_cast<double>(counts[r]));
+      scalar_t& om = rm[r * rm0 + c * rm1];
+      scalar_t& ov = rv[r * rv0 + c * rv1];
+      om = running_update(om, mp[p], f);
+      ov = running_update(ov, unbiased(vp[p], n), f);
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slimkern, CPU, m) {
+  m.impl("switchable_batch_norm", &forward_cpu);
+  m.impl("switchable_batch_norm_backward", &backward_cpu);
+  m.impl("switchable_batch_norm_update_stats_", &update_stats_cpu);
+}
+
+}  // namespace slimkern

@@ -1,0 +1,5 @@
+import sys
+
+from slimkern.cli import main
+
+sys.exit(main())
