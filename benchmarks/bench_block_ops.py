@@ -12,7 +12,8 @@ C = 32 .. 512 on 32x32 and 16x16 maps. Block tables: one prefix slice (G = 1), P
 forward+backward. The full set runs in about 4-5 minutes on 2 shared cores:
 
     OMP_WAIT_POLICY=PASSIVE python -m pytest benchmarks/bench_block_ops.py -q \
-        --benchmark-timer=time.process_time --benchmark-json=benchmarks/results/block_ops.json
+        --benchmark-timer=time.process_time --benchmark-json=benchmarks/results/block_ops_pytest.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_block_ops.py --json benchmarks/results/block_ops.json
     python benchmarks/summarize.py benchmarks/results/block_ops.json --targets
 
 Threads: SLIMKERN_BENCH_THREADS (default 2). On a machine shared with other jobs (the one these
@@ -24,10 +25,21 @@ the timings measure the scheduler, not the kernels. There, time the process's CP
 On an idle machine, drop both and time wall clock.
 Rounds adapt to the cost of one call (about 1 s of rounds per benchmark, 3 to 15 rounds).
 SLIMKERN_BENCH_QUICK=1 runs a few shapes (< 1 min) for `make demo`.
+
+pytest-benchmark times one provider after another, so a load swing between them lands in the
+ratio. `python benchmarks/bench_block_ops.py --json PATH` times the same cases with the
+providers interleaved round by round (rotating order) and writes the same JSON layout
+(groups, extra_info, stats), which summarize.py reads; on a shared machine its ratios are the
+ones to quote.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
+import statistics
+import sys
 import time
 
 import pytest
@@ -151,3 +163,78 @@ def test_block_conv2d(benchmark, mode, shape, table, provider):
                                 threads=torch.get_num_threads(),
                                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(default)"))
     benchmark.pedantic(run, rounds=rounds_for(run), warmup_rounds=0, iterations=1)
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def main(argv=None):
+    """Interleaved runner: every round times each provider once, in rotating order."""
+    ap = argparse.ArgumentParser(description="block_conv2d providers timed interleaved")
+    ap.add_argument("--json", required=True, help="output file (pytest-benchmark layout)")
+    ap.add_argument("--timer", choices=("process", "wall"), default="process",
+                    help="process: CPU time of all threads (shared machines); wall: perf_counter")
+    ap.add_argument("--budget", type=float, default=2.5, help="seconds of rounds per group (3..15 rounds)")
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    ap.add_argument("--tables", nargs="*", default=list(TABLES))
+    ap.add_argument("--modes", nargs="*", default=["fwd", "fwdbwd"])
+    args = ap.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    timer = time.process_time if args.timer == "process" else time.perf_counter
+    benches = []
+    for mode in args.modes:
+        for shape in args.shapes:
+            for table in args.tables:
+                case = make_case(shape, table)
+                runs = {p: runner(p, case, mode == "fwdbwd") for p in PROVIDERS}
+                t0 = time.perf_counter()
+                for run in runs.values():
+                    run()
+                    run()
+                once = (time.perf_counter() - t0) / 2
+                rounds = max(3, min(15, int(args.budget / max(once, 1e-6))))
+                data = {p: [] for p in PROVIDERS}
+                for r in range(rounds):
+                    order = PROVIDERS[r % len(PROVIDERS):] + PROVIDERS[:r % len(PROVIDERS)]
+                    for p in order:
+                        t = timer()
+                        runs[p]()
+                        data[p].append(timer() - t)
+                group = f"block_conv2d {mode} {shape} {table}"
+                for p in PROVIDERS:
+                    d = data[p]
+                    benches.append(dict(
+                        group=group, name=f"test_block_conv2d[{mode}-{shape}-{table}-{p}]",
+                        params=dict(mode=mode, shape=shape, table=table, provider=p),
+                        extra_info=dict(provider=p, op="block_conv2d", mode=mode, shape=shape, table=table,
+                                        kind=SHAPES[shape][0], G=len(TABLES[table]), batch=BATCH,
+                                        threads=torch.get_num_threads(), interleaved=True,
+                                        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(default)")),
+                        options=dict(timer=f"time.{'process_time' if args.timer == 'process' else 'perf_counter'}"),
+                        stats=dict(min=min(d), max=max(d), mean=statistics.fmean(d), median=statistics.median(d),
+                                   rounds=len(d), data=d)))
+                med = {p: statistics.median(data[p]) for p in PROVIDERS}
+                print(f"{group:55s} " + "  ".join(f"{p} {med[p] * 1e3:8.2f} ms" for p in PROVIDERS)
+                      + f"  vs naive {med['naive'] / med['slimkern']:.2f}x  vs dense {med['dense'] / med['slimkern']:.2f}x",
+                      flush=True)
+    out = dict(machine_info=dict(cpu=dict(brand_raw=_cpu_name()), python=platform.python_version(),
+                                 torch=torch.__version__, threads=THREADS),
+               datetime=time.strftime("%Y-%m-%dT%H:%M:%S"), benchmarks=benches)
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    tmp = args.json + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -192,6 +192,7 @@ def test_pointwise_engines(table, offs, hw):
 @pytest.mark.parametrize("table,offs,stride", [
     ([(0, 64, 0, 64), (64, 72, 64, 72)], None, 1),   # a 64-channel block (oneDNN forward) + a small one
     ([(0, 80, 0, 80)], [4], 2),                       # G = 1 on a window of a wider x, strided
+    ([(0, 80, 0, 80), (8, 72, 8, 72)], [0, 8], 1),    # every block wide (oneDNN backward), overlapping
 ])
 def test_depthwise_engines(table, offs, stride):
     torch.manual_seed(7)
