@@ -13,7 +13,7 @@ forward+backward. The full set runs in about 4-5 minutes on 2 shared cores:
 
     OMP_WAIT_POLICY=PASSIVE python -m pytest benchmarks/bench_block_ops.py -q \
         --benchmark-timer=time.process_time --benchmark-json=benchmarks/results/block_ops_pytest.json
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_block_ops.py --json benchmarks/results/block_ops.json
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python benchmarks/bench_block_ops.py --json benchmarks/results/block_ops.json
     python benchmarks/summarize.py benchmarks/results/block_ops.json --targets
 
 Threads: SLIMKERN_BENCH_THREADS (default 2). On a machine shared with other jobs (the one these
