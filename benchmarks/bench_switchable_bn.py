@@ -5,7 +5,12 @@ one 1.0x switch, ParaDiS [0.5, 0.5] (two blocks sharing one stat row), and the s
 [1.0], [0.5], [0.25] packed into one call (three rows).
 
     PYTHONPATH=. python -m pytest benchmarks/bench_switchable_bn.py --benchmark-json=benchmarks/results/switchable_bn.json
+    python benchmarks/summarize_switchable_bn.py benchmarks/results/switchable_bn.json
+
+SK_BENCH_THREADS=1 runs both providers on one thread (steadier on a shared, loaded machine).
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +31,8 @@ TABLES = {
     "sandwich_1.0_0.5_0.25": lambda c: ([(0, c), (0, c // 2), (0, c // 4)], [0, 2, 3]),
 }
 BATCH = 64
+if os.environ.get("SK_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["SK_BENCH_THREADS"]))
 
 
 def per_block_reference(x, w, b, rm, rv, blocks, rows):

@@ -199,7 +199,7 @@ def test_faults_rejected_and_model_finite():
     reasons = dict(rep.rejected)
     assert "NaN" in reasons[1] and "1 NaN" in reasons[1]
     assert "inf" in reasons[2]
-    assert "shape (3, 2), expected (2, 2)" in reasons[3]
+    assert "shape (3, 2), expected (2, 2)" in reasons[3] and "h.weight" in reasons[3]
     assert "flat vector of" in reasons[4]
     assert "assigned half" in reasons[5]
     assert "num_samples" in reasons[6]

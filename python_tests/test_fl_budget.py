@@ -46,3 +46,45 @@ def test_none_fits_clear_error():
         Budget(macs=-1)
     with pytest.raises(TypeError, match="budget must be a Budget"):
         assign_switch(5, ["[1.0]"], cost)
+
+
+def test_assignment_by_slimkern_profile():
+    import slimkern
+    from slimkern import Switch
+    from slimkern.fl.budget import profile_cost
+    from slimkern.fl.models import small_cnn
+
+    net = small_cnn(channels=(8, 16, 16))
+    cost = profile_cost(net, (1, 1, 8, 8))
+    cands = [Switch([1.0]), Switch([0.5]), Switch([0.5, 0.5]), Switch([0.25])]
+    half = slimkern.profile(net, Switch([0.5]), input_size=(1, 1, 8, 8))
+    full = slimkern.profile(net, Switch([1.0]), input_size=(1, 1, 8, 8))
+    assert cost(Switch([0.5, 0.5])).macs > cost(Switch([0.5])).macs == pytest.approx(half.macs)
+    assert assign_switch(Budget(macs=full.macs), cands, cost) == Switch([1.0])
+    assert assign_switch(Budget(macs=half.macs * 1.01), cands, cost) == Switch([0.5])
+    assert assign_switch(Budget(macs=half.macs * 1.01, devices=2), cands, cost) == Switch([0.5, 0.5])
+    with pytest.raises(ValueError, match=r"cheapest, \[0.25\]x"):
+        assign_switch(Budget(macs=1.0), cands, cost)
+
+
+def test_strategy_switches_per_tier():
+    import random
+
+    from slimkern import Switch
+    from slimkern.fl.strategy import FedAvg, FedRolex, FjORD, HeteroFL, ParaDiSFL
+
+    tiers = [Switch([1.0]), Switch([0.5]), Switch([0.5, 0.5])]
+    p = ParaDiSFL()
+    assert [p.client_switch(t, tiers) for t in tiers] == tiers
+    assert p.step_switches(Switch([1.0]), None) == [Switch([1.0]), Switch([0.5]), Switch([0.5, 0.5])]
+    assert p.step_switches(Switch([0.5, 0.5]), None) == [Switch([0.5, 0.5]), Switch([0.5])]
+    assert p.step_switches(Switch([0.5]), None) == [Switch([0.5])]
+    assert ParaDiSFL(nested=False).step_switches(Switch([1.0]), None) == [Switch([1.0])]
+    assert [HeteroFL().client_switch(t, tiers) for t in tiers] == [Switch([1.0]), Switch([0.5]), Switch([0.5])]
+    assert {FedAvg().client_switch(t, tiers) for t in tiers} == {Switch([0.5])}
+    r = FedRolex(step=0.25)
+    assert r.round_switch(Switch([0.5]), 3) == Switch.ranges([(0.75, 1.0), (0.0, 0.25)])
+    assert r.round_switch(Switch([1.0]), 3) == Switch([1.0])
+    rng = random.Random(0)
+    widths = {FjORD().step_switch(Switch([0.5]), rng) for _ in range(50)}
+    assert widths == {Switch([0.25]), Switch([0.5])}

@@ -402,3 +402,21 @@ def test_calibrate_warns_for_unreached_bn():
     with pytest.warns(RuntimeWarning, match=r"not updated on every batch.*unused \[1.0\]x"):
         sk.calibrate_bn(net, [torch.randn(4, 4)], ["[1.0]x"])
     assert net.seq[1].num_batches_tracked.tolist() == [1]
+
+
+def test_fallback_ops_match_slimkern_ops():
+    from slimkern.nn import _fallback
+    torch.manual_seed(8)
+    w = torch.randn(8, 6, 3, 3, requires_grad=True)
+    blocks = [(0, 3, 0, 4), (3, 6, 4, 8), (0, 6, 0, 8)]
+    for x, offs in ((torch.randn(2, 12, 5, 5), None), (torch.randn(2, 6, 5, 5), [0, 0, 0])):
+        a = _fallback.block_conv2d(x, w, None, blocks, offs, 1, 1)
+        b = sk.ops.block_conv2d(x, w, None, blocks, offs, 1, 1)
+        torch.testing.assert_close(a, b)
+        ga, = torch.autograd.grad(a.square().sum(), w)
+        gb, = torch.autograd.grad(b.square().sum(), w)
+        torch.testing.assert_close(ga, gb)
+    lw = torch.randn(5, 6)
+    x = torch.randn(3, 9)
+    torch.testing.assert_close(_fallback.block_linear(x, lw, None, [(0, 3, 0, 5), (0, 6, 0, 5)]),
+                               sk.ops.block_linear(x, lw, None, [(0, 3, 0, 5), (0, 6, 0, 5)]))

@@ -426,7 +426,7 @@ def test_ops_pass_opcheck():
 @needs_cpp
 def test_sinkhorn_releases_the_gil():
     rng = np.random.default_rng(20)
-    a, b, M = (torch.from_numpy(x) for x in random_ot(rng, 128, 128))
+    a, b, M = (torch.from_numpy(x) for x in random_ot(rng, 256, 256))
     ticks, stop = [0], [False]
 
     def spin():
@@ -440,7 +440,7 @@ def test_sinkhorn_releases_the_gil():
         time.sleep(0.01)
         before = ticks[0]
         t0 = time.perf_counter()
-        torch.ops.slimkern.sinkhorn(a[None], b[None], M[None], 0.01, "log", 3000, 0.0, 1, None, None)
+        torch.ops.slimkern.sinkhorn(a[None], b[None], M[None], 0.01, "log", 5000, 0.0, 1, None, None)
         elapsed = time.perf_counter() - t0
         during = ticks[0] - before
     finally:

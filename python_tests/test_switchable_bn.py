@@ -17,7 +17,7 @@ CASES = {
     "full+paradis": ([(0, 8), (0, 4), (4, 8)], [0, 1, 1]),
     "window": ([(2, 7)], [2]),
 }
-needs_cpp = pytest.mark.skipif(not _library.has_op("switchable_batch_norm_forward"),
+needs_cpp = pytest.mark.skipif(not _library.has_op("switchable_batch_norm"),
                                reason=f"C++ extension not built: {_library.LOAD_ERROR}")
 
 
@@ -187,7 +187,7 @@ def test_opcheck(training):
     blocks, rows = CASES["full+paradis"]
     x, w, b, rm, rv = make(blocks, n=3, spatial=(2, 2))
     flat = [v for ab in blocks for v in ab]
-    op = torch.ops.slimkern.switchable_batch_norm_forward
+    op = torch.ops.slimkern.switchable_batch_norm
     args = (x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True), rm, rv, flat, rows, training,
             1e-5, "relu")
     torch.library.opcheck(op, args)
@@ -297,3 +297,20 @@ def test_cuda_gradcheck_float64():
     f = lambda x, w, b: switchable_batch_norm(x, w, b, rm.clone(), rv.clone(), blocks, rows, True, 0.1, 1e-5,
                                               "relu", backend="cpp")
     assert torch.autograd.gradcheck(f, (x, w, b), atol=1e-6, rtol=1e-5)
+
+
+def test_backend_choice_and_reasons(monkeypatch):
+    from slimkern.ops import switchable_batch_norm as _  # noqa: F401  (the function; module below)
+    import importlib
+
+    mod = importlib.import_module("slimkern.ops.switchable_batch_norm")
+    x = torch.randn(2, 4)
+    expected = "cpp" if _library.has_op("switchable_batch_norm") else "torch"
+    assert mod._choose_backend(x, None) == expected
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reasons = mod.not_supported_reasons(x, "triton")
+    assert reasons and ("TRITON_INTERPRET=1" in reasons[0] or "not installed" in reasons[0])
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run this input"):
+        mod._choose_backend(x, "triton")
+    if expected == "cpp":
+        assert "float32 and float64" in mod.not_supported_reasons(x.half(), "cpp")[0]

@@ -6,7 +6,9 @@ Subcommands::
     slimkern eval   --run runs/x [--switches ...]        re-evaluate a run's checkpoint
     slimkern export --run runs/x --switch "[0.5, 0.5]x"  per-device modules into the run folder
     slimkern info                                        what was built (C++/CUDA/Triton)
-    slimkern demo [paradis]                              ParaDiS MobileNet-v1 on digits (~minutes on a CPU)
+    slimkern demo [fl|paradis]                           fl (default): federated demo (slimkern.fl.cli);
+                                                         paradis: ParaDiS MobileNet-v1 on digits
+    slimkern fl     --strategy paradis --tiers "1.0:0.3,0.5:0.4,[0.5,0.5]:0.3" ...   federated simulation
 
 Every option of ``train`` can also be a key of the ``--config`` file (YAML or TOML, dashes or
 underscores); flags given on the command line win over the file.
@@ -23,10 +25,10 @@ from slimkern.config import ConfigError, load_config, merge
 # The ParaDiS demo: sized so training + calibration + evaluation + the individual baseline
 # finish in a few minutes on a 2-core CPU (see docs/train.md for the measurements).
 DEMO_PARADIS: dict = {
-    "dataset": "digits", "image_size": 16, "channels": 3, "model": "mobilenet_v1", "width_mult": 0.25,
+    "dataset": "digits", "image_size": 16, "channels": 3, "model": "mobilenet_v1", "width_mult": 0.5,
     "max_width": 1.2, "recipe": "paradis", "switches": ["[1.2]x", "[1.0]x", "[0.5, 0.5]x", "[4x0.25]x"],
     "eval_switches": ["[0.5, 0.25, 0.25]x"], "individual": ["[0.5, 0.5]x"], "beta": 1.0, "kd": "wide",
-    "epochs": 12, "batch_size": 32, "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine",
+    "epochs": 10, "individual_epochs": 6, "batch_size": 32, "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine",
     "calibrate_batches": 20, "out": "runs/demo-paradis", "export": ["[0.5, 0.5]x"], "threads": 1,
 }
 
@@ -77,7 +79,7 @@ def _add_options(p: argparse.ArgumentParser, defaults: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimkern", description="Slimmable and ParaDiS networks: train, "
                                      "evaluate, export.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,info,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,info,demo,fl}")
     sub.required = True
     _add_options(sub.add_parser("train", help="train a slimmable / ParaDiS network"), {})
     pe = sub.add_parser("eval", help="calibrate BN and evaluate a run's checkpoint")
@@ -89,10 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--run", required=True, help="run folder written by `slimkern train`")
     px.add_argument("--switch", nargs="+", required=True, help="switch(es) to export, e.g. '[0.5, 0.5]x'")
     sub.add_parser("info", help="what was built: C++/CUDA/Triton kernels, versions")
-    pd = sub.add_parser("demo", help="run a demo (default: paradis)")
-    pd.add_argument("which", nargs="?", default="paradis", choices=["paradis"],
-                    help="paradis: ParaDiS MobileNet-v1 on digits with an individual baseline")
+    pd = sub.add_parser("demo", help="run a demo (default: fl, the federated demo)")
+    pd.add_argument("which", nargs="?", default="fl", choices=["fl", "paradis"],
+                    help="fl: federated paradis vs heterofl vs small-model fedavg on digits; "
+                         "paradis: ParaDiS MobileNet-v1 on digits with an individual baseline")
     _add_options(pd, DEMO_PARADIS)
+    from slimkern.fl.cli import add_fl_parser
+
+    add_fl_parser(sub)
     return parser
 
 
@@ -183,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "fl" or (args.command == "demo" and args.which == "fl"):
+            from slimkern.fl import cli as fl_cli
+
+            return fl_cli.cmd_fl(args) if args.command == "fl" else fl_cli.cmd_fl_demo(args)
         from slimkern import runner
 
         cfg = resolve(args, DEMO_PARADIS if args.command == "demo" else None)

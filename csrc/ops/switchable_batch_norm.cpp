@@ -11,7 +11,7 @@ TORCH_LIBRARY_FRAGMENT(slimkern, m) {
   // channel; mean/var are the batch statistics (training) or the stat rows (eval), both
   // biased, [C_packed], float32 for half/bfloat16 x.
   m.def(
-      "switchable_batch_norm_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, "
+      "switchable_batch_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, "
       "Tensor running_var, int[] blocks, int[] stat_rows, bool training, float eps, str activation) "
       "-> (Tensor, Tensor, Tensor)");
   // -> (grad_x, grad_weight [C_full], grad_bias [C_full]); the affine grads sum over blocks.

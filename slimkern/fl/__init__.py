@@ -8,3 +8,8 @@ from slimkern.fl.aggregate import (  # noqa: F401
     Aggregator, AggregationReport, ClientUpdate, Layout, UpdateRejected,
     aggregate_loop, clustered, fedavg, fedrolex, fjord, heterofl, paradis, rolling_window,
 )
+from slimkern.fl.budget import Budget, Cost, assign_switch, fits, profile_cost  # noqa: F401
+from slimkern.fl.strategy import STRATEGIES, Strategy, get_strategy  # noqa: F401
+from slimkern.fl.simulate import (  # noqa: F401
+    Client, History, RoundRecord, Tier, make_clients, parse_tiers, simulate,
+)

@@ -205,7 +205,7 @@ def _load_flat(params: dict, agg: Aggregator, flat: torch.Tensor) -> None:
 
 
 def _accuracy(net, X, Y, sw, batch_size) -> float:
-    from slimkern import use_switch
+    from slimkern.nn import use_switch
     net.eval()
     correct = 0
     with torch.no_grad(), use_switch(net, sw):
@@ -215,14 +215,14 @@ def _accuracy(net, X, Y, sw, batch_size) -> float:
 
 
 def _calibrate(net, X, Y, switches, batch_size, num_batches) -> None:
-    from slimkern import calibrate_bn
+    from slimkern.nn import calibrate_bn
     batches = [(X[i:i + batch_size], Y[i:i + batch_size]) for i in range(0, len(X), batch_size)]
     calibrate_bn(net, batches, list(switches), num_batches=min(num_batches, len(batches)))
 
 
 def _local_train(net, X, Y, idx, sw, strategy: Strategy, epochs, lr, batch_size, momentum,
-                 weight_decay, gen: torch.Generator, pyrng: random.Random) -> None:
-    from slimkern import use_switch
+                 weight_decay, gen: torch.Generator, pyrng: random.Random, kd_weight: float = 1.0) -> None:
+    from slimkern.nn import forward_switches, use_switch
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     net.train()
     idx = torch.as_tensor(idx, dtype=torch.long)
@@ -234,14 +234,22 @@ def _local_train(net, X, Y, idx, sw, strategy: Strategy, epochs, lr, batch_size,
                 bi = perm[s:s + batch_size]
                 if len(bi) < 2 and len(perm) >= 2:  # BN in train mode needs two samples
                     continue
-                step_sw = strategy.step_switch(sw, pyrng)
-                if step_sw != current:
-                    if ctx is not None:
-                        ctx.__exit__(None, None, None)
-                    ctx = use_switch(net, step_sw)
-                    ctx.__enter__()
-                    current = step_sw
-                loss = F.cross_entropy(net(X[bi]), Y[bi])
+                sws = strategy.step_switches(sw, pyrng)
+                if len(sws) == 1:
+                    if sws[0] != current:
+                        if ctx is not None:
+                            ctx.__exit__(None, None, None)
+                        ctx = use_switch(net, sws[0])
+                        ctx.__enter__()
+                        current = sws[0]
+                    loss = F.cross_entropy(net(X[bi]), Y[bi])
+                else:
+                    # one packed pass; the client's own switch teaches the others (in-place KD)
+                    outs = forward_switches(net, X[bi], sws)
+                    loss = F.cross_entropy(outs[0], Y[bi])
+                    soft = F.softmax(outs[0].detach(), dim=1)
+                    for o in outs[1:]:
+                        loss = loss + kd_weight * F.cross_entropy(o, soft)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -270,7 +278,8 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
              rounds: int = 10, local_epochs: int = 1, lr: float = 0.05, batch_size: int = 32,
              clients_per_round: int | None = None, seed: int = 0, progress: bool = True,
              checkpoint: str | None = None, resume: bool = False, calib_set=None, *,
-             momentum: float = 0.9, weight_decay: float = 5e-4, eval_every: int = 1,
+             momentum: float = 0.9, weight_decay: float = 5e-4, lr_schedule: str = "constant",
+             eval_every: int = 1,
              calib_batches: int = 20, eval_batch_size: int = 256, dropout: float = 0.0,
              fault_fn: Callable[[int, ClientUpdate], ClientUpdate | None] | None = None,
              log: Callable[[str], None] | None = None) -> History:
@@ -283,6 +292,7 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
         calib_set: server-side data for recomputing BN statistics before evaluation; BN
             statistics never travel. Defaults to ``train_set`` (a real server would not
             hold it; the demo passes a held-out split).
+        lr_schedule: "constant", or "cosine": round r uses ``lr * (1 + cos(pi r / rounds)) / 2``.
         dropout: probability that a picked client never returns (seeded).
         fault_fn: ``(round, update) -> update or None``, applied to every returned update
             before the server sees it (for robustness tests: poison, reshape, drop).
@@ -299,6 +309,8 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if not clients:
@@ -380,6 +392,7 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
         drops = rng.random(len(picked)) < dropout
         dropped = [c for c, d in zip(picked, drops) if d]
         round_sw = {c: strat.round_switch(assigned[c], r) for c in picked}
+        lr_r = lr if lr_schedule == "constant" else lr * 0.5 * (1 + math.cos(math.pi * r / rounds))
         bytes_down: dict[str, int] = {}
         bytes_up: dict[str, int] = {}
         updates_by_group: dict[Hashable, list[ClientUpdate]] = {g: [] for g in groups}
@@ -394,7 +407,7 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
             _load_flat(wparams, agg, state[g])
             gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, r, cid, 7]).integers(2 ** 62)))
             pyrng = random.Random(hash((seed, r, cid)) & 0xFFFFFFFF)
-            _local_train(work, Xtr, Ytr, cl.indices, sw, strat, local_epochs, lr, batch_size, momentum,
+            _local_train(work, Xtr, Ytr, cl.indices, sw, strat, local_epochs, lr_r, batch_size, momentum,
                          weight_decay, gen, pyrng)
             u = ClientUpdate(cid, sw, agg.extract(agg.flatten(wparams), sw), float(len(cl.indices)))
             if fault_fn is not None:

@@ -44,6 +44,11 @@ class Strategy:
         """The switch of one local SGD step (default: the round's switch)."""
         return trained
 
+    def step_switches(self, trained, rng: random.Random) -> list:
+        """Switches trained together in one local step (one packed pass), the first one the
+        client's own; the others are distilled from it (default: just ``step_switch``)."""
+        return [self.step_switch(trained, rng)]
+
     def eval_switch(self, assigned):
         """The switch the tier is evaluated at."""
         return assigned
@@ -107,13 +112,39 @@ class FjORD(Strategy):
         return _switch_cls().width(rng.choice(choices))
 
 
+def _inside(sub, sw) -> bool:
+    """Every branch of ``sub`` lies inside one branch of ``sw`` (so ``sw``'s devices run it)."""
+    return all(any(a <= lo + 1e-9 and hi <= b + 1e-9 for a, b in sw.branches) for lo, hi in sub.branches)
+
+
 class ParaDiSFL(Strategy):
-    """Clients train their tier switch as is, multi-branch ones over several devices."""
+    """Clients train their tier switch, multi-branch ones over several devices.
+
+    With ``nested=True`` (default) a client also trains, in the same packed pass, every
+    other tier switch that its devices can run (those inside its own: a full device also
+    trains ``[0.5, 0.5]`` and ``[0.5]``, a two-device client also ``[0.5]``), distilled
+    in place from its own switch's logits -- ParaDiS Algorithm 1 run locally (Ozerov et
+    al.; in-place distillation from Yu & Huang 2019). The trained elements stay within the
+    client's own windows, so what travels and the aggregation are unchanged.
+    """
     name = "paradis"
     rule = staticmethod(rules.paradis)
 
+    def __init__(self, nested: bool = True):
+        self.nested = nested
+        self._tiers: tuple = ()
+
     def client_switch(self, tier_switch, tier_switches):
+        self._tiers = tuple(tier_switches)
         return tier_switch
+
+    def step_switches(self, trained, rng):
+        if not self.nested:
+            return [trained]
+        return [trained] + [s for s in self._tiers if s != trained and _inside(s, trained)]
+
+    def __repr__(self):
+        return f"ParaDiSFL(nested={self.nested})"
 
 
 class Clustered(Strategy):

@@ -114,8 +114,11 @@ class ChannelMixin(SlimModule):
         g = len(tables["blocks"])
         y = y.reshape(n, g, c, *rest)
         outs = []
-        for g0, g1 in tables["segments"]:
-            z = y[:, g0] if g1 - g0 == 1 else y[:, g0:g1].sum(1)
+        # split, not per-switch slicing: split's backward concatenates the grads instead of
+        # materialising a zero-filled full-size gradient per slice
+        parts = y.split([g1 - g0 for g0, g1 in tables["segments"]], 1)
+        for z in parts:
+            z = z.sum(1)
             if bias is not None:
                 z = z + bias.view(c, *([1] * len(rest)))
             outs.append(z)

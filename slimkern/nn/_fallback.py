@@ -20,11 +20,17 @@ def _offsets(blocks, x_offsets):
     return offs
 
 
+def _inputs(x, blocks, x_offsets):
+    """Each block's input window; default packing uses split (cheap backward: one cat)."""
+    if x_offsets is None and sum(i1 - i0 for i0, i1, _, _ in blocks) == x.shape[1]:
+        return x.split([i1 - i0 for i0, i1, _, _ in blocks], 1)
+    return [x[:, off:off + i1 - i0] for (i0, i1, _, _), off in zip(blocks, _offsets(blocks, x_offsets))]
+
+
 def block_conv2d(x, weight, bias, blocks, x_offsets=None, stride=1, padding=0, dilation=1, depthwise=False):
     blocks = [tuple(int(v) for v in b) for b in blocks]
     outs = []
-    for (i0, i1, o0, o1), off in zip(blocks, _offsets(blocks, x_offsets)):
-        xg = x[:, off:off + i1 - i0]
+    for (i0, i1, o0, o1), xg in zip(blocks, _inputs(x, blocks, x_offsets)):
         if depthwise:
             w, groups = weight[o0:o1], o1 - o0
         else:
@@ -37,9 +43,9 @@ def block_conv2d(x, weight, bias, blocks, x_offsets=None, stride=1, padding=0, d
 def block_linear(x, weight, bias, blocks, x_offsets=None):
     blocks = [tuple(int(v) for v in b) for b in blocks]
     outs = []
-    for (i0, i1, o0, o1), off in zip(blocks, _offsets(blocks, x_offsets)):
+    for (i0, i1, o0, o1), xg in zip(blocks, _inputs(x, blocks, x_offsets)):
         b = bias[o0:o1] if bias is not None else None
-        outs.append(F.linear(x[:, off:off + i1 - i0], weight[o0:o1, i0:i1], b))
+        outs.append(F.linear(xg, weight[o0:o1, i0:i1], b))
     return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
 
@@ -50,10 +56,10 @@ def switchable_batch_norm(x, weight, bias, running_mean, running_var, blocks, st
                           momentum, eps, activation="none"):
     """Per block ``F.batch_norm`` on channel rows ``[start, stop)`` of the full affine and of
     statistics row ``stat_rows[g]``; running statistics are updated in place (views)."""
-    outs, at = [], 0
-    for (s, e), r in zip([tuple(int(v) for v in b) for b in blocks], [int(r) for r in stat_rows]):
-        xg = x[:, at:at + e - s]
-        at += e - s
+    outs = []
+    blocks = [tuple(int(v) for v in b) for b in blocks]
+    xs = x.split([e - s for s, e in blocks], 1)
+    for (s, e), r, xg in zip(blocks, [int(r) for r in stat_rows], xs):
         rm = running_mean[r, s:e] if running_mean is not None else None
         rv = running_var[r, s:e] if running_var is not None else None
         w = weight[s:e] if weight is not None else None

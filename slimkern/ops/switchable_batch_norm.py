@@ -55,7 +55,7 @@ __all__ = ["switchable_batch_norm", "not_supported_reasons", "ACTIVATIONS", "BAC
 
 ACTIVATIONS = ("none", "relu", "relu6")
 BACKENDS = ("cpp", "triton", "torch")
-_OP = "switchable_batch_norm_forward"
+_OP = "switchable_batch_norm"
 
 
 def _flat_blocks(blocks) -> list[int]:
@@ -303,7 +303,7 @@ def _make_backward(backward_op):
 
 
 if _library.has_op(_OP):
-    torch.library.register_fake("slimkern::switchable_batch_norm_forward")(_fake_forward)
+    torch.library.register_fake("slimkern::switchable_batch_norm")(_fake_forward)
     torch.library.register_fake("slimkern::switchable_batch_norm_backward")(_fake_backward)
 
     @torch.library.register_fake("slimkern::switchable_batch_norm_update_stats_")
@@ -311,7 +311,7 @@ if _library.has_op(_OP):
                      momentum):
         return None
 
-    torch.library.register_autograd("slimkern::switchable_batch_norm_forward",
+    torch.library.register_autograd("slimkern::switchable_batch_norm",
                                     _make_backward(torch.ops.slimkern.switchable_batch_norm_backward),
                                     setup_context=_setup_context)
 
@@ -380,7 +380,7 @@ def switchable_batch_norm(
         update = _update_stats_torch
     else:
         if name == "cpp":
-            forward = torch.ops.slimkern.switchable_batch_norm_forward
+            forward = torch.ops.slimkern.switchable_batch_norm
             update = torch.ops.slimkern.switchable_batch_norm_update_stats_
         else:
             forward, _ = _triton_ops()

@@ -498,7 +498,7 @@ void update_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(slimkern, CPU, m) {
-  m.impl("switchable_batch_norm_forward", &forward_cpu);
+  m.impl("switchable_batch_norm", &forward_cpu);
   m.impl("switchable_batch_norm_backward", &backward_cpu);
   m.impl("switchable_batch_norm_update_stats_", &update_stats_cpu);
 }

@@ -330,7 +330,7 @@ void update_stats_cuda(at::Tensor& running_mean, at::Tensor& running_var,
 }  // namespace
 
 TORCH_LIBRARY_IMPL(slimkern, CUDA, m) {
-  m.impl("switchable_batch_norm_forward", &forward_cuda);
+  m.impl("switchable_batch_norm", &forward_cuda);
   m.impl("switchable_batch_norm_backward", &backward_cuda);
   m.impl("switchable_batch_norm_update_stats_", &update_stats_cuda);
 }

@@ -17,28 +17,60 @@ constexpr double kSumMin = 1e-250;     // kernel sums below this are redone in l
 constexpr double kWarmHeadroom = 200;  // warm-start kernel exponents are capped at this
 
 // One fused pass over the kernel rows: u_i = a_i / (K~ v)_i, then s += u_i K~_i while the
-// row is still in L1, so each iteration reads the n*m kernel once. Stops at the first row
-// that needs care (kernel sum not in [smin, DBL_MAX], scaling not in [umin, umax]) and
-// returns its index; n when every row went through.
+// rows are still in L1, so each iteration reads the n*m kernel once. Rows go four at a
+// time: four independent dot products hide the FMA latency and s is loaded and stored
+// once per four rows. Stops at the first row that needs care (kernel sum not in
+// [smin, DBL_MAX], scaling not in [umin, umax]) and returns its index; n when every row
+// went through.
 SK_SOLVER_CLONES int64_t fused_rows(const double* K, int64_t m, int64_t i, int64_t n,
                                     const double* v, const double* a, double* u, double* s,
                                     double smin, double umin, double umax) {
-  for (; i < n; ++i) {
-    const double ai = a[i];
-    if (ai == 0.0) {
-      u[i] = 0.0;
-      continue;
-    }
-    const double* row = K + i * m;
-    double t = 0.0;
-#pragma omp simd reduction(+ : t)
-    for (int64_t j = 0; j < m; ++j) t += row[j] * v[j];
-    if (!(t >= smin && t <= DBL_MAX)) return i;
-    const double ui = ai / t;
-    if (!(ui >= umin && ui <= umax)) return i;
-    u[i] = ui;
+  auto ok_sum = [&](double t) { return t >= smin && t <= DBL_MAX; };
+  auto ok_u = [&](double x) { return x >= umin && x <= umax; };
+  while (i < n) {
+    if (i + 4 <= n && a[i] > 0.0 && a[i + 1] > 0.0 && a[i + 2] > 0.0 && a[i + 3] > 0.0) {
+      const double* r0 = K + i * m;
+      const double* r1 = r0 + m;
+      const double* r2 = r1 + m;
+      const double* r3 = r2 + m;
+      double t0 = 0.0, t1 = 0.0, t2 = 0.0, t3 = 0.0;
+#pragma omp simd reduction(+ : t0, t1, t2, t3)
+      for (int64_t j = 0; j < m; ++j) {
+        t0 += r0[j] * v[j];
+        t1 += r1[j] * v[j];
+        t2 += r2[j] * v[j];
+        t3 += r3[j] * v[j];
+      }
+      if (ok_sum(t0) && ok_sum(t1) && ok_sum(t2) && ok_sum(t3)) {
+        const double u0 = a[i] / t0, u1 = a[i + 1] / t1, u2 = a[i + 2] / t2, u3 = a[i + 3] / t3;
+        if (ok_u(u0) && ok_u(u1) && ok_u(u2) && ok_u(u3)) {
+          u[i] = u0, u[i + 1] = u1, u[i + 2] = u2, u[i + 3] = u3;
 #pragma omp simd
-    for (int64_t j = 0; j < m; ++j) s[j] += ui * row[j];
+          for (int64_t j = 0; j < m; ++j) s[j] += u0 * r0[j] + u1 * r1[j] + u2 * r2[j] + u3 * r3[j];
+          i += 4;
+          continue;
+        }
+      }
+      // A row of this block needs care: take the block one row at a time below.
+    }
+    const int64_t stop = std::min(n, i + 4);
+    for (; i < stop; ++i) {
+      const double ai = a[i];
+      if (ai == 0.0) {
+        u[i] = 0.0;
+        continue;
+      }
+      const double* row = K + i * m;
+      double t = 0.0;
+#pragma omp simd reduction(+ : t)
+      for (int64_t j = 0; j < m; ++j) t += row[j] * v[j];
+      if (!ok_sum(t)) return i;
+      const double ui = ai / t;
+      if (!ok_u(ui)) return i;
+      u[i] = ui;
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) s[j] += ui * row[j];
+    }
   }
   return n;
 }

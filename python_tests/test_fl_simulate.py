@@ -1,0 +1,174 @@
+"""Small end-to-end federated runs on digits (8x8) with a tiny slimmable CNN."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from slimkern import Switch
+from slimkern.fl import parse_tiers, make_clients, simulate
+from slimkern.fl.aggregate import ClientUpdate
+from slimkern.fl.models import small_cnn
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # many tiny ops: a second OpenMP thread only adds barrier stalls on a shared CPU
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data():
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    X = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    X = (X - 0.3) / 0.4
+    Y = torch.tensor(d.target)
+    g = np.random.default_rng(0).permutation(len(Y))
+    tr, te = g[:400], g[1500:1650]
+    return (X[tr], Y[tr]), (X[te], Y[te])
+
+
+def _clients(train, n=6, seed=0):
+    tiers = parse_tiers("full=1.0:0.34,small=0.5:0.33,two=[0.5,0.5]:0.33")
+    return make_clients(train[1].numpy(), tiers, n, "dirichlet", alpha=1.0, seed=seed)
+
+
+def _run(data, strategy="paradis", rounds=2, **kw):
+    train, test = data
+    net = small_cnn(channels=(8, 16, 16), seed=1)
+    kw.setdefault("clients_per_round", 6)
+    h = simulate(net, train, test, _clients(train), strategy, rounds=rounds, local_epochs=2, lr=0.1,
+                 batch_size=32, seed=3, progress=False, **kw)
+    return net, h
+
+
+def test_parse_tiers_and_clients():
+    tiers = parse_tiers("1.0:0.3,0.5:0.4,[0.5,0.5]:0.3")
+    assert [t.switch for t in tiers] == [Switch([1.0]), Switch([0.5]), Switch([0.5, 0.5])]
+    assert [t.name for t in tiers] == ["[1.0]x", "[0.5]x", "[0.5, 0.5]x"]
+    cl = make_clients(np.arange(200) % 10, tiers, 20, "iid", seed=0)
+    counts = {t.name: sum(c.tier == t.name for c in cl) for t in tiers}
+    assert counts == {"[1.0]x": 6, "[0.5]x": 8, "[0.5, 0.5]x": 6}
+    assert sorted(np.concatenate([c.indices for c in cl]).tolist()) == list(range(200))
+    with pytest.raises(ValueError, match="sum to 0.9"):
+        parse_tiers("1.0:0.5,0.5:0.4")
+    with pytest.raises(ValueError, match="expected 'switch:fraction'"):
+        parse_tiers("1.0")
+
+
+def test_small_run_learns_and_counts_bytes(data):
+    net, h = _run(data, "paradis", rounds=5)
+    assert len(h.rounds) == 5
+    assert h.tiers == {"full": "[1.0]x", "small": "[0.5]x", "two": "[0.5, 0.5]x"}
+    last = h.last_accuracy()
+    assert set(last) == {"full", "small", "two"} and all(a > 0.3 for a in last.values()), last  # chance: 0.1
+    # bytes: per client the sliced parameter count of its switch x 4 bytes, down and up
+    from slimkern.nn import parameter_ranges
+    params = dict(net.named_parameters())
+
+    def nbytes(sw):
+        seen = set()
+        for name, wins in parameter_ranges(net, sw, buffers=False).items():
+            for w in wins:
+                idx = torch.arange(params[name].numel()).view(params[name].shape)[w].flatten().tolist()
+                seen.update((name, i) for i in idx)
+        return 4 * len(seen)
+
+    r0 = h.rounds[0]
+    cl = _clients(data[0])
+    for tier, sw in (("full", Switch([1.0])), ("small", Switch([0.5])), ("two", Switch([0.5, 0.5]))):
+        n = sum(c.tier == tier for c in cl)
+        assert r0.bytes_down[tier] == r0.bytes_up[tier] == n * nbytes(sw)
+    assert nbytes(Switch([0.5])) < nbytes(Switch([0.5, 0.5])) < nbytes(Switch([1.0]))
+    assert all(r.wall_time > 0 for r in h.rounds)
+
+
+def test_deterministic_and_resume_identical(data, tmp_path):
+    net_a, ha = _run(data, "heterofl", rounds=3)
+    ck = str(tmp_path / "ck.pt")
+    _run(data, "heterofl", rounds=2, checkpoint=ck)
+    net_b, hb = _run(data, "heterofl", rounds=3, checkpoint=ck, resume=True)
+    sa, sb = net_a.state_dict(), net_b.state_dict()
+    assert sa.keys() == sb.keys()
+    for n, a in sa.items():
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, sb[n]), n
+    assert [r.accuracy for r in ha.rounds] == [r.accuracy for r in hb.rounds]
+    assert [r.bytes_up for r in ha.rounds] == [r.bytes_up for r in hb.rounds]
+    with pytest.raises(ValueError, match="belongs to another run"):
+        _run(data, "paradis", rounds=3, checkpoint=ck, resume=True)
+
+
+def test_faults_rejected_model_finite(data):
+    def poison(r, u: ClientUpdate):
+        v = u.values.clone()
+        if u.client == 0:
+            v[5] = float("nan")
+        elif u.client == 1:
+            v = v[:-3]
+        elif u.client == 2:
+            return ClientUpdate(u.client, Switch([0.25]), u.values, u.num_samples)  # not its switch
+        elif u.client == 3:
+            return None  # drops out after training
+        return ClientUpdate(u.client, u.switch, v, u.num_samples)
+
+    logs = []
+    net, h = _run(data, "paradis", rounds=2, fault_fn=poison, log=logs.append)
+    for r in h.rounds:
+        why = dict(r.rejected)
+        assert "NaN" in why[0] and "flat vector of" in why[1] and "was assigned" in why[2]
+        assert r.accepted == [4, 5] and r.dropped == [3]
+    assert sum("rejected update of client 0" in m for m in logs) == 2
+    assert all(torch.isfinite(t).all() for t in net.state_dict().values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def test_nobody_returns_model_unchanged(data):
+    train, test = data
+    net = small_cnn(channels=(8, 16, 16), seed=1)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    logs = []
+    h = simulate(net, train, test, _clients(train), "paradis", rounds=1, seed=0, progress=False,
+                 fault_fn=lambda r, u: None, log=logs.append)
+    assert "unchanged" in h.rounds[0].note and any("unchanged" in m for m in logs)
+    for n, p in net.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedrolex", "fjord", "clustered"])
+def test_other_strategies_run(data, strategy):
+    net, h = _run(data, strategy, rounds=2)
+    acc = h.last_accuracy()
+    assert acc and all(0 <= a <= 1 for a in acc.values())
+    if strategy == "fedavg":
+        assert set(h.tiers.values()) == {"[0.5]x"}
+        assert set(h.rounds[0].bytes_up) == {"full", "small", "two"}
+    if strategy == "clustered":
+        assert h.tiers == {"full": "[1.0]x", "small": "[0.5]x", "two": "[0.5]x"}
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+def test_bad_arguments(data):
+    train, test = data
+    net = small_cnn(channels=(8, 16, 16))
+    cl = _clients(train)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        simulate(net, train, test, cl, "fedprox", rounds=1, progress=False)
+    with pytest.raises(ValueError, match="clients_per_round must be in"):
+        simulate(net, train, test, cl, "paradis", rounds=1, clients_per_round=99, progress=False)
+    with pytest.raises(ValueError, match="resume=True needs a checkpoint"):
+        simulate(net, train, test, cl, "paradis", rounds=1, resume=True, progress=False)
+
+
+def test_fedrolex_wrapped_window_runs(data):
+    from slimkern.fl.strategy import FedRolex
+    net, h = _run(data, FedRolex(step=0.75), rounds=2)
+    r1 = h.rounds[1]
+    # round 1: width-0.5 clients train the wrapped window [0.75, 1) + [0, 0.25) (two ranges)
+    assert r1.accepted == sorted(r1.selected) and not r1.rejected
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    assert h.tiers == {"full": "[1.0]x", "small": "[0.5]x", "two": "[0.5]x"}

@@ -1,0 +1,141 @@
+"""``slimkern fl`` and the federated ``slimkern demo`` (hooked into ``slimkern/cli.py``).
+
+    slimkern fl --strategy paradis --clients 20 --tiers "1.0:0.3,0.5:0.4,[0.5,0.5]:0.3" \\
+                --partition dirichlet --alpha 0.5 --rounds 20 --out runs/fl
+    slimkern demo            # federated demo: paradis vs heterofl vs small-model-only fedavg
+    slimkern demo paradis    # the centralised ParaDiS demo
+
+``--strategy`` takes several names to compare them on the same clients. Every flag can also
+be a key of a ``--config`` YAML/JSON file; flags on the command line win. The run folder
+gets config.json, log.txt, report.json/csv, history.json, fl_accuracy.png and a checkpoint
+per strategy (``--resume`` continues them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from slimkern.fl.demo import DEMO_FL
+
+__all__ = ["add_fl_parser", "cmd_fl", "run_demo", "main"]
+
+_HELP = {
+    "tiers": "tiers as 'switch:fraction,...', optionally 'name=switch:fraction' "
+             "(e.g. '1.0:0.3,0.5:0.4,[0.5,0.5]:0.3')",
+    "strategies": "paradis, heterofl, fedavg, fedrolex, fjord, clustered (several to compare)",
+    "clients": "number of clients", "partition": "iid, dirichlet or shards",
+    "alpha": "Dirichlet concentration (label skew; smaller = more skewed)",
+    "classes_per_client": "shards: classes per client",
+    "rounds": "federated rounds", "local_epochs": "local epochs per round",
+    "clients_per_round": "clients picked per round (0: all)", "lr": "client SGD learning rate",
+    "lr_schedule": "constant or cosine (over rounds)", "batch_size": "client batch size",
+    "channels": "SmallCNN channels of the 1.0x net", "calib_fraction": "share of the training split kept "
+    "on the server for BN calibration", "calib_batches": "BN calibration batches",
+    "eval_every": "evaluate every N rounds (and after the last)", "seed": "seed", "threads": "torch CPU threads",
+    "out": "run folder",
+}
+
+
+def _add_options(p: argparse.ArgumentParser, defaults: dict) -> None:
+    p.add_argument("--config", default=None, help="YAML/JSON file whose keys mirror these flags")
+    for key, default in DEMO_FL.items():
+        shown = defaults.get(key, default)
+        flag = "--strategy" if key == "strategies" else "--" + key.replace("_", "-")
+        h = f"{_HELP.get(key, '')} (default: {shown!r})"
+        if isinstance(default, list):
+            p.add_argument(flag, dest=key, nargs="+", default=argparse.SUPPRESS, help=h,
+                           type=int if key == "channels" else str)
+        else:
+            p.add_argument(flag, dest=key, type=type(default), default=argparse.SUPPRESS, help=h)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoints")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+
+
+def add_fl_parser(sub) -> argparse.ArgumentParser:
+    """Adds ``fl`` to an ``argparse`` subparsers object (``slimkern/cli.py`` calls this)."""
+    p = sub.add_parser("fl", help="federated training across heterogeneous devices (simulation)")
+    _add_options(p, {"out": "runs/fl"})
+    return p
+
+
+def _load_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path!r}")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if path.endswith(".json"):
+        data = json.loads(text)
+    else:
+        import yaml
+        data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path!r} must be a mapping of option names to values")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    if "strategy" in data:
+        data["strategies"] = data.pop("strategy")
+    unknown = sorted(set(data) - set(DEMO_FL))
+    if unknown:
+        raise ValueError(f"config {path!r}: unknown keys {unknown}; known: {sorted(DEMO_FL)}")
+    if isinstance(data.get("strategies"), str):
+        data["strategies"] = [data["strategies"]]
+    return data
+
+
+def resolve(args: argparse.Namespace, preset: dict | None = None) -> dict:
+    cfg = dict(preset or {})
+    if getattr(args, "config", None):
+        cfg.update(_load_config(args.config))
+    cfg.update({k: v for k, v in vars(args).items() if k in DEMO_FL})
+    return {**DEMO_FL, **cfg}
+
+
+def _run(cfg: dict, args) -> int:
+    from slimkern.fl.demo import run_fl_demo
+    from slimkern.fl.strategy import STRATEGIES
+
+    bad = [s for s in cfg["strategies"] if s not in STRATEGIES]
+    if bad:
+        print(f"slimkern fl: unknown strategy {bad}; choose from {sorted(STRATEGIES)}", file=sys.stderr)
+        return 2
+    report = run_fl_demo(cfg, progress=getattr(args, "progress", True), resume=getattr(args, "resume", False))
+    print(f"report: {os.path.join(cfg['out'], 'report.json')}  plot: {os.path.join(cfg['out'], 'fl_accuracy.png')}")
+    return 0
+
+
+def cmd_fl(args) -> int:
+    try:
+        cfg = resolve(args, {"out": "runs/fl"})
+        return _run(cfg, args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"slimkern fl: {exc}", file=sys.stderr)
+        return 2
+
+
+def run_demo(args) -> int:
+    """The federated demo (``slimkern demo`` without ``paradis``)."""
+    return cmd_fl_demo(args)
+
+
+def cmd_fl_demo(args) -> int:
+    try:
+        cfg = resolve(args, {})
+        return _run(cfg, args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"slimkern demo: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv=None) -> int:
+    """Standalone entry: ``python -m slimkern.fl.cli [fl|demo] ...``."""
+    parser = argparse.ArgumentParser(prog="slimkern")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_fl_parser(sub)
+    _add_options(sub.add_parser("demo", help="federated demo on digits"), {})
+    args = parser.parse_args(argv)
+    return cmd_fl(args) if args.command == "fl" else cmd_fl_demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
