@@ -26,7 +26,7 @@ from slimkern.train import packed_step
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import _plain_slimmable as P  # noqa: E402
 
-HAS_OPS = all(_library.has_op(n) for n in ("block_conv2d", "block_linear", "switchable_batch_norm_forward"))
+HAS_OPS = all(_library.has_op(n) for n in ("block_conv2d", "block_linear", "switchable_batch_norm"))
 needs_ops = pytest.mark.skipif(not HAS_OPS, reason=f"C++ ops not built ({_library.LOAD_ERROR})")
 
 PARADIS = ["[1.2]x", "[1.0]x", "[0.5, 0.5]x", "[4x0.25]x"]
@@ -105,7 +105,7 @@ def test_forward_switches_runs_each_layer_once(name, monkeypatch):
     n_conv = sum(isinstance(m, sk.nn.SlimConv2d) for _, m in slim_modules(net))
     n_bn = sum(isinstance(m, sk.nn.SwitchableBatchNorm2d) for _, m in slim_modules(net))
     assert ops["slimkern::block_conv2d"] == ops["slimkern::block_conv2d_backward"] == n_conv
-    assert ops["slimkern::switchable_batch_norm_forward"] == n_bn
+    assert ops["slimkern::switchable_batch_norm"] == n_bn
     assert ops["slimkern::switchable_batch_norm_backward"] == n_bn
     assert ops["slimkern::block_linear"] == ops["slimkern::block_linear_backward"] == 1
     # no layer fell back to the dense aten ops
