@@ -554,6 +554,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_conv2d_backward_cpu(
     general_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
     return {gx, gw, gb};
   }
+  if (!G.depthwise && G.H * G.W <= 256) {
+    // 1x1 on small maps: the batched GEMMs re-read the weight slice once per image (N times
+    // Co x Ci for a K = H*W product), while oneDNN runs one GEMM over all N*H*W pixels. In the
+    // MobileNet-v1 ParaDiS step (batch 64, 2 cores) oneDNN per block was 1.2x faster at 16x16,
+    // 2x at 8x8, 4x at 4x4 and 17x at 2x2 (1228 channels: 858 ms -> 49 ms per layer).
+    general_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
+    return {gx, gw, gb};
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_conv2d_backward_cpu", [&] {
     if (G.depthwise) {
       if (mask[0]) gx.zero_();
