@@ -39,7 +39,9 @@ test-ctest: venv
 	$(VENV)/bin/cmake --build build/cmake -j $(MAX_JOBS)
 	$(VENV)/bin/ctest --test-dir build/cmake --output-on-failure
 
+# The main job: what was built, then the federated ParaDiS demo (slimkern demo).
 demo: build
+	$(VENV)/bin/slimkern info
 	$(VENV)/bin/slimkern demo
 
 bench: build

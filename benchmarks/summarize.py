@@ -1,9 +1,16 @@
-"""Ratio table from a pytest-benchmark JSON: for each benchmark group, every provider's median
+"""Ratio table from pytest-benchmark JSONs: for each benchmark group, every provider's median
 time and its speed relative to the others (median-based; ratios > 1 mean faster).
 
-A provider is read from ``extra_info["provider"]``, else from a ``provider`` parameter.
+A provider is read from ``extra_info["provider"]``, else from a ``provider`` parameter. With
+several files, a group found in a later file replaces the earlier one as a whole (a re-run of
+a noisy group), so every ratio still compares providers timed in one run.
 
-    python benchmarks/summarize.py benchmarks/results/block_ops.json [--base slimkern] [--markdown]
+    python benchmarks/summarize.py benchmarks/results/block_ops.json [more.json] [--base slimkern]
+        [--markdown] [--targets]
+
+--targets checks the CPU targets of the block ops (issue 2) on groups whose extra_info names
+``mode``, ``kind`` and ``G``: forward at G = 1 at least 0.9x the dense limit; forward+backward
+at G >= 2 on 1x1 and depthwise shapes at least 1.3x the naive path; nothing below 0.9x naive.
 """
 from __future__ import annotations
 
@@ -14,15 +21,57 @@ from collections import defaultdict
 
 
 def load(path):
+    """(machine_info, {group: {provider: median}}, {group: extra_info of its first benchmark})."""
     with open(path) as f:
         data = json.load(f)
-    groups = defaultdict(dict)
+    groups, info = defaultdict(dict), {}
     for bench in data["benchmarks"]:
         provider = bench.get("extra_info", {}).get("provider") or (bench.get("params") or {}).get("provider")
         if provider is None:
             continue
-        groups[bench.get("group") or bench["name"]][provider] = bench["stats"]["median"]
-    return data.get("machine_info", {}), groups
+        group = bench.get("group") or bench["name"]
+        groups[group][provider] = bench["stats"]["median"]
+        info.setdefault(group, bench.get("extra_info", {}))
+    return data.get("machine_info", {}), groups, info
+
+
+def load_all(paths):
+    machine, groups, info = {}, {}, {}
+    for path in paths:
+        m, g, i = load(path)
+        machine = machine or m
+        with open(path) as f:
+            timer = (json.load(f).get("benchmarks") or [{}])[0].get("options", {}).get("timer", "?")
+        print(f"# {path}: timer {timer}")
+        groups.update(g)
+        info.update(i)
+    return machine, groups, info
+
+
+TARGETS = (  # (name, applies(extra_info), provider compared with, minimum time(other)/time(slimkern))
+    ("fwd G=1 vs dense >= 0.9x", lambda e: e.get("mode") == "fwd" and e.get("G") == 1, "dense", 0.9),
+    ("fwd+bwd G>=2 1x1/dw vs naive >= 1.3x",
+     lambda e: e.get("mode") == "fwdbwd" and (e.get("G") or 0) >= 2 and e.get("kind") in ("1x1", "dw3x3"),
+     "naive", 1.3),
+    ("every case vs naive >= 0.9x", lambda e: "mode" in e, "naive", 0.9),
+)
+
+
+def check_targets(groups, info, base="slimkern"):
+    """Lines of a target report; returns (lines, number of failures)."""
+    lines, failures = [], 0
+    for name, applies, other, minimum in TARGETS:
+        rows = [(g, m[other] / m[base]) for g, m in groups.items()
+                if applies(info.get(g, {})) and other in m and base in m]
+        if not rows:
+            continue
+        bad = [(g, r) for g, r in rows if r < minimum]
+        failures += len(bad)
+        worst = min(rows, key=lambda gr: gr[1])
+        lines.append(f"{'FAIL' if bad else 'ok  '} {name}: {len(rows) - len(bad)}/{len(rows)} hold; "
+                     f"min {worst[1]:.2f}x ({worst[0]})")
+        lines += [f"       below: {g} {r:.2f}x" for g, r in bad]
+    return lines, failures
 
 
 def table(groups, base=None):
@@ -56,17 +105,22 @@ def render(header, rows, markdown=False):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("json")
+    ap.add_argument("json", nargs="+", help="pytest-benchmark JSON files; later ones replace groups")
     ap.add_argument("--base", help="provider the others are compared with (default: the first seen)")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--targets", action="store_true", help="check the block-op CPU targets (exit 2 on a miss)")
     args = ap.parse_args(argv)
-    machine, groups = load(args.json)
+    machine, groups, info = load_all(args.json)
     if not groups:
         print("no benchmarks with a provider in", args.json, file=sys.stderr)
         return 1
     cpu = machine.get("cpu", {}).get("brand_raw", "?")
-    print(f"# {args.json}: {cpu}, medians; 'A vs B' = time(B) / time(A), > 1 means A is faster")
+    print(f"# {', '.join(args.json)}: {cpu}, medians; 'A vs B' = time(B) / time(A), > 1 means A is faster")
     print(render(*table(groups, args.base), markdown=args.markdown))
+    if args.targets:
+        lines, failures = check_targets(groups, info, args.base or "slimkern")
+        print("\n".join(["", "# targets (median ratios, time(other) / time(slimkern))"] + lines))
+        return 2 if failures else 0
     return 0
 
 

@@ -61,9 +61,14 @@ CONV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", CONV_CASES)
+# The C++ kernels get every case in both dtypes; the pure-torch path (slicing + F.conv2d, close
+# to the reference itself) a representative subset, to keep the file fast.
+_TORCH_CASES = {0, 2, 5, 8}
+SWEEP = [(b, dt, c) for b in BACKENDS for dt in (torch.float32, torch.float64) for i, c in enumerate(CONV_CASES)
+         if b == "cpp" or (i in _TORCH_CASES and dt == torch.float32)]
+
+
+@pytest.mark.parametrize("backend,dtype,case", SWEEP)
 def test_conv_sweep(backend, dtype, case):
     k, s, p, d, dw = case
     rng = random.Random(hash((k, s, p, d, dw)) & 0xFFFF)
@@ -158,6 +163,60 @@ def test_gradcheck_conv(backend):
         b = torch.randn(c, dtype=dt, requires_grad=True)
         fn = lambda x, w, b: sk.ops.block_conv2d(x, w, b, rows, None, s, p, d, dw, backend=backend)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
+
+
+@needs_cpp
+@pytest.mark.parametrize("table,offs", [
+    ([(0, 64, 0, 96), (64, 128, 96, 160)], None),           # ParaDiS blocks, wide enough for oneDNN
+    ([(0, 128, 0, 128), (0, 64, 0, 64), (0, 32, 0, 32)], [0, 0, 0]),  # sandwich on one shared input
+    ([(0, 96, 0, 80)], [16]),                                # G = 1 on a window of a wider x
+    ([(8, 40, 0, 24), (0, 16, 8, 40)], None),                # small blocks: the batched-GEMM engine
+])
+@pytest.mark.parametrize("hw", [4, 17])
+def test_pointwise_engines(table, offs, hw):
+    # 1x1 blocks take MKL batched GEMMs or oneDNN by block and map size; both against the reference.
+    torch.manual_seed(5)
+    width = max(r[1] - r[0] for r in table)
+    c_x = max((o or 0) for o in offs) + width if offs else sum(r[1] - r[0] for r in table)
+    x = torch.randn(3, c_x, hw, hw, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(160, 128, 1, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(160, dtype=torch.float64, requires_grad=True)
+    out = sk.ops.block_conv2d(x, w, b, table, offs, backend="cpp")
+    ref = ref_block_conv2d(x, w, b, table, offs, 1, 0, 1, False)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g))
+
+
+@needs_cpp
+@pytest.mark.parametrize("table,offs,stride", [
+    ([(0, 64, 0, 64), (64, 72, 64, 72)], None, 1),   # a 64-channel block (oneDNN forward) + a small one
+    ([(0, 80, 0, 80)], [4], 2),                       # G = 1 on a window of a wider x, strided
+    ([(0, 80, 0, 80), (8, 72, 8, 72)], [0, 8], 1),    # every block wide (oneDNN backward), overlapping
+])
+def test_depthwise_engines(table, offs, stride):
+    torch.manual_seed(7)
+    c_x = offs[0] + 80 if offs else sum(r[1] - r[0] for r in table)
+    x = torch.randn(2, c_x, 6, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(80, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(80, dtype=torch.float64, requires_grad=True)
+    out = sk.ops.block_conv2d(x, w, b, table, offs, stride=stride, padding=1, depthwise=True, backend="cpp")
+    ref = ref_block_conv2d(x, w, b, table, offs, stride, 1, 1, True)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g))
+
+
+@needs_cpp
+def test_pointwise_grad_weight_chunks():
+    # grad_weight sums over the batch in chunks once N * C_out * C_in exceeds the scratch cap.
+    torch.manual_seed(6)
+    x = torch.randn(5, 512, 2, 2)
+    w = torch.randn(512, 512, 1, 1, requires_grad=True)
+    sk.ops.block_conv2d(x, w, None, [(0, 512, 0, 512)], backend="cpp").square().sum().backward()
+    wr = w.detach().requires_grad_()
+    ref_block_conv2d(x, wr, None, [(0, 512, 0, 512)], [0], 1, 0, 1, False).square().sum().backward()
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("backend", LIN_BACKENDS)

@@ -51,6 +51,13 @@ def test_cli_train_eval_end_to_end(tmp_path, capsys):
     assert cli.main(["eval", "--run", str(out), "--switches", "[1.0]x", "[0.25, 0.75]", "--no-progress"]) == 0
     ev = json.loads((out / "eval.json").read_text())
     assert [r["switch"] for r in ev["switches"]] == ["[1.0]x", "[0.25, 0.75]x"]
+    # export a switch of the run: one plain module per device
+    assert cli.main(["export", "--run", str(out), "--switch", "[0.5, 0.5]x"]) == 0
+    branches = sorted((out / "export").glob("*/branch?.pt"))
+    assert len(branches) == 2
+    import torch
+    b0 = torch.load(branches[0], weights_only=False)
+    assert not any(type(m).__module__.startswith("slimkern") for m in b0.modules())
 
 
 def test_python_dash_m_slimkern_help():

@@ -96,7 +96,7 @@ def test_evaluate_individual_and_outputs(tmp_path):
     con = Console(record=True, width=120)
     con.print(rep.table())
     text = con.export_text()
-    assert "[0.5, 0.5]x" in text and "individual" in text
+    assert "[0.5, 0.5]x" in text and "indiv." in text
 
 
 def test_evaluate_errors():

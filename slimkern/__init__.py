@@ -1,18 +1,23 @@
 """slimkern: slimmable and ParaDiS networks with C++/CUDA/Triton kernels.
 
-The public face (see DESIGN.md): ``Switch``, ``slimmify``, ``use_switch``,
+The public face (see DESIGN.md): ``Switch``, ``slimmify``, ``set_switch``, ``use_switch``,
 ``forward_switches``, ``calibrate_bn``, ``export``, ``profile``, ``evaluate``,
 and the namespaces ``ops``, ``solvers``, ``nn``, ``models``, ``data``, ``train``, ``fl``.
 """
-from slimkern import _library  # noqa: F401  (loads the extension, warns when it cannot)
-from slimkern import ops
-from slimkern import solvers
-
 __version__ = "0.1.0"
+
+from slimkern import _library  # noqa: F401  (loads the extension, warns when it cannot)
+from slimkern import ops, solvers
 from slimkern.switch import Switch
 from slimkern import nn
-from slimkern.nn import set_switch, use_switch, forward_switches, calibrate_bn
+from slimkern.nn import calibrate_bn, forward_switches, set_switch, use_switch
 from slimkern.profile import profile
 from slimkern.export import export
 from slimkern.slimmify import slimmify
 from slimkern.evaluate import evaluate
+from slimkern import data, fl, models, train  # noqa: E402  (namespaces built on the names above)
+
+__all__ = [
+    "Switch", "slimmify", "set_switch", "use_switch", "forward_switches", "calibrate_bn", "export",
+    "profile", "evaluate", "ops", "solvers", "nn", "models", "data", "train", "fl",
+]

@@ -25,10 +25,10 @@ from slimkern.config import ConfigError, load_config, merge
 # The ParaDiS demo: sized so training + calibration + evaluation + the individual baseline
 # finish in a few minutes on a 2-core CPU (see docs/train.md for the measurements).
 DEMO_PARADIS: dict = {
-    "dataset": "digits", "image_size": 16, "channels": 3, "model": "mobilenet_v1", "width_mult": 0.25,
+    "dataset": "digits", "image_size": 16, "channels": 3, "model": "mobilenet_v1", "width_mult": 0.5,
     "max_width": 1.2, "recipe": "paradis", "switches": ["[1.2]x", "[1.0]x", "[0.5, 0.5]x", "[4x0.25]x"],
     "eval_switches": ["[0.5, 0.25, 0.25]x"], "individual": ["[0.5, 0.5]x"], "beta": 1.0, "kd": "wide",
-    "epochs": 12, "batch_size": 32, "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine",
+    "epochs": 10, "individual_epochs": 6, "batch_size": 32, "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine",
     "calibrate_batches": 20, "out": "runs/demo-paradis", "export": ["[0.5, 0.5]x"], "threads": 1,
 }
 

@@ -96,14 +96,17 @@ class Report:
         """A ``rich.table.Table`` (print it with ``rich.print`` or :meth:`print`)."""
         from rich.table import Table
 
-        t = Table(title=title or self.meta.get("title", "slimkern evaluation"))
-        for col, just in (("switch", "left"), ("model", "left"), ("top-1 %", "right"), ("MFLOPs", "right"),
-                          ("max/device MFLOPs", "right"), ("params (k)", "right"), ("trained", "center")):
+        from rich import box
+
+        t = Table(title=title or self.meta.get("title", "slimkern evaluation"), box=box.SIMPLE_HEAD,
+                  caption="MMAC: millions of multiply-adds per image (all devices / busiest device)")
+        for col, just in (("switch", "left"), ("model", "left"), ("top1 %", "right"), ("MMAC", "right"),
+                          ("MMAC/dev", "right"), ("kparam", "right"), ("trained", "center")):
             t.add_column(col, justify=just, no_wrap=col in ("switch", "model"))
         for r in self.results:
             trained = {True: "yes", False: "no", None: "?"}[r.trained]
-            t.add_row(r.switch, r.kind, f"{100 * r.top1:.2f}", f"{r.macs / 1e6:.3f}",
-                      f"{r.max_device_macs / 1e6:.3f}", f"{r.params / 1e3:.1f}", trained)
+            t.add_row(r.switch, "indiv." if r.kind == "individual" else r.kind, f"{100 * r.top1:.2f}",
+                      f"{r.macs / 1e6:.2f}", f"{r.max_device_macs / 1e6:.2f}", f"{r.params / 1e3:.1f}", trained)
         return t
 
     def print(self, console=None) -> None:
@@ -140,11 +143,15 @@ class Report:
                 ax.annotate(r.switch, (r.macs / 1e6, 100 * r.top1), fontsize=7, xytext=(4, 4),
                             textcoords="offset points", color="C3")
         ax.set_xscale("log")
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("MFLOPs (millions of multiply-adds per image)")
         ax.set_ylabel("top-1 accuracy (%)")
         ax.set_title(title or self.meta.get("title", "accuracy vs cost"))
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
         path = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(path))

@@ -1,0 +1,79 @@
+"""One multi-switch training step (forward + backward) in packed groups of switches.
+
+``slimkern.forward_switches`` runs all switches of a step in one packed pass, so every
+switch's activations are alive until the backward: peak memory grows with the number of
+switches. ``packed_step(..., group_size=k)`` trades some of the packing's speed for memory:
+it runs the switches in consecutive groups of ``k`` (one packed forward and one backward per
+group); gradients accumulate in ``.grad`` across groups.
+
+Gradients are linear, and every cross-switch target (a teacher's logits for KD, the full
+switch's features for ParaDiS' activation distillation) is *detached*, so any grouping gives
+exactly the gradient of :math:`\\sum_i \\mathcal{L}_i` -- the one-backward-of-the-sum of
+ParaDiS Algorithm 1 (Ozerov et al., arXiv:2110.02724) and of the US-Nets sandwich rule
+(Yu & Huang 2019). ``group_size=1`` is the papers' one-switch-at-a-time loop;
+``group_size=None`` packs everything.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["packed_step"]
+
+
+def packed_step(net: nn.Module, x: torch.Tensor, switches: Sequence,
+                loss_fn: Callable[[int, torch.Tensor, torch.Tensor | None, list], torch.Tensor],
+                group_size: int | None = None, features: bool = True) -> list[torch.Tensor]:
+    """Forward + backward of :math:`\\sum_i` ``loss_fn(i, ...)`` over ``switches``, in groups.
+
+    Args:
+        net: a slimmable net (``slimkern.models``, ``slimkern.slimmify``).
+        x: the input batch.
+        switches: the step's switches (Switch, notation string or width), in the order their
+            losses may refer to each other: a teacher before its students.
+        loss_fn: ``loss_fn(i, logits, feats, prev) -> scalar tensor`` for switch ``i``;
+            ``feats`` are its classifier inputs zero-padded to the full width (None when
+            ``features=False``); ``prev[j] = (logits_j, feats_j)``, detached, for every
+            ``j < i`` (targets such as a wide teacher's logits come from there).
+        group_size: switches per packed forward/backward (None: all in one).
+        features: also compute the per-switch features (ParaDiS' activation loss needs them).
+
+    Returns the per-switch losses (detached). Gradients are *added* to ``.grad``; zero them
+    before the step as usual. BN statistics rows update once per switch whatever the grouping.
+    """
+    import slimkern
+
+    sws = list(switches) if not isinstance(switches, (str, slimkern.Switch)) else None
+    if sws is None:
+        raise TypeError("packed_step takes a list of switches; wrap a single one in a list")
+    if not sws:
+        raise ValueError("packed_step needs at least one switch")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if group_size is None:
+        group_size = len(sws)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+    prev: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    losses: list[torch.Tensor] = []
+    for g0 in range(0, len(sws), group_size):
+        group = sws[g0:g0 + group_size]
+        if features:
+            logits, feats = slimkern.forward_switches(net, x, group, return_features=True)
+        else:
+            logits, feats = slimkern.forward_switches(net, x, group), [None] * len(group)
+        total = None
+        for j, (z, f) in enumerate(zip(logits, feats)):
+            i = g0 + j
+            loss = loss_fn(i, z, f, prev)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise ValueError(f"loss_fn must return a scalar tensor, got {got} for switch {i}")
+            prev.append((z.detach(), f.detach() if f is not None else None))
+            losses.append(loss.detach())
+            total = loss if total is None else total + loss
+        if total.requires_grad:
+            total.backward()
+    return losses
