@@ -5,7 +5,7 @@ one 1.0x switch, ParaDiS [0.5, 0.5] (two blocks sharing one stat row), and the s
 [1.0], [0.5], [0.25] packed into one call (three rows).
 
     PYTHONPATH=. python -m pytest benchmarks/bench_switchable_bn.py --benchmark-json=benchmarks/results/switchable_bn.json
-    python benchmarks/summarize_switchable_bn.py benchmarks/results/switchable_bn.json
+    python benchmarks/summarize.py benchmarks/results/switchable_bn.json --bn
 
 SK_BENCH_THREADS=1 runs both providers on one thread (steadier on a shared, loaded machine).
 """

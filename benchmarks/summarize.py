@@ -7,21 +7,28 @@ a noisy group), so every ratio still compares providers timed in one run.
 
     python benchmarks/summarize.py benchmarks/results/block_ops.json [more.json] [--base slimkern]
         [--markdown] [--targets]
+    python benchmarks/summarize.py benchmarks/results/switchable_bn.json --bn
 
 --targets checks the CPU targets of the block ops (issue 2) on groups whose extra_info names
 ``mode``, ``kind`` and ``G``: forward at G = 1 at least 0.9x the dense limit; forward+backward
 at G >= 2 on 1x1 and depthwise shapes at least 1.3x the naive path; nothing below 0.9x naive.
+
+--bn prints the switchable_batch_norm table instead: one row per (shape, table) of
+``extra_info``, slimkern_cpp vs torch_per_block by medians and by minima, then the lowest
+median ratio and the geometric mean of the median ratios.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import defaultdict
 
 
 def load(path):
-    """(machine_info, {group: {provider: median}}, {group: extra_info of its first benchmark})."""
+    """(machine_info, {group: {provider: stats}}, {group: extra_info of its first benchmark});
+    stats is pytest-benchmark's dict (median, min, ...)."""
     with open(path) as f:
         data = json.load(f)
     groups, info = defaultdict(dict), {}
@@ -30,7 +37,7 @@ def load(path):
         if provider is None:
             continue
         group = bench.get("group") or bench["name"]
-        groups[group][provider] = bench["stats"]["median"]
+        groups[group][provider] = bench["stats"]
         info.setdefault(group, bench.get("extra_info", {}))
     return data.get("machine_info", {}), groups, info
 
@@ -74,6 +81,24 @@ def check_targets(groups, info, base="slimkern"):
     return lines, failures
 
 
+def medians(groups):
+    return {g: {p: stats["median"] for p, stats in by_provider.items()} for g, by_provider in groups.items()}
+
+
+def bn_table(groups, info, base="slimkern_cpp", other="torch_per_block"):
+    """Lines of the switchable_batch_norm table (bench_switchable_bn.py): median and min ratios."""
+    lines = [f"{'shape':15s} {'table':22s} {'slimkern med':>12s} {'per-block med':>13s} {'ratio med':>9s} "
+             f"{'ratio min':>9s}"]
+    meds = []
+    for group, p in groups.items():
+        s, t = p[base], p[other]
+        meds.append(t["median"] / s["median"])
+        lines.append(f"{info[group]['shape']:15s} {info[group]['table']:22s} {s['median'] * 1e3:10.3f}ms "
+                     f"{t['median'] * 1e3:11.3f}ms {t['median'] / s['median']:8.2f}x {t['min'] / s['min']:8.2f}x")
+    lines.append(f"lowest median ratio {min(meds):.2f}x, geometric mean {math.prod(meds) ** (1 / len(meds)):.2f}x")
+    return lines
+
+
 def table(groups, base=None):
     providers = []
     for medians in groups.values():
@@ -109,11 +134,16 @@ def main(argv=None):
     ap.add_argument("--base", help="provider the others are compared with (default: the first seen)")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--targets", action="store_true", help="check the block-op CPU targets (exit 2 on a miss)")
+    ap.add_argument("--bn", action="store_true", help="the switchable_batch_norm table (median and min ratios)")
     args = ap.parse_args(argv)
-    machine, groups, info = load_all(args.json)
-    if not groups:
+    machine, stats, info = load_all(args.json)
+    if not stats:
         print("no benchmarks with a provider in", args.json, file=sys.stderr)
         return 1
+    if args.bn:
+        print("\n".join(bn_table(stats, info)))
+        return 0
+    groups = medians(stats)
     cpu = machine.get("cpu", {}).get("brand_raw", "?")
     print(f"# {', '.join(args.json)}: {cpu}, medians; 'A vs B' = time(B) / time(A), > 1 means A is faster")
     print(render(*table(groups, args.base), markdown=args.markdown))
