@@ -37,24 +37,35 @@ def normalize_blocks(blocks, in_extent: int, out_extent: int, *, depthwise: bool
             rows.append(row)
     else:
         raise TypeError(f"blocks must be a [G, 4] int tensor or a list of 4-tuples, got {type(blocks).__name__}")
-    if len(rows) == 0:
-        raise ValueError("blocks is empty: at least one block (G >= 1) is required")
-    flat: list[int] = []
+    int_rows = []
     for g, row in enumerate(rows):
         try:
-            i0, i1, o0, o1 = (int(v) for v in row)
+            int_rows.append(tuple(int(v) for v in row))
         except (TypeError, ValueError):
             raise TypeError(f"blocks[{g}] must hold integers, got {row!r}") from None
+    return check_block_rows(int_rows, in_extent, out_extent, depthwise=depthwise)
+
+
+def check_block_rows(rows: Sequence[Sequence[int]], in_extent: int, out_extent: int, *, depthwise: bool = False,
+                     op: str | None = None) -> list[int]:
+    """Checks rows of 4 ints ``(in_start, in_stop, out_start, out_stop)`` against the weight's
+    ``in_extent`` input and ``out_extent`` output channels; returns them flat (``G*4`` ints).
+    ``op`` prefixes the messages (``"block_conv2d: ..."``) for callers below the public wrapper."""
+    where = f"{op}: " if op else ""
+    if len(rows) == 0:
+        raise ValueError(f"{where}blocks is empty: at least one block (G >= 1) is required")
+    flat: list[int] = []
+    for g, (i0, i1, o0, o1) in enumerate(rows):
         if not (0 <= i0 <= i1 <= in_extent):
-            raise ValueError(f"block {g}: input range [{i0}, {i1}) is not inside the weight's {in_extent} "
+            raise ValueError(f"{where}block {g}: input range [{i0}, {i1}) is not inside the weight's {in_extent} "
                              f"input channels (or stop < start)")
         if not (0 <= o0 <= o1 <= out_extent):
-            raise ValueError(f"block {g}: output range [{o0}, {o1}) is not inside the weight's {out_extent} "
-                             f"output channels (or stop < start)")
+            raise ValueError(f"{where}block {g}: output range [{o0}, {o1}) is not inside the weight's "
+                             f"{out_extent} output channels (or stop < start)")
         if i1 == i0 or o1 == o0:
-            raise ValueError(f"block {g} is empty: ({i0}, {i1}, {o0}, {o1})")
+            raise ValueError(f"{where}block {g} is empty: ({i0}, {i1}, {o0}, {o1})")
         if depthwise and (i0, i1) != (o0, o1):
-            raise ValueError(f"block {g}: a depthwise block needs equal input and output ranges, "
+            raise ValueError(f"{where}block {g}: a depthwise block needs equal input and output ranges, "
                              f"got [{i0}, {i1}) and [{o0}, {o1})")
         flat += [i0, i1, o0, o1]
     return flat
@@ -63,26 +74,33 @@ def normalize_blocks(blocks, in_extent: int, out_extent: int, *, depthwise: bool
 def normalize_x_offsets(x_offsets, blocks_flat: Sequence[int], x_channels: int) -> list[int]:
     """``None`` packs the blocks' inputs one after another; otherwise one offset per block,
     each window ``[off, off + in_size)`` inside x's ``x_channels`` channels."""
-    G = len(blocks_flat) // 4
-    sizes = [blocks_flat[4 * g + 1] - blocks_flat[4 * g] for g in range(G)]
     if x_offsets is None:
         offs, acc = [], 0
-        for s in sizes:
+        for g in range(len(blocks_flat) // 4):
             offs.append(acc)
-            acc += s
+            acc += blocks_flat[4 * g + 1] - blocks_flat[4 * g]
     else:
         if isinstance(x_offsets, torch.Tensor):
             if x_offsets.is_floating_point():
                 raise TypeError(f"x_offsets must be integers, got dtype {x_offsets.dtype}")
             x_offsets = x_offsets.reshape(-1).tolist()
         offs = [int(v) for v in x_offsets]
-        if len(offs) != G:
-            raise ValueError(f"x_offsets has {len(offs)} entries but there are {G} blocks")
-    for g, (off, s) in enumerate(zip(offs, sizes)):
-        if off < 0 or off + s > x_channels:
-            raise ValueError(f"block {g} reads input channels [{off}, {off + s}) but x has {x_channels} "
-                             f"channels: x's channel count does not match the blocks")
+    check_x_offsets(offs, blocks_flat, x_channels)
     return offs
+
+
+def check_x_offsets(offs: Sequence[int], blocks_flat: Sequence[int], x_channels: int, *,
+                    op: str | None = None) -> None:
+    """One offset per block, each window ``[off, off + in_size)`` inside x's ``x_channels`` channels."""
+    where = f"{op}: " if op else ""
+    G = len(blocks_flat) // 4
+    if len(offs) != G:
+        raise ValueError(f"{where}x_offsets has {len(offs)} entries but there are {G} blocks")
+    for g, off in enumerate(offs):
+        hi = off + blocks_flat[4 * g + 1] - blocks_flat[4 * g]
+        if off < 0 or hi > x_channels:
+            raise ValueError(f"{where}block {g} reads input channels [{off}, {hi}) but x has {x_channels} "
+                             f"channels: x's channel count does not match the blocks")
 
 
 def pair(value, name: str, *, minimum: int) -> list[int]:

@@ -1,7 +1,9 @@
 """Argument handling shared by the Triton block kernels (no triton import here).
 
 Mirrors the C++ checks in ``csrc/include/slimkern/checks.h`` so the Triton path
-refuses the same bad inputs with the same words, before any kernel runs.
+refuses the same bad inputs with the same words, before any kernel runs; the block
+table and x_offsets checks are the public wrapper's (:mod:`slimkern.ops._blocks`),
+prefixed with the op's name.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import os
 from typing import NamedTuple, Sequence
 
 import torch
+
+from slimkern.ops._blocks import check_block_rows, check_x_offsets
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -62,34 +66,19 @@ def pair(value, name: str) -> tuple[int, int]:
 
 
 def parse_blocks(blocks_flat, x_offsets, in_extent: int, out_extent: int, x_channels: int,
-                 op: str) -> list[BlockRun]:
+                 op: str, *, depthwise: bool = False) -> list[BlockRun]:
     """Checks a flat block table (G*4 ints) and x_offsets; returns one BlockRun per block."""
     flat = flat_ints(blocks_flat, "blocks")
     if len(flat) % 4 != 0:
         raise ValueError(f"{op}: blocks must have 4 entries per block (in_start, in_stop, out_start, "
                          f"out_stop); got {len(flat)} numbers")
-    if not flat:
-        raise ValueError(f"{op}: blocks is empty: at least one block (G >= 1) is required")
+    rows = [flat[4 * g:4 * g + 4] for g in range(len(flat) // 4)]
+    check_block_rows(rows, in_extent, out_extent, depthwise=depthwise, op=op)
     offsets = flat_ints(x_offsets, "x_offsets")
-    G = len(flat) // 4
-    if len(offsets) != G:
-        raise ValueError(f"{op}: x_offsets has {len(offsets)} entries but there are {G} blocks")
+    check_x_offsets(offsets, flat, x_channels, op=op)
     runs, y_off = [], 0
-    for g in range(G):
-        i0, i1, o0, o1 = flat[4 * g:4 * g + 4]
-        if not (0 <= i0 <= i1 <= in_extent):
-            raise ValueError(f"{op}: block {g}: input range [{i0}, {i1}) is not inside the weight's "
-                             f"{in_extent} input channels (or stop < start)")
-        if not (0 <= o0 <= o1 <= out_extent):
-            raise ValueError(f"{op}: block {g}: output range [{o0}, {o1}) is not inside the weight's "
-                             f"{out_extent} output channels (or stop < start)")
-        if i1 == i0 or o1 == o0:
-            raise ValueError(f"{op}: block {g} is empty: ({i0}, {i1}, {o0}, {o1})")
-        lo, hi = offsets[g], offsets[g] + i1 - i0
-        if lo < 0 or hi > x_channels:
-            raise ValueError(f"{op}: block {g} reads input channels [{lo}, {hi}) but x has {x_channels} "
-                             "channels: x's channel count does not match the blocks")
-        runs.append(BlockRun(i0, i1 - i0, o0, o1 - o0, lo, y_off))
+    for (i0, i1, o0, o1), x_off in zip(rows, offsets):
+        runs.append(BlockRun(i0, i1 - i0, o0, o1 - o0, x_off, y_off))
         y_off += o1 - o0
     return runs
 

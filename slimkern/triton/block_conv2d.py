@@ -344,13 +344,7 @@ def _problem(op, x, weight, bias, blocks_flat, x_offsets, stride, padding, dilat
     if depthwise and weight.shape[1] != 1:
         raise ValueError(f"{op}: a depthwise weight must have shape [C, 1, kh, kw], got {tuple(weight.shape)}")
     runs = parse_blocks(blocks_flat, x_offsets, weight.shape[0] if depthwise else weight.shape[1],
-                        weight.shape[0], x.shape[1], op)
-    if depthwise:
-        for g, r in enumerate(runs):
-            if r.in_start != r.out_start or r.in_size != r.out_size:
-                raise ValueError(f"{op}: depthwise block {g} must have equal input and output ranges, got in "
-                                 f"[{r.in_start}, {r.in_start + r.in_size}) and out "
-                                 f"[{r.out_start}, {r.out_start + r.out_size})")
+                        weight.shape[0], x.shape[1], op, depthwise=depthwise)
     g = _Geom()
     g.sh, g.sw = pair(stride, "stride")
     g.ph, g.pw = pair(padding, "padding")
