@@ -387,6 +387,16 @@ def viterbi_budget(unary, resource_pairwise, budget, max_iter: int = 30, *, pair
 _STATUS_CONVERGED, _STATUS_MAX_ITER, _STATUS_NUMERICAL = 0, 1, 2
 
 
+def _record_check(e, it, tol, active, err, status, n_iter) -> None:
+    """A check of the Sinkhorn loop, in place: the problems still running record their marginal
+    error ``e``; those within ``tol`` stop, converged at iteration ``it``."""
+    err[active] = e[active]
+    done = active & (e <= tol)
+    status[done] = _STATUS_CONVERGED
+    n_iter[done] = it
+    active &= ~done
+
+
 def _sinkhorn_torch(a, b, M, reg, method, max_iter, tol, check_every, lu0, lv0):
     """Batched pure-torch Sinkhorn with the same iteration, checks and outputs as the C++ op.
 
@@ -415,12 +425,7 @@ def _sinkhorn_torch(a, b, M, reg, method, max_iter, tol, check_every, lu0, lv0):
         col = torch.logsumexp(lu[:, :, None] - Mr, dim=1)  # log of K^T u
         for it in range(max_iter + 1):
             if it == max_iter or it % check_every == 0:
-                e = (torch.exp(col + lv) - b).abs().sum(1)
-                err = torch.where(active, e, err)
-                done = active & (e <= tol)
-                status[done] = _STATUS_CONVERGED
-                n_iter[done] = it
-                active &= ~done
+                _record_check((torch.exp(col + lv) - b).abs().sum(1), it, tol, active, err, status, n_iter)
                 if it == max_iter or not active.any():
                     break
             lv = torch.where(active[:, None], logb - col, lv)
@@ -435,12 +440,7 @@ def _sinkhorn_torch(a, b, M, reg, method, max_iter, tol, check_every, lu0, lv0):
     s = torch.einsum("bij,bi->bj", K, u)
     for it in range(max_iter + 1):
         if it == max_iter or it % check_every == 0:
-            e = (v * s - b).abs().sum(1)
-            err = torch.where(active, e, err)
-            done = active & (e <= tol)
-            status[done] = _STATUS_CONVERGED
-            n_iter[done] = it
-            active &= ~done
+            _record_check((v * s - b).abs().sum(1), it, tol, active, err, status, n_iter)
             if it == max_iter or not active.any():
                 break
         v_new = torch.where(live_b, b / s, zero)
