@@ -12,7 +12,7 @@ from slimkern import _library
 from block_cases import CONV_CASES, LINEAR_CASES, flat, make_conv_inputs
 from reference import ref_block_conv2d, ref_block_linear
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_fp32")]
 
 DEVICE = "cuda"
 # Max error allowed relative to the reference's largest magnitude, per dtype.
@@ -27,17 +27,6 @@ needs_cpp_conv = pytest.mark.skipif(not _has_cuda_kernel("block_conv2d"),
                                     reason="slimkern._C was built without the CUDA kernels (FORCE_CUDA=1)")
 needs_cpp_linear = pytest.mark.skipif(not _has_cuda_kernel("block_linear"),
                                       reason="slimkern._C was built without the CUDA kernels (FORCE_CUDA=1)")
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    # Exact fp32 references (no TF32), and float32 defaults whatever another module set.
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.get_default_dtype()
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
-    torch.set_default_dtype(saved[2])
 
 
 def _close(got, ref, dtype, what):

@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-pytestmark = pytest.mark.triton
+# The reference must not use TF32 either, or fp32 comparisons need loose tolerances.
+pytestmark = [pytest.mark.triton, pytest.mark.usefixtures("exact_fp32")]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -23,18 +24,6 @@ from slimkern.triton import block_conv2d as tconv  # noqa: E402
 from slimkern.triton import block_linear as tlin  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
-
-
-@pytest.fixture(autouse=True)
-def _exact_fp32():
-    # The reference must not use TF32 either, or fp32 comparisons need loose tolerances; and
-    # a default dtype changed by another test module must not leak into these float32 tests.
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.get_default_dtype()
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    torch.set_default_dtype(torch.float32)
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
-    torch.set_default_dtype(saved[2])
 
 
 def _rand(*shape, dtype=torch.float32, gen=None):
