@@ -43,6 +43,40 @@ from slimkern.triton._blocks import (
 __all__ = ["forward", "backward", "not_supported_reasons"]
 
 
+# ----------------------------------------------------------------------------- index helpers
+@triton.jit
+def _unravel(i, H, W):
+    """``i = (a * H + h) * W + w`` -> ``(a, h, w)``: a weight column (channel, kh, kw), say."""
+    t = i // W
+    return t // H, t % H, i % W
+
+
+@triton.jit
+def _unravel_pixel(i, H, W):
+    """Pixel index ``i = (n * H + h) * W + w`` -> ``(n, h, w)``, n as int64 for the pointer math."""
+    n, h, w = _unravel(i, H, W)
+    return n.to(tl.int64), h, w
+
+
+@triton.jit
+def _tap_in(o, k, stride, pad, dil, size):
+    """The input coordinate that output coordinate ``o`` reads through tap ``k``, and whether
+    it lies inside ``[0, size)`` (outside: padding)."""
+    i = o * stride - pad + k * dil
+    return i, (i >= 0) & (i < size)
+
+
+@triton.jit
+def _tap_out(i, k, stride, pad, dil, size):
+    """The output coordinate that reads input coordinate ``i`` through tap ``k``, and whether
+    one does (on the stride grid, inside ``[0, size)``). Negatives are clamped before dividing
+    so the stride test never depends on how negative numbers round."""
+    t = i + pad - k * dil
+    tc = tl.where(t >= 0, t, 0)
+    o = tc // stride
+    return o, (t >= 0) & (tc % stride == 0) & (o < size)
+
+
 # ----------------------------------------------------------------------------- dense kernels
 @triton.jit
 def _fwd_dense_kernel(
@@ -62,22 +96,16 @@ def _fwd_dense_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < out_size
-    ow = offs_m % Wo
-    t = offs_m // Wo
-    oh = t % Ho
-    n = (t // Ho).to(tl.int64)
+    n, oh, ow = _unravel_pixel(offs_m, Ho, Wo)
     K = in_size * KH * KW
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        kw = offs_k % KW
-        t2 = offs_k // KW
-        kh = t2 % KH
-        ci = t2 // KH
-        ih = oh[:, None] * sh - ph + kh[None, :] * dh
-        iw = ow[:, None] * sw - pw + kw[None, :] * dw
-        a_mask = m_mask[:, None] & k_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ci, kh, kw = _unravel(offs_k, KH, KW)
+        ih, h_ok = _tap_in(oh[:, None], kh[None, :], sh, ph, dh, H)
+        iw, w_ok = _tap_in(ow[:, None], kw[None, :], sw, pw, dw, W)
+        a_mask = m_mask[:, None] & k_mask[None, :] & h_ok & w_ok
         a = tl.load(x_ptr + n[:, None] * sxn + (x_off + ci)[None, :] * sxc + ih * sxh + iw * sxw,
                     mask=a_mask, other=0.0)
         b = tl.load(w_ptr + (out_start + offs_n)[None, :] * swo + (in_start + ci)[:, None] * swi
@@ -111,29 +139,16 @@ def _grad_x_dense_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < in_size
-    iw = offs_m % W
-    t = offs_m // W
-    ih = t % H
-    n = (t // H).to(tl.int64)
+    n, ih, iw = _unravel_pixel(offs_m, H, W)
     K = out_size * KH * KW
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        kw = offs_k % KW
-        t2 = offs_k // KW
-        kh = t2 % KH
-        co = t2 // KH
-        # Output pixel reading (ih, iw) through tap (kh, kw); negatives are clamped before
-        # dividing so the stride test never depends on how negative numbers round.
-        th = ih[:, None] + ph - kh[None, :] * dh
-        tw = iw[:, None] + pw - kw[None, :] * dw
-        thc = tl.where(th >= 0, th, 0)
-        twc = tl.where(tw >= 0, tw, 0)
-        oh = thc // sh
-        ow = twc // sw
-        ok = (th >= 0) & (tw >= 0) & (thc % sh == 0) & (twc % sw == 0) & (oh < Ho) & (ow < Wo)
-        a_mask = m_mask[:, None] & k_mask[None, :] & ok
+        co, kh, kw = _unravel(offs_k, KH, KW)
+        oh, h_ok = _tap_out(ih[:, None], kh[None, :], sh, ph, dh, Ho)
+        ow, w_ok = _tap_out(iw[:, None], kw[None, :], sw, pw, dw, Wo)
+        a_mask = m_mask[:, None] & k_mask[None, :] & h_ok & w_ok
         a = tl.load(go_ptr + n[:, None] * sgn + (y_off + co)[None, :] * sgc + oh * sgh + ow * sgw,
                     mask=a_mask, other=0.0)
         b = tl.load(w_ptr + (out_start + co)[:, None] * swo + (in_start + offs_n)[None, :] * swi
@@ -166,24 +181,18 @@ def _grad_w_dense_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < out_size
     n_mask = offs_n < in_size * KH * KW
-    kw = offs_n % KW
-    t = offs_n // KW
-    kh = t % KH
-    ci = t // KH
+    ci, kh, kw = _unravel(offs_n, KH, KW)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = pid_k * k_per_split
     for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = (offs_k < P) & (offs_k < k_begin + k_per_split)
-        ow = offs_k % Wo
-        t2 = offs_k // Wo
-        oh = t2 % Ho
-        n = (t2 // Ho).to(tl.int64)
+        n, oh, ow = _unravel_pixel(offs_k, Ho, Wo)
         a = tl.load(go_ptr + (y_off + offs_m)[:, None] * sgc + (n * sgn + oh * sgh + ow * sgw)[None, :],
                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        ih = oh[:, None] * sh - ph + kh[None, :] * dh
-        iw = ow[:, None] * sw - pw + kw[None, :] * dw
-        b_mask = k_mask[:, None] & n_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih, h_ok = _tap_in(oh[:, None], kh[None, :], sh, ph, dh, H)
+        iw, w_ok = _tap_in(ow[:, None], kw[None, :], sw, pw, dw, W)
+        b_mask = k_mask[:, None] & n_mask[None, :] & h_ok & w_ok
         b = tl.load(x_ptr + n[:, None] * sxn + (x_off + ci)[None, :] * sxc + ih * sxh + iw * sxw,
                     mask=b_mask, other=0.0)
         acc += tl.dot(a, b, input_precision=DOT_PREC)
@@ -215,11 +224,10 @@ def _fwd_dw_kernel(
     w_base = w_ptr + (start + c) * swo
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for kh in tl.static_range(KH):
-        ih = oh * sh - ph + kh * dh
-        h_ok = (ih >= 0) & (ih < H)
+        ih, h_ok = _tap_in(oh, kh, sh, ph, dh, H)
         for kw in tl.static_range(KW):
-            iw = ow * sw - pw + kw * dw
-            ok = mask & h_ok & (iw >= 0) & (iw < W)
+            iw, w_ok = _tap_in(ow, kw, sw, pw, dw, W)
+            ok = mask & h_ok & w_ok
             xv = tl.load(x_base + ih * sxh + iw * sxw, mask=ok, other=0.0)
             wv = tl.load(w_base + kh * swh + kw * sww, mask=mask, other=0.0)
             acc += xv.to(tl.float32) * wv.to(tl.float32)
@@ -251,15 +259,10 @@ def _grad_x_dw_kernel(
     w_base = w_ptr + (start + c) * swo
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for kh in tl.static_range(KH):
-        th = ih + ph - kh * dh
-        thc = tl.where(th >= 0, th, 0)
-        oh = thc // sh
-        h_ok = (th >= 0) & (thc % sh == 0) & (oh < Ho)
+        oh, h_ok = _tap_out(ih, kh, sh, ph, dh, Ho)
         for kw in tl.static_range(KW):
-            tw = iw + pw - kw * dw
-            twc = tl.where(tw >= 0, tw, 0)
-            ow = twc // sw
-            ok = mask & h_ok & (tw >= 0) & (twc % sw == 0) & (ow < Wo)
+            ow, w_ok = _tap_out(iw, kw, sw, pw, dw, Wo)
+            ok = mask & h_ok & w_ok
             gv = tl.load(go_base + oh * sgh + ow * sgw, mask=ok, other=0.0)
             wv = tl.load(w_base + kh * swh + kw * sww, mask=mask, other=0.0)
             acc += gv.to(tl.float32) * wv.to(tl.float32)
@@ -293,14 +296,11 @@ def _grad_w_dw_kernel(
     for p0 in range(p_begin, p_begin + p_per_split, BLOCK_P):
         offs = p0 + tl.arange(0, BLOCK_P)
         p_mask = (offs < P) & (offs < p_begin + p_per_split)
-        ow = offs % Wo
-        t = offs // Wo
-        oh = t % Ho
-        n = (t // Ho).to(tl.int64)
+        n, oh, ow = _unravel_pixel(offs, Ho, Wo)
         gv = tl.load(go_base + n * sgn + oh * sgh + ow * sgw, mask=p_mask, other=0.0).to(tl.float32)
-        ih = oh[None, :] * sh - ph + kh[:, None] * dh
-        iw = ow[None, :] * sw - pw + kw[:, None] * dw
-        ok = t_mask[:, None] & p_mask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ih, h_ok = _tap_in(oh[None, :], kh[:, None], sh, ph, dh, H)
+        iw, w_ok = _tap_in(ow[None, :], kw[:, None], sw, pw, dw, W)
+        ok = t_mask[:, None] & p_mask[None, :] & h_ok & w_ok
         xv = tl.load(x_base + n[None, :] * sxn + ih * sxh + iw * sxw, mask=ok, other=0.0).to(tl.float32)
         acc += xv * gv[None, :]
     tl.atomic_add(gw_ptr + (start + c) * gwo + kh * gwh + kw * gww, tl.sum(acc, axis=1), mask=t_mask)
@@ -322,10 +322,7 @@ def _grad_b_kernel(
     for p0 in range(p_begin, p_begin + p_per_split, BLOCK):
         offs = p0 + tl.arange(0, BLOCK)
         mask = (offs < P) & (offs < p_begin + p_per_split)
-        ow = offs % Wo
-        t = offs // Wo
-        oh = t % Ho
-        n = (t // Ho).to(tl.int64)
+        n, oh, ow = _unravel_pixel(offs, Ho, Wo)
         acc += tl.load(base + n * sgn + oh * sgh + ow * sgw, mask=mask, other=0.0).to(tl.float32)
     tl.atomic_add(gb_ptr + out_start + c, tl.sum(acc, axis=0))
 
