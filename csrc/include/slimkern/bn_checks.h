@@ -7,6 +7,7 @@
 #include <c10/util/Optional.h>
 
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "slimkern/bn_math.h"
@@ -142,6 +143,50 @@ inline void check_num_batches(const c10::optional<at::Tensor>& nbt, const Layout
               ", got ", nbt->device());
   TORCH_CHECK(nbt->dim() == 1 && nbt->size(0) == L.S, "num_batches_tracked must be [", L.S,
               "] (one count per statistics row), got shape ", nbt->sizes());
+}
+
+// Checks of switchable_batch_norm_backward; returns the layout with N and HW filled in.
+inline Layout check_backward(const at::Tensor& grad_y, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias, const at::Tensor& save_mean,
+                             const at::Tensor& save_var, c10::IntArrayRef blocks, int64_t num_channels) {
+  TORCH_CHECK(x.dim() >= 2 && x.dim() <= 5, "x must be [N, C] or [N, C, *spatial], got shape ", x.sizes());
+  Layout L = parse_blocks2(blocks, num_channels);
+  check_same(grad_y, "grad_y", x, "x");
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "grad_y must have x's shape ", x.sizes(), ", got ", grad_y.sizes());
+  TORCH_CHECK(x.size(1) == L.Cp, "x has ", x.size(1), " channels but the blocks hold ", L.Cp);
+  check_param(weight, "weight", x, L.C);
+  check_param(bias, "bias", x, L.C);
+  check_saved(save_mean, "save_mean", x, L.Cp);
+  check_saved(save_var, "save_var", x, L.Cp);
+  L.N = x.size(0);
+  L.HW = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) L.HW *= x.size(d);
+  return L;
+}
+
+// Checks of switchable_batch_norm_update_stats_ (the caller checks running_mean's dtype).
+inline Layout check_update_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                 const c10::optional<at::Tensor>& num_batches_tracked, const at::Tensor& save_mean,
+                                 const at::Tensor& save_var, c10::IntArrayRef blocks, c10::IntArrayRef stat_rows,
+                                 int64_t count, const c10::optional<double>& momentum) {
+  const Layout L = parse_layout(running_mean, running_var, blocks, stat_rows);
+  check_no_shared_updates(L);
+  check_num_batches(num_batches_tracked, L, running_mean, momentum);
+  check_saved(save_mean, "save_mean", running_mean, L.Cp);
+  check_saved(save_var, "save_var", running_mean, L.Cp);
+  TORCH_CHECK(count > 1, "count (values per channel in the batch) must be > 1 to update running statistics, got ",
+              count);
+  return L;
+}
+
+// Calls f with the activation code as a compile-time constant (std::integral_constant).
+template <typename F>
+void dispatch_activation(int act, F&& f) {
+  switch (act) {
+    case kRelu: f(std::integral_constant<int, kRelu>{}); break;
+    case kRelu6: f(std::integral_constant<int, kRelu6>{}); break;
+    default: f(std::integral_constant<int, kNone>{}); break;
+  }
 }
 
 }  // namespace bn

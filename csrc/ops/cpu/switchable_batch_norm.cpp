@@ -376,15 +376,6 @@ void check_cpu_dtype(const at::Tensor& x) {
               "switchable_batch_norm on CPU supports float32 and float64, got ", x.scalar_type());
 }
 
-template <typename F>
-void dispatch_activation(int act, F&& f) {
-  switch (act) {
-    case kRelu: f(std::integral_constant<int, kRelu>{}); break;
-    case kRelu6: f(std::integral_constant<int, kRelu6>{}); break;
-    default: f(std::integral_constant<int, kNone>{}); break;
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& running_mean, const at::Tensor& running_var, c10::IntArrayRef blocks,
@@ -411,19 +402,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const c10::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_var,
     c10::IntArrayRef blocks, int64_t num_channels, bool training, double eps, c10::string_view activation) {
   const int act = parse_activation(activation);
-  TORCH_CHECK(x_in.dim() >= 2 && x_in.dim() <= 5, "x must be [N, C] or [N, C, *spatial], got shape ", x_in.sizes());
+  const Layout L = check_backward(grad_y, x_in, weight, bias, save_mean, save_var, blocks, num_channels);
   check_cpu_dtype(x_in);
-  Layout L = parse_blocks2(blocks, num_channels);
-  check_same(grad_y, "grad_y", x_in, "x");
-  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "grad_y must have x's shape ", x_in.sizes(), ", got ", grad_y.sizes());
-  TORCH_CHECK(x_in.size(1) == L.Cp, "x has ", x_in.size(1), " channels but the blocks hold ", L.Cp);
-  check_param(weight, "weight", x_in, L.C);
-  check_param(bias, "bias", x_in, L.C);
-  check_saved(save_mean, "save_mean", x_in, L.Cp);
-  check_saved(save_var, "save_var", x_in, L.Cp);
-  L.N = x_in.size(0);
-  L.HW = 1;
-  for (int64_t d = 2; d < x_in.dim(); ++d) L.HW *= x_in.size(d);
   const at::Tensor x = x_in.contiguous();
   const at::Tensor dy = grad_y.contiguous();
   at::Tensor dx = at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -455,14 +435,9 @@ void update_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
                       const c10::optional<at::Tensor>& num_batches_tracked, const at::Tensor& save_mean,
                       const at::Tensor& save_var, c10::IntArrayRef blocks, c10::IntArrayRef stat_rows,
                       int64_t count, c10::optional<double> momentum) {
-  const Layout L = parse_layout(running_mean, running_var, blocks, stat_rows);
   check_cpu_dtype(running_mean);
-  check_no_shared_updates(L);
-  check_num_batches(num_batches_tracked, L, running_mean, momentum);
-  check_saved(save_mean, "save_mean", running_mean, L.Cp);
-  check_saved(save_var, "save_var", running_mean, L.Cp);
-  TORCH_CHECK(count > 1, "count (values per channel in the batch) must be > 1 to update running statistics, got ",
-              count);
+  const Layout L = check_update_stats(running_mean, running_var, num_batches_tracked, save_mean, save_var, blocks,
+                                      stat_rows, count, momentum);
   // Every check has passed: from here on the buffers are written.
   std::vector<int64_t> counts;
   if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {

@@ -184,15 +184,6 @@ int elementwise_blocks(int64_t total) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(b, 65535)));
 }
 
-template <typename F>
-void dispatch_activation(int act, F&& f) {
-  switch (act) {
-    case kRelu: f(std::integral_constant<int, kRelu>{}); break;
-    case kRelu6: f(std::integral_constant<int, kRelu6>{}); break;
-    default: f(std::integral_constant<int, kNone>{}); break;
-  }
-}
-
 template <typename T>
 const T* opt_ptr(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
@@ -242,18 +233,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const c10::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_var,
     c10::IntArrayRef blocks, int64_t num_channels, bool training, double eps, c10::string_view activation) {
   const int act = parse_activation(activation);
-  TORCH_CHECK(x_in.dim() >= 2 && x_in.dim() <= 5, "x must be [N, C] or [N, C, *spatial], got shape ", x_in.sizes());
-  Layout L = parse_blocks2(blocks, num_channels);
-  check_same(grad_y, "grad_y", x_in, "x");
-  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "grad_y must have x's shape ", x_in.sizes(), ", got ", grad_y.sizes());
-  TORCH_CHECK(x_in.size(1) == L.Cp, "x has ", x_in.size(1), " channels but the blocks hold ", L.Cp);
-  check_param(weight, "weight", x_in, L.C);
-  check_param(bias, "bias", x_in, L.C);
-  check_saved(save_mean, "save_mean", x_in, L.Cp);
-  check_saved(save_var, "save_var", x_in, L.Cp);
-  L.N = x_in.size(0);
-  L.HW = 1;
-  for (int64_t d = 2; d < x_in.dim(); ++d) L.HW *= x_in.size(d);
+  const Layout L = check_backward(grad_y, x_in, weight, bias, save_mean, save_var, blocks, num_channels);
   c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), dy = grad_y.contiguous();
   const at::Tensor m = save_mean.contiguous(), v = save_var.contiguous();
@@ -292,14 +272,9 @@ void update_stats_cuda(at::Tensor& running_mean, at::Tensor& running_var,
                        const c10::optional<at::Tensor>& num_batches_tracked, const at::Tensor& save_mean,
                        const at::Tensor& save_var, c10::IntArrayRef blocks, c10::IntArrayRef stat_rows, int64_t count,
                        c10::optional<double> momentum) {
-  const Layout L = parse_layout(running_mean, running_var, blocks, stat_rows);
   check_floating(running_mean, "running_mean");
-  check_no_shared_updates(L);
-  check_num_batches(num_batches_tracked, L, running_mean, momentum);
-  check_saved(save_mean, "save_mean", running_mean, L.Cp);
-  check_saved(save_var, "save_var", running_mean, L.Cp);
-  TORCH_CHECK(count > 1, "count (values per channel in the batch) must be > 1 to update running statistics, got ",
-              count);
+  const Layout L = check_update_stats(running_mean, running_var, num_batches_tracked, save_mean, save_var, blocks,
+                                      stat_rows, count, momentum);
   c10::cuda::CUDAGuard guard(running_mean.device());
   const at::Tensor chan = channel_table(L, running_mean.device());
   const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
