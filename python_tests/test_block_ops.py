@@ -167,44 +167,76 @@ def test_gradcheck_conv(backend):
 
 @needs_cpp
 @pytest.mark.parametrize("table,offs", [
-    ([(0, 64, 0, 96), (64, 128, 96, 160)], None),           # ParaDiS blocks, wide enough for oneDNN
+    ([(0, 64, 0, 96), (64, 128, 96, 160)], None),           # ParaDiS blocks of equal shape: one grouped conv
     ([(0, 128, 0, 128), (0, 64, 0, 64), (0, 32, 0, 32)], [0, 0, 0]),  # sandwich on one shared input
     ([(0, 96, 0, 80)], [16]),                                # G = 1 on a window of a wider x
-    ([(8, 40, 0, 24), (0, 16, 8, 40)], None),                # small blocks: the batched-GEMM engine
+    ([(8, 40, 0, 24), (0, 16, 8, 40)], None),                # small blocks of different shapes
+    ([(0, 64, 0, 64), (64, 96, 64, 96), (96, 128, 96, 128), (32, 64, 32, 64)], None),  # [0.5, 0.25, 0.25] + 1
 ])
 @pytest.mark.parametrize("hw", [4, 17])
-def test_pointwise_engines(table, offs, hw):
-    # 1x1 blocks take MKL batched GEMMs or oneDNN by block and map size; both against the reference.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pointwise_engines(table, offs, hw, dtype):
+    # 1x1 blocks take MKL batched GEMMs (large maps) or oneDNN by runs (small maps, G = 1);
+    # both dtypes, since float64 and float32 may take different engines.
     torch.manual_seed(5)
     width = max(r[1] - r[0] for r in table)
     c_x = max((o or 0) for o in offs) + width if offs else sum(r[1] - r[0] for r in table)
-    x = torch.randn(3, c_x, hw, hw, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(160, 128, 1, 1, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(160, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, c_x, hw, hw, dtype=dtype, requires_grad=True)
+    w = torch.randn(160, 128, 1, 1, dtype=dtype, requires_grad=True)
+    b = torch.randn(160, dtype=dtype, requires_grad=True)
     out = sk.ops.block_conv2d(x, w, b, table, offs, backend="cpp")
     ref = ref_block_conv2d(x, w, b, table, offs, 1, 0, 1, False)
-    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out, ref, **_tol(dtype))
     g = torch.randn_like(ref)
-    torch.testing.assert_close(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g))
+    for got, want in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+        torch.testing.assert_close(got, want, **_tol(dtype))
 
 
 @needs_cpp
 @pytest.mark.parametrize("table,offs,stride", [
-    ([(0, 64, 0, 64), (64, 72, 64, 72)], None, 1),   # a 64-channel block (oneDNN forward) + a small one
+    ([(0, 64, 0, 64), (64, 72, 64, 72)], None, 1),   # consecutive weight rows: one call on a weight view
     ([(0, 80, 0, 80)], [4], 2),                       # G = 1 on a window of a wider x, strided
-    ([(0, 80, 0, 80), (8, 72, 8, 72)], [0, 8], 1),    # every block wide (oneDNN backward), overlapping
+    ([(0, 80, 0, 80), (8, 72, 8, 72)], [0, 8], 1),    # overlapping x windows: two runs, grads added
+    ([(0, 80, 0, 80), (0, 40, 0, 40), (0, 20, 0, 20)], None, 2),  # sandwich packed: stacked weight copy
+    ([(40, 60, 40, 60), (0, 40, 0, 40)], [40, 0], 1),  # blocks out of order over a permuted x
 ])
-def test_depthwise_engines(table, offs, stride):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_depthwise_engines(table, offs, stride, dtype):
+    # float32 runs one oneDNN call per run of packed blocks, float64 the plane loops.
     torch.manual_seed(7)
-    c_x = offs[0] + 80 if offs else sum(r[1] - r[0] for r in table)
-    x = torch.randn(2, c_x, 6, 7, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(80, 1, 3, 3, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(80, dtype=torch.float64, requires_grad=True)
+    c_x = max(o + r[1] - r[0] for o, r in zip(offs, table)) if offs else sum(r[1] - r[0] for r in table)
+    x = torch.randn(2, c_x, 6, 7, dtype=dtype, requires_grad=True)
+    w = torch.randn(80, 1, 3, 3, dtype=dtype, requires_grad=True)
+    b = torch.randn(80, dtype=dtype, requires_grad=True)
     out = sk.ops.block_conv2d(x, w, b, table, offs, stride=stride, padding=1, depthwise=True, backend="cpp")
     ref = ref_block_conv2d(x, w, b, table, offs, stride, 1, 1, True)
-    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(out, ref, **_tol(dtype))
     g = torch.randn_like(ref)
-    torch.testing.assert_close(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g))
+    for got, want in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+        torch.testing.assert_close(got, want, **_tol(dtype))
+
+
+@needs_cpp
+@pytest.mark.parametrize("groups_of", [2, 4])
+@pytest.mark.parametrize("k", [1, 3])
+def test_equal_blocks_grouped(groups_of, k):
+    # ParaDiS [1/g]*g on a kxk conv: one grouped oneDNN call over the diagonal weight blocks,
+    # then [1.0] and the branches together (three runs) — against per-block F.conv2d.
+    torch.manual_seed(8)
+    c = 48
+    step = c // groups_of
+    branches = [(i * step, (i + 1) * step, i * step, (i + 1) * step) for i in range(groups_of)]
+    for table in (branches, [(0, c, 0, c)] + branches + [(0, step, 0, step)]):
+        c_x = sum(r[1] - r[0] for r in table)
+        x = torch.randn(4, c_x, 8, 8, requires_grad=True)
+        w = torch.randn(c, c, k, k, requires_grad=True)
+        b = torch.randn(c, requires_grad=True)
+        out = sk.ops.block_conv2d(x, w, b, table, None, 1, k // 2, backend="cpp")
+        ref = ref_block_conv2d(x, w, b, table, None, 1, k // 2, 1, False)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        g = torch.randn_like(ref)
+        for got, want in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @needs_cpp

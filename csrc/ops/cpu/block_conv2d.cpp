@@ -1,19 +1,17 @@
 // CPU kernels of slimkern::block_conv2d and its backward.
 //
-// Three paths, chosen per call:
-//  * depthwise (float/double): direct loops over output rows, one task per (image, channel)
-//    plane (forward of blocks with >= 64 channels, and the backward when every block is that
-//    wide, on oneDNN per block: see dw_forward_uses_conv), inner loops over contiguous rows that the compiler vectorises (built for
-//    AVX-512 / AVX2 / baseline and picked at run time). torch's CPU depthwise conv runs at a
-//    few GF/s on these shapes; this is the path where block tables win the most.
-//  * 1x1, stride 1, no padding (float/double): per block one batched GEMM reading the weight
-//    slice and x's channel window in place and writing straight into the output's channel
-//    window (no slice copies, no cat); oneDNN's conv on the views where it is measurably
-//    faster (small maps, see pw_forward_uses_conv). Backward: batched GEMMs for grad_x written
-//    in place, one batched GEMM + batch reduction for grad_weight.
-//  * everything else (dense kxk, strided 1x1, other dtypes): at::convolution per block on
-//    the weight slice view (oneDNN), outputs copied into their channel window; G = 1 returns
-//    the convolution's output itself, so a single block costs what a dense conv costs.
+// Paths, chosen per call:
+//  * runs (block_conv2d_runs.cpp): at::convolution (oneDNN) once per run of blocks that one
+//    grouped conv computes (equal sizes, adjacent x windows; every packed depthwise table is a
+//    single run). Used for float32 depthwise, dense kxk, strided 1x1, G = 1, 1x1 on maps of
+//    <= 16x16 and every other dtype.
+//  * 1x1, stride 1, no padding, maps > 16x16, G > 1 (float/double): per block one batched GEMM
+//    reading the weight slice and x's channel window in place and writing straight into the
+//    output's channel window (no slice copies, no cat). Backward: batched GEMMs for grad_x
+//    written in place, one batched GEMM + batch reduction for grad_weight.
+//  * depthwise float64: direct loops over output rows, one task per (image, channel) plane,
+//    on the per-element index math of conv_math.h that the CUDA kernels share (so gradcheck
+//    on CPU exercises it).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,6 +21,7 @@
 
 #include "slimkern/block_checks.h"
 #include "slimkern/conv_math.h"
+#include "block_conv2d_runs.h"
 
 namespace slimkern {
 namespace {
@@ -215,37 +214,10 @@ void invert(const std::vector<int64_t>& oc_key, int64_t n_keys, std::vector<int6
 // ---------------------------------------------------------------------------------------------
 // depthwise
 
-// Forward engine per depthwise block: oneDNN's depthwise conv (on the views, its output copied
-// into the packed window) overtakes the plane loops once a block has >= 64 channels (1.2-1.4x
-// in CPU time at batch 64, 16x16 and 32x32 maps); below that its per-call reorders dominate
-// and the plane loops are up to 2x faster. Backward always runs the plane loops.
-bool dw_forward_uses_conv(const Block& b) { return b.in_size() >= 64; }
-
-at::Tensor dw_conv_block(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                         const ConvGeom& G, const Block& b, int64_t off) {
-  std::optional<at::Tensor> bg;
-  if (bias.has_value() && bias->defined()) bg = bias->narrow(0, b.out_start, b.out_size());
-  return at::convolution(x.narrow(1, off, b.in_size()), weight.narrow(0, b.out_start, b.out_size()), bg,
-                         {G.sh, G.sw}, {G.ph, G.pw}, {G.dh, G.dw}, false, {0, 0}, b.in_size());
-}
-
 template <typename T>
 void dw_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const ConvGeom& G, c10::IntArrayRef offs, at::Tensor& out) {
   const at::Tensor x = unit_col(x_in);
-  {
-    bool any_loops = false;
-    int64_t pos = 0;
-    for (size_t g = 0; g < G.blocks.size(); ++g) {
-      const auto& b = G.blocks[g];
-      if (dw_forward_uses_conv(b))
-        out.narrow(1, pos, b.out_size()).copy_(dw_conv_block(x_in, weight, bias, G, b, offs[g]));
-      else
-        any_loops = true;
-      pos += b.out_size();
-    }
-    if (!any_loops) return;
-  }
   std::vector<int64_t> oc_x, oc_w;
   channel_maps(G, offs, oc_x, oc_w);
   const auto taps = gather_taps<T>(weight, oc_w, G.KH, G.KW);
@@ -256,19 +228,9 @@ void dw_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::opt
   T* op = out.data_ptr<T>();
   const Plane pl = make_plane(G, x.stride(2));
   const int64_t C = G.C_out_total, KK = G.KH * G.KW, plane = G.Ho * G.Wo;
-  // Packed channels whose block went to oneDNN above are skipped.
-  std::vector<char> loops(C, 0);
-  {
-    int64_t pos = 0;
-    for (const auto& b : G.blocks) {
-      if (!dw_forward_uses_conv(b)) std::fill(loops.begin() + pos, loops.begin() + pos + b.out_size(), 1);
-      pos += b.out_size();
-    }
-  }
   at::parallel_for(0, G.N * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t n = idx / C, oc = idx % C;
-      if (!loops[oc]) continue;
       const T b = has_bias ? bp[oc_w[oc] * bstride] : T(0);
       dw_fwd_plane(xp + n * x.stride(0) + oc_x[oc] * x.stride(1), taps.data() + oc * KK, b, op + idx * plane, pl);
     }
@@ -346,24 +308,6 @@ at::Tensor planes(const at::Tensor& t, int64_t c0, int64_t c) {
   return t.narrow(1, c0, c).flatten(2, 3);
 }
 
-// Forward engine per block. Measured on 2 AMD EPYC (Zen, AVX-512) cores, batch 64: MKL's
-// batched GEMM (stride-0 weight, output written in place) beats oneDNN's NCHW 1x1 conv by
-// 2-3x at 32x32 maps (oneDNN reorders NCHW to blocked layouts and back, which dominates when
-// channels are few), while at <= 16x16 maps oneDNN's forward is 1.2-1.4x faster even after
-// copying its output into the packed window. Backward always goes through MKL (grad_x and
-// grad_weight on oneDNN were 1.2-2.5x slower at every size measured).
-bool pw_forward_uses_conv(const ConvGeom& G, const Block& b) {
-  return G.H * G.W <= 256 && b.in_size() * b.out_size() >= 64 * 64;
-}
-
-at::Tensor pw_conv_block(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                         const Block& b, int64_t off) {
-  std::optional<at::Tensor> bg;
-  if (bias.has_value() && bias->defined()) bg = bias->narrow(0, b.out_start, b.out_size());
-  at::Tensor wv = weight.narrow(0, b.out_start, b.out_size()).narrow(1, b.in_start, b.in_size());
-  return at::convolution(x.narrow(1, off, b.in_size()), wv, bg, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1);
-}
-
 void pw_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                 const ConvGeom& G, c10::IntArrayRef offs, at::Tensor& out) {
   const at::Tensor x = contiguous_planes(x_in);
@@ -371,11 +315,6 @@ void pw_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::opt
   int64_t pos = 0;
   for (size_t g = 0; g < G.blocks.size(); ++g) {
     const auto& b = G.blocks[g];
-    if (pw_forward_uses_conv(G, b)) {
-      out.narrow(1, pos, b.out_size()).copy_(pw_conv_block(x, weight, bias, b, offs[g]));
-      pos += b.out_size();
-      continue;
-    }
     at::Tensor o3 = planes(out, pos, b.out_size());
     at::Tensor w3 = pw_weight(weight, b).expand({G.N, b.out_size(), b.in_size()});
     at::Tensor x3 = planes(x, offs[g], b.in_size());
@@ -410,30 +349,20 @@ void pw_backward(const at::Tensor& go, const at::Tensor& x_in, const at::Tensor&
                  c10::IntArrayRef offs, std::array<bool, 3> mask, at::Tensor& gx, at::Tensor& gw, at::Tensor& gb) {
   const at::Tensor x = contiguous_planes(x_in);
   if (mask[0]) {
-    // gx starts uninitialised: the first block to write a channel overwrites, later ones add,
-    // so packed (non-overlapping) windows never pay for zeroing.
-    std::vector<char> written(G.Cx, 0);
+    cpu::GradInputWriter gxw(gx);
     int64_t pos = 0;
     for (size_t g = 0; g < G.blocks.size(); ++g) {
       const auto& b = G.blocks[g];
-      const int64_t lo = offs[g], hi = offs[g] + b.in_size();
-      int64_t n_written = 0;
-      for (int64_t c = lo; c < hi; ++c) n_written += written[c];
-      if (n_written > 0 && n_written < hi - lo)
-        for (int64_t c = lo; c < hi; ++c)
-          if (!written[c]) gx.select(1, c).zero_();
-      at::Tensor gx3 = planes(gx, lo, b.in_size());
+      at::Tensor gx3 = planes(gx, offs[g], b.in_size());
       at::Tensor wt3 = pw_weight(weight, b).t().expand({G.N, b.in_size(), b.out_size()});
       at::Tensor go3 = planes(go, pos, b.out_size());
-      if (n_written > 0)
+      if (gxw.begin(offs[g], b.in_size()))
         gx3.baddbmm_(wt3, go3);
       else
         at::bmm_out(gx3, wt3, go3);
-      for (int64_t c = lo; c < hi; ++c) written[c] = 1;
       pos += b.out_size();
     }
-    for (int64_t c = 0; c < G.Cx; ++c)
-      if (!written[c]) gx.select(1, c).zero_();
+    gxw.finish();
   }
   if (mask[1]) {
     int64_t pos = 0;
@@ -453,56 +382,22 @@ void pw_backward(const at::Tensor& go, const at::Tensor& x_in, const at::Tensor&
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// general: at::convolution per block on the weight slice view.
-
-at::Tensor weight_slice(const at::Tensor& w, const Block& b, bool depthwise) {
-  at::Tensor s = w.narrow(0, b.out_start, b.out_size());
-  return depthwise ? s : s.narrow(1, b.in_start, b.in_size());
-}
-
-at::Tensor general_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           const ConvGeom& G, c10::IntArrayRef offs) {
-  const bool has_bias = bias.has_value() && bias->defined();
-  std::vector<int64_t> st{G.sh, G.sw}, pd{G.ph, G.pw}, dl{G.dh, G.dw};
-  auto one = [&](size_t g) {
-    const auto& b = G.blocks[g];
-    std::optional<at::Tensor> bg;
-    if (has_bias) bg = bias->narrow(0, b.out_start, b.out_size());
-    return at::convolution(x.narrow(1, offs[g], b.in_size()), weight_slice(weight, b, G.depthwise), bg, st, pd, dl,
-                           false, {0, 0}, G.depthwise ? b.in_size() : 1);
-  };
-  if (G.blocks.size() == 1) return one(0).contiguous();
-  at::Tensor out = at::empty({G.N, G.C_out_total, G.Ho, G.Wo}, x.options());
-  int64_t pos = 0;
-  for (size_t g = 0; g < G.blocks.size(); ++g) {
-    out.narrow(1, pos, G.blocks[g].out_size()).copy_(one(g));
-    pos += G.blocks[g].out_size();
-  }
-  return out;
-}
-
-void general_backward(const at::Tensor& go, const at::Tensor& x, const at::Tensor& weight, const ConvGeom& G,
-                      c10::IntArrayRef offs, std::array<bool, 3> mask, at::Tensor& gx, at::Tensor& gw,
-                      at::Tensor& gb) {
-  std::vector<int64_t> st{G.sh, G.sw}, pd{G.ph, G.pw}, dl{G.dh, G.dw};
-  if (mask[0]) gx.zero_();
-  int64_t pos = 0;
-  for (size_t g = 0; g < G.blocks.size(); ++g) {
-    const auto& b = G.blocks[g];
-    std::vector<int64_t> bias_sizes{b.out_size()};
-    auto grads = at::convolution_backward(go.narrow(1, pos, b.out_size()), x.narrow(1, offs[g], b.in_size()),
-                                          weight_slice(weight, b, G.depthwise), at::OptionalIntArrayRef(bias_sizes),
-                                          st, pd, dl, false, {0, 0}, G.depthwise ? b.in_size() : 1, mask);
-    if (mask[0]) gx.narrow(1, offs[g], b.in_size()).add_(std::get<0>(grads));
-    if (mask[1]) weight_slice(gw, b, G.depthwise).add_(std::get<1>(grads));
-    if (mask[2]) gb.narrow(0, b.out_start, b.out_size()).add_(std::get<2>(grads));
-    pos += b.out_size();
-  }
-}
-
 bool is_pointwise(const ConvGeom& G) {
   return !G.depthwise && G.KH == 1 && G.KW == 1 && G.sh == 1 && G.sw == 1 && G.ph == 0 && G.pw == 0;
+}
+
+// The direct paths: depthwise plane loops for float64, batched GEMMs for 1x1 on maps larger
+// than 16x16 with several blocks. Everything else goes to oneDNN by runs. Measured (wall
+// time, 2 threads, batch 64): one oneDNN depthwise call over all packed blocks is 1.2-1.8x
+// faster than per-block calls + cat and 1.5-2x faster than the plane loops in float32; on
+// <= 16x16 maps oneDNN's 1x1 beats per-image GEMMs (it runs one GEMM over all N*H*W pixels);
+// at G = 1 oneDNN on the slice is exactly the dense conv.
+enum class Path { kRuns, kDepthwiseLoops, kPointwiseGemm };
+
+Path choose_path(const at::Tensor& x, const ConvGeom& G) {
+  if (G.depthwise && x.scalar_type() == at::kDouble && G.KW <= kMaxKW) return Path::kDepthwiseLoops;
+  if (fast_dtype(x) && is_pointwise(G) && G.blocks.size() > 1 && G.H * G.W > 256) return Path::kPointwiseGemm;
+  return Path::kRuns;
 }
 
 at::Tensor block_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -511,16 +406,11 @@ at::Tensor block_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels call ATen ops on views
   const ConvGeom G = check_block_conv2d(x, weight, bias, blocks, x_offsets, stride, padding, dilation, depthwise);
   if (G.N == 0) return at::empty({0, G.C_out_total, G.Ho, G.Wo}, x.options());
-  const bool fast = fast_dtype(x) && ((G.depthwise && G.KW <= kMaxKW) || is_pointwise(G));
-  if (!fast) return general_forward(x, weight, bias, G, x_offsets);
-  // G = 1 on oneDNN: its output is the result (a single block costs what a dense conv costs).
-  if (!G.depthwise && G.blocks.size() == 1 && pw_forward_uses_conv(G, G.blocks[0]))
-    return pw_conv_block(contiguous_planes(x), weight, bias, G.blocks[0], x_offsets[0]).contiguous();
-  if (G.depthwise && G.blocks.size() == 1 && dw_forward_uses_conv(G.blocks[0]))
-    return dw_conv_block(x, weight, bias, G, G.blocks[0], x_offsets[0]).contiguous();
+  const Path path = choose_path(x, G);
+  if (path == Path::kRuns) return cpu::runs_forward(x, weight, bias, G, x_offsets);
   at::Tensor out = at::empty({G.N, G.C_out_total, G.Ho, G.Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_conv2d_cpu", [&] {
-    if (G.depthwise)
+    if (path == Path::kDepthwiseLoops)
       dw_forward<scalar_t>(x, weight, bias, G, x_offsets, out);
     else
       pw_forward(x, weight, bias, G, x_offsets, out);
@@ -543,27 +433,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_conv2d_backward_cpu(
     if (mask[0]) gx.zero_();
     return {gx, gw, gb};
   }
-  const bool fast = fast_dtype(x) && ((G.depthwise && G.KW <= kMaxKW) || is_pointwise(G));
-  if (!fast) {
-    general_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
-    return {gx, gw, gb};
-  }
-  if (G.depthwise && std::all_of(G.blocks.begin(), G.blocks.end(), dw_forward_uses_conv)) {
-    // Blocks this wide: oneDNN's depthwise backward per block beats the plane loops (about 2x in
-    // CPU time at 64 channels 32x32, 3x at 256 channels 16x16, batch 64).
-    general_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
-    return {gx, gw, gb};
-  }
-  if (!G.depthwise && G.H * G.W <= 256) {
-    // 1x1 on small maps: the batched GEMMs re-read the weight slice once per image (N times
-    // Co x Ci for a K = H*W product), while oneDNN runs one GEMM over all N*H*W pixels. In the
-    // MobileNet-v1 ParaDiS step (batch 64, 2 cores) oneDNN per block was 1.2x faster at 16x16,
-    // 2x at 8x8, 4x at 4x4 and 17x at 2x2 (1228 channels: 858 ms -> 49 ms per layer).
-    general_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
+  const Path path = choose_path(x, G);
+  if (path == Path::kRuns) {
+    cpu::runs_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
     return {gx, gw, gb};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_conv2d_backward_cpu", [&] {
-    if (G.depthwise) {
+    if (path == Path::kDepthwiseLoops) {
       if (mask[0]) gx.zero_();
       dw_backward<scalar_t>(go, x, weight, G, x_offsets, mask, gx, gw, gb);
     } else {
