@@ -47,9 +47,11 @@ import torch
 import torch.nn.functional as F
 
 import slimkern as sk
+from _process import setup_allocator
 
 QUICK = os.environ.get("SLIMKERN_BENCH_QUICK", "") not in ("", "0")
 THREADS = int(os.environ.get("SLIMKERN_BENCH_THREADS", "2"))
+MALLOC = setup_allocator()
 
 # name: (kind, channels, map size)
 SHAPES = {
@@ -161,7 +163,7 @@ def test_block_conv2d(benchmark, mode, shape, table, provider):
     benchmark.extra_info.update(provider=provider, op="block_conv2d", mode=mode, shape=shape, table=table,
                                 kind=SHAPES[shape][0], G=len(TABLES[table]), batch=BATCH,
                                 threads=torch.get_num_threads(),
-                                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(default)"))
+                                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(default)"), malloc=MALLOC)
     benchmark.pedantic(run, rounds=rounds_for(run), warmup_rounds=0, iterations=1)
 
 
@@ -217,7 +219,7 @@ def main(argv=None):
                         extra_info=dict(provider=p, op="block_conv2d", mode=mode, shape=shape, table=table,
                                         kind=SHAPES[shape][0], G=len(TABLES[table]), batch=BATCH,
                                         threads=torch.get_num_threads(), interleaved=True,
-                                        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(default)")),
+                                        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(default)"), malloc=MALLOC),
                         options=dict(timer=f"time.{'process_time' if args.timer == 'process' else 'perf_counter'}"),
                         stats=dict(min=min(d), max=max(d), mean=statistics.fmean(d), median=statistics.median(d),
                                    rounds=len(d), data=d)))

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from slimkern.ops.switchable_batch_norm import switchable_batch_norm
+from _process import setup_allocator
+
+MALLOC = setup_allocator()
 
 SHAPES = {  # name: (C, H)
     "mbv1_c64_32": (64, 32),
@@ -74,7 +77,7 @@ def make_step(provider, shape, table):
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_bn_relu_fwd_bwd(benchmark, provider, shape, table):
     benchmark.group = f"bn_relu_fwd_bwd/{shape}/{table}"
-    benchmark.extra_info.update(provider=provider, shape=shape, table=table, batch=BATCH,
+    benchmark.extra_info.update(provider=provider, shape=shape, table=table, batch=BATCH, malloc=MALLOC,
                                 threads=torch.get_num_threads())
     step = make_step(provider, shape, table)
     step()

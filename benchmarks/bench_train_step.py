@@ -33,6 +33,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _plain_slimmable as P  # noqa: E402
+from _process import setup_allocator  # noqa: E402
+
+MALLOC = setup_allocator()
 
 BATCH, THREADS, MAX_WIDTH = 64, 2, 1.2
 MODELS = {"mobilenet_v1": 1.0, "resnet20": 1.0}  # width_mult: a plain step well under 2 s here
@@ -142,7 +145,7 @@ if pytest is not None:
         mem = measure_memory(model, step, provider) if os.environ.get("SK_BENCH_MEMORY", "1") == "1" else {}
         run, sws = make_case(model, step, provider)
         benchmark.group = f"train_step/{model}/{step}"
-        benchmark.extra_info.update(provider=provider, model=model, step=step, switches=sws, batch=BATCH,
+        benchmark.extra_info.update(provider=provider, model=model, step=step, switches=sws, batch=BATCH, malloc=MALLOC,
                                     threads=torch.get_num_threads(), width_mult=MODELS[model],
                                     max_width=MAX_WIDTH, group_size=GROUP_SIZE if provider == "slimkern_groups"
                                     else None, **mem)

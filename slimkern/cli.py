@@ -50,7 +50,10 @@ _HELP = {
     "epochs": "training epochs", "batch_size": "batch size", "lr": "SGD learning rate",
     "schedule": "cosine, linear, step or constant (per iteration)", "milestones": "step schedule epochs",
     "individual_epochs": "epochs for individual baselines (0: same as --epochs)",
-    "threads": "torch CPU threads (0: torch's default)", "calibrate_batches": "BN calibration batches per switch",
+    "threads": "torch CPU threads (0: torch's default)",
+    "keep_freed_memory": "glibc: recycle freed activation buffers instead of unmapping them "
+                         "(no page faults per step; see slimkern.train.keep_freed_memory)",
+    "calibrate_batches": "BN calibration batches per switch",
     "out": "run folder", "resume": "continue from the run folder's checkpoint",
     "progress": "progress bars", "export": "switches to export as per-device modules after training",
 }

@@ -35,7 +35,7 @@ DEFAULTS: dict = {
     "schedule": "cosine", "milestones": [], "gamma": 0.1, "warmup_epochs": 0.0, "individual_epochs": 0,
     # run
     "seed": 0, "deterministic": True, "threads": 0, "calibrate_batches": 20, "eval_batch_size": 256,
-    "out": "runs/run", "resume": False, "progress": True, "export": [],
+    "out": "runs/run", "resume": False, "progress": True, "export": [], "keep_freed_memory": True,
 }
 
 MODEL_NAMES = ("mobilenet_v1", "mobilenet_v2", "resnet20", "resnet18")
@@ -143,6 +143,10 @@ def run(cfg: dict, console=None, title: str | None = None):
     from torch.utils.data import DataLoader
 
     check(cfg)
+    if cfg["keep_freed_memory"]:
+        from slimkern.train.memory import keep_freed_memory
+
+        log.info("glibc keeps freed memory for reuse: %s", keep_freed_memory())
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     out = setup_run_folder(cfg)

@@ -1,0 +1,23 @@
+"""Process set-up shared by the benchmarks.
+
+glibc unmaps every freed buffer above its mmap threshold (at most 32 MiB), so a benchmark of
+large activations under the default allocator times first-touch page faults as much as the
+kernels: on the 2-core VM these results come from, a fresh 64 MiB buffer costs 30 ms to fill
+against 2 ms for a recycled one, and which provider pays depends on allocation sizes (packed
+tensors are the large ones). Every benchmark therefore runs with freed memory kept for reuse
+(``slimkern.train.keep_freed_memory``, the setting ``slimkern train`` uses), for all providers
+alike, and records it as ``malloc`` in each result's extra_info. SLIMKERN_BENCH_MALLOC=default
+measures glibc's defaults instead.
+"""
+from __future__ import annotations
+
+import os
+
+from slimkern.train.memory import keep_freed_memory
+
+
+def setup_allocator() -> str:
+    """'kept' when glibc now recycles freed buffers, else 'default'."""
+    if os.environ.get("SLIMKERN_BENCH_MALLOC", "keep") == "default":
+        return "default"
+    return "kept" if keep_freed_memory() else "default"
