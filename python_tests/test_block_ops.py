@@ -240,14 +240,23 @@ def test_equal_blocks_grouped(groups_of, k):
 
 
 @needs_cpp
-def test_pointwise_grad_weight_chunks():
-    # grad_weight sums over the batch in chunks once N * C_out * C_in exceeds the scratch cap.
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_pointwise_grad_weight_thread_partials(threads):
+    # The GEMM engine sums per-thread partial weight gradients; overlapping blocks (sandwich
+    # on one shared input) add into the same weight entries from every thread. An odd batch
+    # split over 1-3 threads must give the same sums.
     torch.manual_seed(6)
-    x = torch.randn(5, 512, 2, 2)
-    w = torch.randn(512, 512, 1, 1, requires_grad=True)
-    sk.ops.block_conv2d(x, w, None, [(0, 512, 0, 512)], backend="cpp").square().sum().backward()
+    table, offs = [(0, 48, 0, 40), (0, 24, 0, 20), (8, 32, 4, 28)], [0, 0, 8]
+    x = torch.randn(7, 48, 11, 11)
+    w = torch.randn(40, 48, 1, 1, requires_grad=True)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        sk.ops.block_conv2d(x, w, None, table, offs, backend="cpp").square().sum().backward()
+    finally:
+        torch.set_num_threads(prev)
     wr = w.detach().requires_grad_()
-    ref_block_conv2d(x, wr, None, [(0, 512, 0, 512)], [0], 1, 0, 1, False).square().sum().backward()
+    ref_block_conv2d(x, wr, None, table, offs, 1, 0, 1, False).square().sum().backward()
     torch.testing.assert_close(w.grad, wr.grad, rtol=1e-4, atol=1e-3)
 
 

@@ -1,14 +1,8 @@
-// CPU kernels of slimkern::block_conv2d and its backward.
-//
-// Paths, chosen per call:
-//  * runs (block_conv2d_runs.cpp): at::convolution (oneDNN) once per run of blocks that one
-//    grouped conv computes (equal sizes, adjacent x windows; every packed depthwise table is a
-//    single run). Used for float32 depthwise, dense kxk, strided 1x1, G = 1, 1x1 on maps of
-//    <= 16x16 and every other dtype.
-//  * 1x1, stride 1, no padding, maps > 16x16, G > 1 (float/double): per block one batched GEMM
-//    reading the weight slice and x's channel window in place and writing straight into the
-//    output's channel window (no slice copies, no cat). Backward: batched GEMMs for grad_x
-//    written in place, one batched GEMM + batch reduction for grad_weight.
+// CPU kernels of slimkern::block_conv2d and its backward. Three engines, chosen per call
+// (choose_path below says when and why):
+//  * per-image GEMMs for 1x1 (block_conv2d_pointwise.cpp): read the weight slice and x's
+//    channel window in place and write straight into the output's channel window;
+//  * oneDNN by runs of blocks (block_conv2d_runs.cpp): one (grouped) at::convolution per run;
 //  * depthwise float64: direct loops over output rows, one task per (image, channel) plane,
 //    on the per-element index math of conv_math.h that the CUDA kernels share (so gradcheck
 //    on CPU exercises it).
@@ -17,10 +11,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "slimkern/block_checks.h"
 #include "slimkern/conv_math.h"
+#include "block_conv2d_pointwise.h"
 #include "block_conv2d_runs.h"
 
 namespace slimkern {
@@ -165,12 +161,6 @@ bool fast_dtype(const at::Tensor& t) {
 // x with unit column stride (rows may be strided: a channel window of a wider tensor is fine).
 at::Tensor unit_col(const at::Tensor& x) { return (x.stride(3) == 1 || x.size(3) == 1) ? x : x.contiguous(); }
 
-// x whose H x W planes are contiguous (channel and batch strides arbitrary).
-at::Tensor contiguous_planes(const at::Tensor& x) {
-  const bool ok = (x.stride(3) == 1 || x.size(3) == 1) && (x.stride(2) == x.size(3) || x.size(2) == 1);
-  return ok ? x : x.contiguous();
-}
-
 Plane make_plane(const ConvGeom& G, int64_t sxh) {
   return Plane{G.H, G.W, G.Ho, G.Wo, G.KH, G.KW, G.sh, G.sw, G.ph, G.pw, G.dh, G.dw, sxh};
 }
@@ -294,115 +284,32 @@ void dw_backward(const at::Tensor& go, const at::Tensor& x_in, const at::Tensor&
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// 1x1, stride 1, no padding: GEMMs on [C, H*W] channel windows, through ATen's BLAS
-// (MKL) on views, so nothing is sliced into a copy and nothing is concatenated.
-
-// [Co, Ci] view of a 1x1 weight slice (no copy).
-at::Tensor pw_weight(const at::Tensor& w, const Block& b) {
-  return w.narrow(0, b.out_start, b.out_size()).narrow(1, b.in_start, b.in_size()).select(3, 0).select(2, 0);
-}
-
-// [N, C, H*W] view of channels [c0, c0 + c) of a tensor with contiguous planes.
-at::Tensor planes(const at::Tensor& t, int64_t c0, int64_t c) {
-  return t.narrow(1, c0, c).flatten(2, 3);
-}
-
-void pw_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                const ConvGeom& G, c10::IntArrayRef offs, at::Tensor& out) {
-  const at::Tensor x = contiguous_planes(x_in);
-  const bool has_bias = bias.has_value() && bias->defined();
-  int64_t pos = 0;
-  for (size_t g = 0; g < G.blocks.size(); ++g) {
-    const auto& b = G.blocks[g];
-    at::Tensor o3 = planes(out, pos, b.out_size());
-    at::Tensor w3 = pw_weight(weight, b).expand({G.N, b.out_size(), b.in_size()});
-    at::Tensor x3 = planes(x, offs[g], b.in_size());
-    if (has_bias) {
-      o3.copy_(bias->narrow(0, b.out_start, b.out_size()).view({1, b.out_size(), 1}).expand_as(o3));
-      o3.baddbmm_(w3, x3);
-    } else {
-      at::bmm_out(o3, w3, x3);
-    }
-    pos += b.out_size();
-  }
-}
-
-// grad_weight slice += sum_n go_n @ x_n^T as one batched GEMM per chunk of images and one
-// reduction over the batch (scratch capped at 1M elements, freed on return): no per-image
-// GEMM calls, no parallel region per image.
-void pw_grad_weight(const at::Tensor& go3, const at::Tensor& x3, at::Tensor gws) {
-  const int64_t N = go3.size(0), Co = go3.size(1), Ci = x3.size(1);
-  const int64_t per = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t{1} << 20) / std::max<int64_t>(1, Co * Ci)));
-  at::Tensor part = at::empty({per, Co, Ci}, go3.options());
-  at::Tensor red = at::empty({Co, Ci}, go3.options());
-  for (int64_t n0 = 0; n0 < N; n0 += per) {
-    const int64_t nb = std::min(per, N - n0);
-    at::Tensor p = part.narrow(0, 0, nb);
-    at::bmm_out(p, go3.narrow(0, n0, nb), x3.narrow(0, n0, nb).transpose(1, 2));
-    at::sum_out(red, p, {0});
-    gws.add_(red);
-  }
-}
-
-void pw_backward(const at::Tensor& go, const at::Tensor& x_in, const at::Tensor& weight, const ConvGeom& G,
-                 c10::IntArrayRef offs, std::array<bool, 3> mask, at::Tensor& gx, at::Tensor& gw, at::Tensor& gb) {
-  const at::Tensor x = contiguous_planes(x_in);
-  if (mask[0]) {
-    cpu::GradInputWriter gxw(gx);
-    int64_t pos = 0;
-    for (size_t g = 0; g < G.blocks.size(); ++g) {
-      const auto& b = G.blocks[g];
-      at::Tensor gx3 = planes(gx, offs[g], b.in_size());
-      at::Tensor wt3 = pw_weight(weight, b).t().expand({G.N, b.in_size(), b.out_size()});
-      at::Tensor go3 = planes(go, pos, b.out_size());
-      if (gxw.begin(offs[g], b.in_size()))
-        gx3.baddbmm_(wt3, go3);
-      else
-        at::bmm_out(gx3, wt3, go3);
-      pos += b.out_size();
-    }
-    gxw.finish();
-  }
-  if (mask[1]) {
-    int64_t pos = 0;
-    for (size_t g = 0; g < G.blocks.size(); ++g) {
-      const auto& b = G.blocks[g];
-      pw_grad_weight(planes(go, pos, b.out_size()), planes(x, offs[g], b.in_size()), pw_weight(gw, b));
-      pos += b.out_size();
-    }
-  }
-  if (mask[2]) {
-    const at::Tensor sums = go.sum({0, 2, 3});
-    int64_t pos = 0;
-    for (const auto& b : G.blocks) {
-      gb.narrow(0, b.out_start, b.out_size()).add_(sums.narrow(0, pos, b.out_size()));
-      pos += b.out_size();
-    }
-  }
-}
-
 bool is_pointwise(const ConvGeom& G) {
   return !G.depthwise && G.KH == 1 && G.KW == 1 && G.sh == 1 && G.sw == 1 && G.ph == 0 && G.pw == 0;
 }
 
-// The direct paths: depthwise plane loops for float64, batched GEMMs for 1x1 on maps larger
-// than 16x16 with several blocks. Everything else goes to oneDNN by runs. Measured (wall
-// time, 2 threads, batch 64): one oneDNN depthwise call over all packed blocks is 1.2-1.8x
-// faster than per-block calls + cat and 1.5-2x faster than the plane loops in float32; on
-// <= 16x16 maps oneDNN's 1x1 beats per-image GEMMs (it runs one GEMM over all N*H*W pixels);
-// at G = 1 oneDNN on the slice is exactly the dense conv.
+// Engine per call. Measured interleaved (wall time, 2 threads, batch 64, median of 11):
+//  * per-image GEMMs (block_conv2d_pointwise.cpp) beat oneDNN on 1x1 while a map has at
+//    least twice as many pixels as the widest block has channels: 1.2-2.3x faster than
+//    slice + F.conv2d + cat forward+backward at 32-128 channels on 32x32 and 64-128 on 16x16;
+//    with more channels per pixel (256-512 on 16x16, 256 on 8x8) oneDNN's single GEMM over
+//    all N*H*W pixels wins by 1.1-1.5x, and it is the only sensible choice on 4x4 and 2x2;
+//  * oneDNN by runs for everything else in float32: one depthwise call over all packed blocks
+//    is 1.2-1.8x faster than per-block calls + cat and 1.5-2x faster than the plane loops;
+//  * depthwise plane loops for float64 only (oneDNN has no float64 kernels).
 enum class Path { kRuns, kDepthwiseLoops, kPointwiseGemm };
 
-Path choose_path(const at::Tensor& x, const ConvGeom& G, c10::IntArrayRef x_offsets) {
+bool gemm_pays(const ConvGeom& G) {
+  int64_t widest = 0;
+  for (const auto& b : G.blocks) widest = std::max({widest, b.in_size(), b.out_size()});
+  return G.H * G.W >= 2 * widest;
+}
+
+Path choose_path(const at::Tensor& x, const ConvGeom& G) {
   if (G.depthwise && x.scalar_type() == at::kDouble && G.KW <= kMaxKW) return Path::kDepthwiseLoops;
-  if (fast_dtype(x) && is_pointwise(G) && G.blocks.size() > 1 && G.H * G.W > 256) {
-    // A table that is one grouped conv of >= 32-channel blocks (ParaDiS [0.5, 0.5] at 64+
-    // channels) is 1.3-1.5x faster forward on oneDNN; smaller or mixed blocks are faster as
-    // GEMMs (interleaved A/B, batch 64, 32x32 maps).
-    const auto runs = cpu::make_runs(G, x_offsets);
-    if (!(runs.size() == 1 && G.blocks[0].in_size() >= 32)) return Path::kPointwiseGemm;
-  }
+  // BLAS takes 32-bit sizes and strides.
+  if (fast_dtype(x) && is_pointwise(G) && cpu::have_blas_gemm() && x.numel() < INT32_MAX && gemm_pays(G))
+    return Path::kPointwiseGemm;
   return Path::kRuns;
 }
 
@@ -412,14 +319,12 @@ at::Tensor block_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // kernels call ATen ops on views
   const ConvGeom G = check_block_conv2d(x, weight, bias, blocks, x_offsets, stride, padding, dilation, depthwise);
   if (G.N == 0) return at::empty({0, G.C_out_total, G.Ho, G.Wo}, x.options());
-  const Path path = choose_path(x, G, x_offsets);
+  const Path path = choose_path(x, G);
   if (path == Path::kRuns) return cpu::runs_forward(x, weight, bias, G, x_offsets);
+  if (path == Path::kPointwiseGemm) return cpu::pointwise_forward(x, weight, bias, G, x_offsets);
   at::Tensor out = at::empty({G.N, G.C_out_total, G.Ho, G.Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_conv2d_cpu", [&] {
-    if (path == Path::kDepthwiseLoops)
-      dw_forward<scalar_t>(x, weight, bias, G, x_offsets, out);
-    else
-      pw_forward(x, weight, bias, G, x_offsets, out);
+    dw_forward<scalar_t>(x, weight, bias, G, x_offsets, out);
   });
   return out;
 }
@@ -439,18 +344,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_conv2d_backward_cpu(
     if (mask[0]) gx.zero_();
     return {gx, gw, gb};
   }
-  const Path path = choose_path(x, G, x_offsets);
+  const Path path = choose_path(x, G);
   if (path == Path::kRuns) {
     cpu::runs_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
     return {gx, gw, gb};
   }
+  if (path == Path::kPointwiseGemm) {
+    cpu::pointwise_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
+    return {gx, gw, gb};
+  }
+  if (mask[0]) gx.zero_();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_conv2d_backward_cpu", [&] {
-    if (path == Path::kDepthwiseLoops) {
-      if (mask[0]) gx.zero_();
-      dw_backward<scalar_t>(go, x, weight, G, x_offsets, mask, gx, gw, gb);
-    } else {
-      pw_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
-    }
+    dw_backward<scalar_t>(go, x, weight, G, x_offsets, mask, gx, gw, gb);
   });
   return {gx, gw, gb};
 }
