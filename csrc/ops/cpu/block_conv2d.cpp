@@ -290,7 +290,7 @@ bool is_pointwise(const ConvGeom& G) {
 
 // Engine per call. Measured interleaved (wall time, 2 threads, batch 64, median of 11):
 //  * per-image GEMMs (block_conv2d_pointwise.cpp) beat oneDNN on 1x1 while a map has at
-//    least twice as many pixels as the widest block has channels: 1.2-2.3x faster than
+//    more than twice as many pixels as the widest block has channels: 1.2-2.3x faster than
 //    slice + F.conv2d + cat forward+backward at 32-128 channels on 32x32 and 64-128 on 16x16;
 //    with more channels per pixel (256-512 on 16x16, 256 on 8x8) oneDNN's single GEMM over
 //    all N*H*W pixels wins by 1.1-1.5x, and it is the only sensible choice on 4x4 and 2x2;
@@ -302,7 +302,7 @@ enum class Path { kRuns, kDepthwiseLoops, kPointwiseGemm };
 bool gemm_pays(const ConvGeom& G) {
   int64_t widest = 0;
   for (const auto& b : G.blocks) widest = std::max({widest, b.in_size(), b.out_size()});
-  return G.H * G.W >= 2 * widest;
+  return G.H * G.W > 2 * widest;
 }
 
 Path choose_path(const at::Tensor& x, const ConvGeom& G) {
