@@ -9,28 +9,26 @@ Providers, on the same inputs:
 Shapes: MobileNet-v1 / ResNet CIFAR layers, batch 64: 1x1, dense 3x3 and depthwise 3x3 at
 C = 32 .. 512 on 32x32 and 16x16 maps. Block tables: one prefix slice (G = 1), ParaDiS
 [0.5, 0.5] and [0.5, 0.25, 0.25], sandwich [1.0], [0.5], [0.25] packed. Modes: forward,
-forward+backward. The full set runs in about 4-5 minutes on 2 shared cores:
+forward+backward. The full set runs in about 2-5 minutes on 2 cores:
 
-    OMP_WAIT_POLICY=PASSIVE python -m pytest benchmarks/bench_block_ops.py -q \
-        --benchmark-timer=time.process_time --benchmark-json=benchmarks/results/block_ops_pytest.json
-    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python benchmarks/bench_block_ops.py --json benchmarks/results/block_ops.json
+    PYTHONPATH=. python benchmarks/bench_block_ops.py --json benchmarks/results/block_ops.json
+    python -m pytest benchmarks/bench_block_ops.py -q --benchmark-json=benchmarks/results/block_ops_pytest.json
     python benchmarks/summarize.py benchmarks/results/block_ops.json --targets
 
-Threads: SLIMKERN_BENCH_THREADS (default 2). On a machine shared with other jobs (the one these
-results come from ran at load ~10 on 2 cores), wall-clock medians swing 3-10x between rounds and
-libgomp's default spin-waiting turns every parallel-region barrier into a lost time slice, so
-the timings measure the scheduler, not the kernels. There, time the process's CPU time
-(--benchmark-timer=time.process_time: the work all threads did) with OMP_WAIT_POLICY=PASSIVE
-(read when torch starts, so set it in the environment; recorded in each result's extra_info).
-On an idle machine, drop both and time wall clock.
-Rounds adapt to the cost of one call (about 1 s of rounds per benchmark, 3 to 15 rounds).
-SLIMKERN_BENCH_QUICK=1 runs a few shapes (< 1 min) for `make demo`.
+Clock: wall time (perf_counter) on an otherwise idle machine. Every provider runs with glibc
+keeping freed memory for reuse (benchmarks/_process.py): under glibc's defaults a fresh
+buffer above 32 MiB page-faults on every call, which on this VM costs as much as the kernels.
+With OMP_WAIT_POLICY=PASSIVE set, every parallel region pays a thread wake-up; do not set it
+for these timings. On a machine shared with other jobs, `--timer process` (CPU time of all
+threads) is steadier than wall time.
+Threads: SLIMKERN_BENCH_THREADS (default 2). Rounds adapt to the cost of one call (about 1 s
+of rounds per benchmark, 3 to 15 rounds). SLIMKERN_BENCH_QUICK=1 runs a few shapes (< 1 min)
+for `make demo`.
 
 pytest-benchmark times one provider after another, so a load swing between them lands in the
 ratio. `python benchmarks/bench_block_ops.py --json PATH` times the same cases with the
 providers interleaved round by round (rotating order) and writes the same JSON layout
-(groups, extra_info, stats), which summarize.py reads; on a shared machine its ratios are the
-ones to quote.
+(groups, extra_info, stats), which summarize.py reads; its ratios are the ones to quote.
 """
 from __future__ import annotations
 
@@ -182,7 +180,7 @@ def main(argv=None):
     """Interleaved runner: every round times each provider once, in rotating order."""
     ap = argparse.ArgumentParser(description="block_conv2d providers timed interleaved")
     ap.add_argument("--json", required=True, help="output file (pytest-benchmark layout)")
-    ap.add_argument("--timer", choices=("process", "wall"), default="process",
+    ap.add_argument("--timer", choices=("process", "wall"), default="wall",
                     help="process: CPU time of all threads (shared machines); wall: perf_counter")
     ap.add_argument("--budget", type=float, default=2.5, help="seconds of rounds per group (3..15 rounds)")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))

@@ -17,7 +17,7 @@ Peak memory: each provider runs 2 steps in a fresh subprocess; ``extra_info`` re
 process RSS high-water mark (``peak_rss_mb``) and its rise during the steps over the RSS after
 setup (``step_peak_mb``: VmHWM reset via /proc/self/clear_refs, so it is the step's own peak).
 
-    PYTHONPATH=. python -m pytest benchmarks/bench_train_step.py -q --benchmark-timer=time.process_time \\
+    PYTHONPATH=. python -m pytest benchmarks/bench_train_step.py -q \\
         --benchmark-json=benchmarks/results/train_step.json
     PYTHONPATH=. python benchmarks/bench_train_step.py    # interleaved, CPU and wall medians
     python benchmarks/summarize.py benchmarks/results/train_step.json --base plain_torch
@@ -154,8 +154,8 @@ if pytest is not None:
 
 
 if __name__ == "__main__":  # interleaved side-by-side without pytest-benchmark
-    # CPU time of this process (both threads) is the primary clock: the machine is shared and
-    # wall time swings 2-5x with other load; wall medians are printed too.
+    # Wall time on an idle machine is the clock to quote; CPU time of this process (both threads)
+    # is printed too, steadier when other jobs share the machine.
     import time
     import warnings
 
