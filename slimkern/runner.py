@@ -88,10 +88,15 @@ def load_data(cfg: dict):
 
 
 def build_model(cfg: dict, split, max_width: float | None = None):
+    """The configured model, its initial weights drawn from ``cfg["seed"]`` (the same seed gives
+    the same run) without touching the global RNG."""
     from slimkern import models
 
-    return models.build(cfg["model"], num_classes=split.num_classes, in_channels=split.in_channels,
-                        max_width=cfg["max_width"] if max_width is None else max_width, width_mult=cfg["width_mult"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["seed"])
+        return models.build(cfg["model"], num_classes=split.num_classes, in_channels=split.in_channels,
+                            max_width=cfg["max_width"] if max_width is None else max_width,
+                            width_mult=cfg["width_mult"])
 
 
 def _trainer_kwargs(cfg: dict, checkpoint: str) -> dict:

@@ -117,13 +117,13 @@ class Trainer:
         total, terms = self.loss(x, y)
         if not torch.isfinite(total):
             raise FloatingPointError(f"{self.name}: non-finite loss {total.item()} at step {self.global_step} "
-                                     f"(terms: { {k: float(v) for k, v in terms.items()} }); lower the lr")
+                                     f"(terms: { {k: float(v.detach()) for k, v in terms.items()} }); lower the lr")
         total.backward()
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.global_step += 1
-        return {"loss": float(total), **{k: float(v) for k, v in terms.items()}}
+        return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
 
     # ----- the loop ----------------------------------------------------------------------
     def make_loader(self, data, batch_size: int) -> DataLoader:
