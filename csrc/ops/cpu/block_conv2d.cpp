@@ -289,7 +289,7 @@ bool is_pointwise(const ConvGeom& G) {
 }
 
 // Engine per call. Measured interleaved (wall time, 2 threads, batch 64, median of 11):
-//  * per-image GEMMs (block_conv2d_pointwise.cpp) beat oneDNN on 1x1 while a map has at
+//  * per-image GEMMs (block_conv2d_pointwise.cpp) beat oneDNN on 1x1 while a map has
 //    more than twice as many pixels as the widest block has channels: 1.2-2.3x faster than
 //    slice + F.conv2d + cat forward+backward at 32-128 channels on 32x32 and 64-128 on 16x16;
 //    with more channels per pixel (256-512 on 16x16, 256 on 8x8) oneDNN's single GEMM over
