@@ -11,7 +11,8 @@ C = 32 .. 512 on 32x32 and 16x16 maps. Block tables: one prefix slice (G = 1), P
 [0.5, 0.5] and [0.5, 0.25, 0.25], sandwich [1.0], [0.5], [0.25] packed. Modes: forward,
 forward+backward. The full set runs in about 2-5 minutes on 2 cores:
 
-    PYTHONPATH=. python benchmarks/bench_block_ops.py --json benchmarks/results/block_ops.json
+    PYTHONPATH=. python benchmarks/bench_block_ops.py --json benchmarks/results/block_ops.json \
+        --budget 6 --max-rounds 41
     python -m pytest benchmarks/bench_block_ops.py -q --benchmark-json=benchmarks/results/block_ops_pytest.json
     python benchmarks/summarize.py benchmarks/results/block_ops.json --targets
 
@@ -182,7 +183,8 @@ def main(argv=None):
     ap.add_argument("--json", required=True, help="output file (pytest-benchmark layout)")
     ap.add_argument("--timer", choices=("process", "wall"), default="wall",
                     help="process: CPU time of all threads (shared machines); wall: perf_counter")
-    ap.add_argument("--budget", type=float, default=2.5, help="seconds of rounds per group (3..15 rounds)")
+    ap.add_argument("--budget", type=float, default=2.5, help="seconds of rounds per group")
+    ap.add_argument("--max-rounds", type=int, default=15, help="rounds per group at most (at least 3)")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES))
     ap.add_argument("--tables", nargs="*", default=list(TABLES))
     ap.add_argument("--modes", nargs="*", default=["fwd", "fwdbwd"])
@@ -200,7 +202,7 @@ def main(argv=None):
                     run()
                     run()
                 once = (time.perf_counter() - t0) / 2
-                rounds = max(3, min(15, int(args.budget / max(once, 1e-6))))
+                rounds = max(3, min(args.max_rounds, int(args.budget / max(once, 1e-6))))
                 data = {p: [] for p in PROVIDERS}
                 for r in range(rounds):
                     order = PROVIDERS[r % len(PROVIDERS):] + PROVIDERS[:r % len(PROVIDERS)]
