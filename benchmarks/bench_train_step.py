@@ -19,7 +19,8 @@ setup (``step_peak_mb``: VmHWM reset via /proc/self/clear_refs, so it is the ste
 
     PYTHONPATH=. python -m pytest benchmarks/bench_train_step.py -q \\
         --benchmark-json=benchmarks/results/train_step.json
-    PYTHONPATH=. python benchmarks/bench_train_step.py    # interleaved, CPU and wall medians
+    PYTHONPATH=. python benchmarks/bench_train_step.py --json benchmarks/results/train_step.json
+                                                          # interleaved (the ratios to quote)
     python benchmarks/summarize.py benchmarks/results/train_step.json --base plain_torch
 """
 from __future__ import annotations
@@ -153,27 +154,66 @@ if pytest is not None:
         benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
-if __name__ == "__main__":  # interleaved side-by-side without pytest-benchmark
-    # Wall time on an idle machine is the clock to quote; CPU time of this process (both threads)
-    # is printed too, steadier when other jobs share the machine.
+def main(argv=None) -> int:
+    """Interleaved runner: every round times each provider once, in rotating order (the
+    ratios to quote: a sequential pytest-benchmark run lets a load swing between providers
+    land in the ratio). Writes the pytest-benchmark JSON layout with ``--json``."""
+    import argparse
+    import platform
+    import statistics
     import time
     import warnings
 
+    ap = argparse.ArgumentParser(description="training-step providers timed interleaved")
+    ap.add_argument("--json", default=None, help="output file (pytest-benchmark layout)")
+    ap.add_argument("--rounds", type=int, default=ROUNDS)
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure each provider's peak memory in a fresh process")
+    args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
+    benches = []
     for model in MODELS:
         for step in ("paradis", "sandwich"):
-            runs = {p: make_case(model, step, p)[0] for p in PROVIDERS}
-            for r in runs.values():
-                r()
+            mem = {p: measure_memory(model, step, p) if args.memory else {} for p in PROVIDERS}
+            cases = {p: make_case(model, step, p) for p in PROVIDERS}
+            for run, _ in cases.values():
+                run()
             cpu, wall = {p: [] for p in PROVIDERS}, {p: [] for p in PROVIDERS}
-            for _ in range(ROUNDS):
-                for p, r in runs.items():
+            for r in range(args.rounds):
+                for p in PROVIDERS[r % len(PROVIDERS):] + PROVIDERS[:r % len(PROVIDERS)]:
                     c0, t0 = time.process_time(), time.perf_counter()
-                    r()
+                    cases[p][0]()
                     cpu[p].append(time.process_time() - c0)
                     wall[p].append(time.perf_counter() - t0)
-            mc = {p: sorted(v)[len(v) // 2] for p, v in cpu.items()}
-            mw = {p: sorted(v)[len(v) // 2] for p, v in wall.items()}
+            group = f"train_step/{model}/{step}"
             for p in PROVIDERS:
-                print(f"{model:13s} {step:9s} {p:16s} cpu {mc[p] * 1e3:8.1f} ms ({mc['plain_torch'] / mc[p]:.2f}x)"
-                      f"   wall {mw[p] * 1e3:8.1f} ms ({mw['plain_torch'] / mw[p]:.2f}x)", flush=True)
+                d = wall[p]
+                benches.append(dict(
+                    group=group, name=f"test_train_step[{model}-{step}-{p}]",
+                    params=dict(model=model, step=step, provider=p),
+                    extra_info=dict(provider=p, model=model, step=step, switches=cases[p][1], batch=BATCH,
+                                    threads=torch.get_num_threads(), width_mult=MODELS[model], max_width=MAX_WIDTH,
+                                    group_size=GROUP_SIZE if p == "slimkern_groups" else None, malloc=MALLOC,
+                                    interleaved=True, cpu_median_s=statistics.median(cpu[p]), **mem[p]),
+                    options=dict(timer="time.perf_counter"),
+                    stats=dict(min=min(d), max=max(d), mean=statistics.fmean(d), median=statistics.median(d),
+                               rounds=len(d), data=d)))
+            mw = {p: statistics.median(wall[p]) for p in PROVIDERS}
+            mc = {p: statistics.median(cpu[p]) for p in PROVIDERS}
+            for p in PROVIDERS:
+                print(f"{model:13s} {step:9s} {p:16s} wall {mw[p] * 1e3:8.1f} ms ({mw['plain_torch'] / mw[p]:.2f}x)"
+                      f"   cpu {mc[p] * 1e3:8.1f} ms ({mc['plain_torch'] / mc[p]:.2f}x)"
+                      f"   step peak {mem[p].get('step_peak_mb')} MB", flush=True)
+    if args.json:
+        out = dict(machine_info=dict(python=platform.python_version(), torch=torch.__version__, threads=THREADS),
+                   datetime=time.strftime("%Y-%m-%dT%H:%M:%S"), benchmarks=benches)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
