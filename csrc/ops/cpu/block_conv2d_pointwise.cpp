@@ -94,13 +94,16 @@ void backward_impl(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
   std::vector<int64_t> part_at(G.blocks.size() + 1, 0);
   for (size_t g = 0; g < G.blocks.size(); ++g)
     part_at[g + 1] = part_at[g] + G.blocks[g].out_size() * G.blocks[g].in_size();
-  const int64_t threads = at::get_num_threads();
+  // Called from inside a parallel region, parallel_for runs inline on the caller, whose thread
+  // number may exceed get_num_threads(): one partial sum then.
+  const bool nested = at::in_parallel_region();
+  const int64_t threads = nested ? 1 : at::get_num_threads();
   at::Tensor parts = mask[1] ? at::zeros({threads, part_at.back()}, go.options()) : at::Tensor();
   T* pp = mask[1] ? parts.data_ptr<T>() : nullptr;
   T* gxp = mask[0] ? gx.data_ptr<T>() : nullptr;
   const int64_t gxs0 = mask[0] ? gx.stride(0) : 0, gxs1 = mask[0] ? gx.stride(1) : 0;
   at::parallel_for(0, G.N, 1, [&](int64_t n0, int64_t n1) {
-    T* acc = pp ? pp + at::get_thread_num() * part_at.back() : nullptr;
+    T* acc = pp ? pp + (nested ? 0 : at::get_thread_num()) * part_at.back() : nullptr;
     for (int64_t n = n0; n < n1; ++n) {
       int64_t pos = 0;
       for (size_t g = 0; g < G.blocks.size(); ++g) {
