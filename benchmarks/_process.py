@@ -11,7 +11,10 @@ measures glibc's defaults instead.
 """
 from __future__ import annotations
 
+import json
 import os
+import platform
+import time
 
 from slimkern.train.memory import keep_freed_memory
 
@@ -21,3 +24,29 @@ def setup_allocator() -> str:
     if os.environ.get("SLIMKERN_BENCH_MALLOC", "keep") == "default":
         return "default"
     return "kept" if keep_freed_memory() else "default"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def write_results(path: str, benches: list[dict], threads: int) -> None:
+    """Writes interleaved results in pytest-benchmark's JSON layout (what summarize.py reads),
+    atomically."""
+    import torch
+
+    out = dict(machine_info=dict(cpu=dict(brand_raw=cpu_name()), python=platform.python_version(),
+                                 torch=torch.__version__, threads=threads),
+               datetime=time.strftime("%Y-%m-%dT%H:%M:%S"), benchmarks=benches)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, path)

@@ -34,9 +34,7 @@ providers interleaved round by round (rotating order) and writes the same JSON l
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import slimkern as sk
-from _process import setup_allocator
+from _process import setup_allocator, write_results
 
 QUICK = os.environ.get("SLIMKERN_BENCH_QUICK", "") not in ("", "0")
 THREADS = int(os.environ.get("SLIMKERN_BENCH_THREADS", "2"))
@@ -166,17 +164,6 @@ def test_block_conv2d(benchmark, mode, shape, table, provider):
     benchmark.pedantic(run, rounds=rounds_for(run), warmup_rounds=0, iterations=1)
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
-
-
 def main(argv=None):
     """Interleaved runner: every round times each provider once, in rotating order."""
     ap = argparse.ArgumentParser(description="block_conv2d providers timed interleaved")
@@ -227,14 +214,7 @@ def main(argv=None):
                 print(f"{group:55s} " + "  ".join(f"{p} {med[p] * 1e3:8.2f} ms" for p in PROVIDERS)
                       + f"  vs naive {med['naive'] / med['slimkern']:.2f}x  vs dense {med['dense'] / med['slimkern']:.2f}x",
                       flush=True)
-    out = dict(machine_info=dict(cpu=dict(brand_raw=_cpu_name()), python=platform.python_version(),
-                                 torch=torch.__version__, threads=THREADS),
-               datetime=time.strftime("%Y-%m-%dT%H:%M:%S"), benchmarks=benches)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    tmp = args.json + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, args.json)
+    write_results(args.json, benches, THREADS)
     return 0
 
 

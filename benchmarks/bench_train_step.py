@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _plain_slimmable as P  # noqa: E402
-from _process import setup_allocator  # noqa: E402
+from _process import setup_allocator, write_results  # noqa: E402
 
 MALLOC = setup_allocator()
 
@@ -159,7 +159,6 @@ def main(argv=None) -> int:
     ratios to quote: a sequential pytest-benchmark run lets a load swing between providers
     land in the ratio). Writes the pytest-benchmark JSON layout with ``--json``."""
     import argparse
-    import platform
     import statistics
     import time
     import warnings
@@ -205,13 +204,7 @@ def main(argv=None) -> int:
                       f"   cpu {mc[p] * 1e3:8.1f} ms ({mc['plain_torch'] / mc[p]:.2f}x)"
                       f"   step peak {mem[p].get('step_peak_mb')} MB", flush=True)
     if args.json:
-        out = dict(machine_info=dict(python=platform.python_version(), torch=torch.__version__, threads=THREADS),
-                   datetime=time.strftime("%Y-%m-%dT%H:%M:%S"), benchmarks=benches)
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, args.json)
+        write_results(args.json, benches, THREADS)
     return 0
 
 
