@@ -172,6 +172,7 @@ def test_gradcheck_conv(backend):
     ([(0, 96, 0, 80)], [16]),                                # G = 1 on a window of a wider x
     ([(8, 40, 0, 24), (0, 16, 8, 40)], None),                # small blocks of different shapes
     ([(0, 64, 0, 64), (64, 96, 64, 96), (96, 128, 96, 128), (32, 64, 32, 64)], None),  # [0.5, 0.25, 0.25] + 1
+    ([(0, 32, 0, 40), (0, 32, 40, 80)], None),               # one grouped conv on a weight view
 ])
 @pytest.mark.parametrize("hw", [4, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

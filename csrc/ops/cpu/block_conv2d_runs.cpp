@@ -11,24 +11,24 @@ at::Tensor block_weight(const at::Tensor& w, const Block& b, bool depthwise) {
   return depthwise ? s : s.narrow(1, b.in_start, b.in_size());
 }
 
-// True when the run's blocks read consecutive weight rows (and, unless depthwise, one input
-// range), so the stacked weight is a view and needs no copy.
+// True when the run's blocks read consecutive weight rows (output channels), so their rows
+// stacked are a slice of the parameter.
 bool rows_follow(const ConvGeom& G, const Run& r) {
-  for (size_t g = r.g0 + 1; g < r.g1; ++g) {
-    const Block &p = G.blocks[g - 1], &b = G.blocks[g];
-    if (b.out_start != p.out_stop) return false;
-    if (!G.depthwise && (b.in_start != p.in_start || b.in_stop != p.in_stop)) return false;
-  }
+  for (size_t g = r.g0 + 1; g < r.g1; ++g)
+    if (G.blocks[g].out_start != G.blocks[g - 1].out_stop) return false;
   return true;
 }
 
 // The run's weight: its blocks' slices stacked along the output dim (the grouped conv's
-// weight). A copy only when the slices are not already adjacent rows; it is a few KB to MB,
-// against activations of N*C*H*W.
+// weight). A view when the rows follow one another and (unless depthwise) every block reads
+// the same input columns; otherwise a copy, a few KB to MB against activations of N*C*H*W.
 at::Tensor run_weight(const at::Tensor& w, const ConvGeom& G, const Run& r) {
   const Block& first = G.blocks[r.g0];
-  if (r.g1 - r.g0 == 1) return block_weight(w, first, G.depthwise);
-  if (rows_follow(G, r) && G.depthwise) return w.narrow(0, first.out_start, r.cout);
+  bool view = rows_follow(G, r);
+  for (size_t g = r.g0 + 1; g < r.g1 && view && !G.depthwise; ++g)
+    view = G.blocks[g].in_start == first.in_start && G.blocks[g].in_stop == first.in_stop;
+  if (view) return block_weight(w, Block{first.in_start, first.in_stop, first.out_start, first.out_start + r.cout},
+                                G.depthwise);
   std::vector<at::Tensor> parts;
   for (size_t g = r.g0; g < r.g1; ++g) parts.push_back(block_weight(w, G.blocks[g], G.depthwise));
   return at::cat(parts, 0);
@@ -36,9 +36,7 @@ at::Tensor run_weight(const at::Tensor& w, const ConvGeom& G, const Run& r) {
 
 std::optional<at::Tensor> run_bias(const std::optional<at::Tensor>& bias, const ConvGeom& G, const Run& r) {
   if (!bias.has_value() || !bias->defined()) return std::nullopt;
-  bool follow = true;
-  for (size_t g = r.g0 + 1; g < r.g1; ++g) follow = follow && G.blocks[g].out_start == G.blocks[g - 1].out_stop;
-  if (follow) return bias->narrow(0, G.blocks[r.g0].out_start, r.cout);
+  if (rows_follow(G, r)) return bias->narrow(0, G.blocks[r.g0].out_start, r.cout);
   std::vector<at::Tensor> parts;
   for (size_t g = r.g0; g < r.g1; ++g) parts.push_back(bias->narrow(0, G.blocks[g].out_start, G.blocks[g].out_size()));
   return at::cat(parts, 0);
