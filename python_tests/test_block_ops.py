@@ -174,11 +174,11 @@ def test_gradcheck_conv(backend):
     ([(0, 64, 0, 64), (64, 96, 64, 96), (96, 128, 96, 128), (32, 64, 32, 64)], None),  # [0.5, 0.25, 0.25] + 1
     ([(0, 32, 0, 40), (0, 32, 40, 80)], None),               # one grouped conv on a weight view
 ])
-@pytest.mark.parametrize("hw", [4, 17])
+@pytest.mark.parametrize("hw", [2, 4, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_pointwise_engines(table, offs, hw, dtype):
-    # 1x1 blocks take MKL batched GEMMs (large maps) or oneDNN by runs (small maps, G = 1);
-    # both dtypes, since float64 and float32 may take different engines.
+    # 1x1 blocks take per-image GEMMs (AVX-512 kernel or BLAS) or oneDNN by runs (2x2 maps,
+    # and with BLAS small maps); both dtypes, since float64 and float32 may take different engines.
     torch.manual_seed(5)
     width = max(r[1] - r[0] for r in table)
     c_x = max((o or 0) for o in offs) + width if offs else sum(r[1] - r[0] for r in table)
@@ -238,6 +238,34 @@ def test_equal_blocks_grouped(groups_of, k):
         g = torch.randn_like(ref)
         for got, want in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_cpp
+@pytest.mark.parametrize("n,hw,bias", [(1, 23, True), (2, 9, False), (5, 16, False)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_pointwise_gemm_tiles(n, hw, bias, threads):
+    # The AVX-512 GEMM's edges: depth beyond one 128-deep pass (200 input channels forward,
+    # 140 output channels backward), row tiles of 6 with remainders (140, 13 output channels),
+    # column tails (529, 81 pixels), transposes with partial 16x16 tiles, and batches smaller
+    # than the thread count (pixels split).
+    torch.manual_seed(9)
+    table = [(0, 200, 0, 140), (0, 13, 140, 153), (200, 203, 153, 166)]
+    x = torch.randn(n, 216, hw, hw, dtype=torch.float32, requires_grad=True)
+    w = torch.randn(166, 203, 1, 1, requires_grad=True)
+    b = torch.randn(166, requires_grad=True) if bias else None
+    inputs = (x, w, b) if bias else (x, w)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = sk.ops.block_conv2d(x, w, b, table, backend="cpp")
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, inputs, g)
+    finally:
+        torch.set_num_threads(prev)
+    ref = ref_block_conv2d(x.double(), w.double(), b.double() if bias else None, table, None, 1, 0, 1, False)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=2e-3)
+    for got, want in zip(grads, torch.autograd.grad(ref, inputs, g.double())):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=5e-3)
 
 
 @needs_cpp

@@ -1,4 +1,4 @@
-"""SGD with Nesterov momentum and weight decay, and the papers' learning-rate schedules.
+r"""SGD with Nesterov momentum and weight decay, and the papers' learning-rate schedules.
 
 Schedules are per iteration (the US-Nets / ParaDiS recipes decay every step):
 

@@ -18,6 +18,7 @@
 #include "slimkern/conv_math.h"
 #include "block_conv2d_pointwise.h"
 #include "block_conv2d_runs.h"
+#include "sgemm_avx512.h"
 
 namespace slimkern {
 namespace {
@@ -288,18 +289,23 @@ bool is_pointwise(const ConvGeom& G) {
   return !G.depthwise && G.KH == 1 && G.KW == 1 && G.sh == 1 && G.sw == 1 && G.ph == 0 && G.pw == 0;
 }
 
-// Engine per call. Measured interleaved (wall time, 2 threads, batch 64, median of 11):
-//  * per-image GEMMs (block_conv2d_pointwise.cpp) beat oneDNN on 1x1 while a map has
-//    more than twice as many pixels as the widest block has channels: 1.2-2.3x faster than
-//    slice + F.conv2d + cat forward+backward at 32-128 channels on 32x32 and 64-128 on 16x16;
-//    with more channels per pixel (256-512 on 16x16, 256 on 8x8) oneDNN's single GEMM over
-//    all N*H*W pixels wins by 1.1-1.5x, and it is the only sensible choice on 4x4 and 2x2;
+// Engine per call. Measured interleaved (wall time, 2 threads, batch 64, median of 7-11):
+//  * per-image GEMMs (block_conv2d_pointwise.cpp) for 1x1. float32 on AVX-512 runs our own
+//    kernel (sgemm_avx512.h), 1.1-1.7x faster than oneDNN's own 1x1 convolution on
+//    contiguous operands and 1.4-4x faster than slice + F.conv2d + cat, forward+backward, from
+//    4x4 to 32x32 maps at 64-512 channels; below 16 pixels per map (2x2) a GEMM row is shorter
+//    than one vector and oneDNN wins by 3x. Through MKL's sgemm/dgemm (AVX2 on AMD) the GEMMs
+//    win only while a map has more than twice as many pixels as the widest block has
+//    channels (1.2-2.3x at 32-128 channels on 32x32 maps); with more channels per pixel
+//    oneDNN's single GEMM over all N*H*W pixels wins by 1.1-1.5x;
 //  * oneDNN by runs for everything else in float32: one depthwise call over all packed blocks
 //    is 1.2-1.8x faster than per-block calls + cat and 1.5-2x faster than the plane loops;
 //  * depthwise plane loops for float64 only (oneDNN has no float64 kernels).
 enum class Path { kRuns, kDepthwiseLoops, kPointwiseGemm };
 
-bool gemm_pays(const ConvGeom& G) {
+bool gemm_pays(const at::Tensor& x, const ConvGeom& G) {
+  if (x.scalar_type() == at::kFloat && cpu::have_avx512_sgemm()) return G.H * G.W >= 16;
+  if (!cpu::have_blas_gemm() || x.numel() >= INT32_MAX) return false;  // BLAS takes 32-bit sizes and strides
   int64_t widest = 0;
   for (const auto& b : G.blocks) widest = std::max({widest, b.in_size(), b.out_size()});
   return G.H * G.W > 2 * widest;
@@ -307,9 +313,7 @@ bool gemm_pays(const ConvGeom& G) {
 
 Path choose_path(const at::Tensor& x, const ConvGeom& G) {
   if (G.depthwise && x.scalar_type() == at::kDouble && G.KW <= kMaxKW) return Path::kDepthwiseLoops;
-  // BLAS takes 32-bit sizes and strides.
-  if (fast_dtype(x) && is_pointwise(G) && cpu::have_blas_gemm() && x.numel() < INT32_MAX && gemm_pays(G))
-    return Path::kPointwiseGemm;
+  if (fast_dtype(x) && is_pointwise(G) && gemm_pays(x, G)) return Path::kPointwiseGemm;
   return Path::kRuns;
 }
 

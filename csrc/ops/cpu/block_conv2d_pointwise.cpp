@@ -3,9 +3,12 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "block_conv2d_runs.h"
+#include "sgemm_avx512.h"
 
 // Fortran BLAS, exported by libtorch_cpu (MKL); weak so a build without them still loads.
 extern "C" {
@@ -30,6 +33,63 @@ void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const
           const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
   const int M = m, N = n, K = k, LA = lda, LB = ldb, LC = ldc;
   dgemm_(&ta, &tb, &M, &N, &K, &alpha, a, &LA, b, &LB, &beta, c, &LC);
+}
+
+// The three products of one (image, block), on row-major operands:
+//   forward      out (Co x P) = W (Co x Ci) . x (Ci x P)            [+ out: the bias]
+//   grad input   gx  (Ci x P) = W^T (Ci x Co) . go (Co x P)          [+ gx: overlapping windows]
+//   grad weight  gw  (Co x Ci) += go (Co x P) . x^T (P x Ci)
+// float32 on AVX-512 processors runs sgemm_avx512 (2x MKL's AVX2 path on AMD Zen 5);
+// everything else calls the BLAS with the same products read column-major.
+template <typename T>
+bool use_avx512() {
+  return std::is_same_v<T, float> && have_avx512_sgemm();
+}
+
+// np pixels of one image; ld* are the row strides (a plane apart for out / go / gx rows).
+template <typename T>
+void product_forward(int64_t Co, int64_t Ci, int64_t np, const T* w, int64_t ldw, const T* x, int64_t ldx, T beta,
+                     T* out, int64_t ldo) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx512<T>()) return sgemm_avx512(Co, np, Ci, w, ldw, 1, x, ldx, beta, out, ldo);
+  }
+  gemm('N', 'N', np, Co, Ci, T(1), x, ldx, w, ldw, beta, out, ldo);  // out^T = x^T . W^T
+}
+
+template <typename T>
+void product_grad_input(int64_t Co, int64_t Ci, int64_t np, const T* w, int64_t ldw, const T* go, int64_t ldgo,
+                        T beta, T* gx, int64_t ldgx) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx512<T>()) return sgemm_avx512(Ci, np, Co, w, 1, ldw, go, ldgo, beta, gx, ldgx);
+  }
+  gemm('N', 'T', np, Ci, Co, T(1), go, ldgo, w, ldw, beta, gx, ldgx);  // gx^T = go^T . W
+}
+
+// gw is [Co x Ci] row-major; `xt` is scratch for np x Ci values (the AVX-512 kernel reads x
+// transposed, so its rows have unit stride).
+template <typename T>
+void product_grad_weight(int64_t Co, int64_t Ci, int64_t np, const T* go, int64_t ldgo, const T* x, int64_t ldx,
+                         T* gw, T* xt) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx512<T>()) {
+      transpose_avx512(Ci, np, x, ldx, xt);
+      return sgemm_avx512(Co, Ci, np, go, ldgo, 1, xt, Ci, 1.0f, gw, Ci);
+    }
+  }
+  gemm('T', 'N', Ci, Co, np, T(1), x, ldx, go, ldgo, T(1), gw, Ci);  // gw^T += x . go^T
+}
+
+// Work items are (image, pixel chunk). One chunk per image while the batch covers the threads;
+// smaller batches (inference on a few images) split each image's pixels so no thread idles.
+struct PixelChunks {
+  int64_t per_image, size;
+};
+
+PixelChunks pixel_chunks(int64_t N, int64_t P) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t per_image = std::max<int64_t>(1, std::min((threads + N - 1) / N, P / 64));
+  const int64_t size = ((P + per_image - 1) / per_image + 15) / 16 * 16;  // whole 16-float vectors
+  return {(P + size - 1) / size, size};
 }
 
 // x with contiguous H x W planes and channels at least a plane apart (the GEMMs' leading
@@ -57,17 +117,18 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w2, const std::optional
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
   const T* bp = has_bias ? bc.data_ptr<T>() : nullptr;
-  at::parallel_for(0, G.N, 1, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
+  const PixelChunks pc = pixel_chunks(G.N, P);
+  at::parallel_for(0, G.N * pc.per_image, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t n = item / pc.per_image, p0 = item % pc.per_image * pc.size, np = std::min(pc.size, P - p0);
       int64_t pos = 0;
       for (size_t g = 0; g < G.blocks.size(); ++g) {
         const Block& b = G.blocks[g];
-        T* on = op + (n * G.C_out_total + pos) * P;
+        T* on = op + (n * G.C_out_total + pos) * P + p0;
         if (bp)
-          for (int64_t o = 0; o < b.out_size(); ++o) std::fill(on + o * P, on + (o + 1) * P, bp[b.out_start + o]);
-        // out_n^T (P x Co) = x_n^T (P x Ci) . W^T (Ci x Co), column-major.
-        gemm('N', 'N', P, b.out_size(), b.in_size(), T(1), xp + n * xs0 + offs[g] * xs1, xs1,
-             wp + b.out_start * ws0 + b.in_start, ws0, bp ? T(1) : T(0), on, P);
+          for (int64_t o = 0; o < b.out_size(); ++o) std::fill(on + o * P, on + o * P + np, bp[b.out_start + o]);
+        product_forward(b.out_size(), b.in_size(), np, wp + b.out_start * ws0 + b.in_start, ws0,
+                        xp + n * xs0 + offs[g] * xs1 + p0, xs1, bp ? T(1) : T(0), on, P);
         pos += b.out_size();
       }
     }
@@ -102,20 +163,24 @@ void backward_impl(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
   T* pp = mask[1] ? parts.data_ptr<T>() : nullptr;
   T* gxp = mask[0] ? gx.data_ptr<T>() : nullptr;
   const int64_t gxs0 = mask[0] ? gx.stride(0) : 0, gxs1 = mask[0] ? gx.stride(1) : 0;
-  at::parallel_for(0, G.N, 1, [&](int64_t n0, int64_t n1) {
+  int64_t widest_in = 0;
+  for (const auto& b : G.blocks) widest_in = std::max(widest_in, b.in_size());
+  const PixelChunks pc = pixel_chunks(G.N, P);
+  at::parallel_for(0, G.N * pc.per_image, 1, [&](int64_t i0, int64_t i1) {
     T* acc = pp ? pp + (nested ? 0 : at::get_thread_num()) * part_at.back() : nullptr;
-    for (int64_t n = n0; n < n1; ++n) {
+    std::vector<T> xt(acc && use_avx512<T>() ? pc.size * widest_in : 0);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t n = item / pc.per_image, p0 = item % pc.per_image * pc.size, np = std::min(pc.size, P - p0);
       int64_t pos = 0;
       for (size_t g = 0; g < G.blocks.size(); ++g) {
         const Block& b = G.blocks[g];
-        const T* gon = gop + (n * C + pos) * P;
+        const T* gon = gop + (n * C + pos) * P + p0;
         const T* wg = wp + b.out_start * ws0 + b.in_start;
-        if (gxp)  // gx_n^T (P x Ci) = go_n^T (P x Co) . W (Co x Ci)
-          gemm('N', 'T', P, b.in_size(), b.out_size(), T(1), gon, P, wg, ws0, add[g] ? T(1) : T(0),
-               gxp + n * gxs0 + offs[g] * gxs1, gxs1);
-        if (acc)  // dW^T (Ci x Co) += x_n (Ci x P) . go_n^T (P x Co)
-          gemm('T', 'N', b.in_size(), b.out_size(), P, T(1), xp + n * xs0 + offs[g] * xs1, xs1, gon, P, T(1),
-               acc + part_at[g], b.in_size());
+        const T* xn = xp + n * xs0 + offs[g] * xs1 + p0;
+        if (gxp)
+          product_grad_input(b.out_size(), b.in_size(), np, wg, ws0, gon, P, add[g] ? T(1) : T(0),
+                             gxp + n * gxs0 + offs[g] * gxs1 + p0, gxs1);
+        if (acc) product_grad_weight(b.out_size(), b.in_size(), np, gon, P, xn, xs1, acc + part_at[g], xt.data());
         pos += b.out_size();
       }
     }
