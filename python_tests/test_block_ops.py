@@ -218,6 +218,30 @@ def test_depthwise_engines(table, offs, stride, dtype):
 
 
 @needs_cpp
+@pytest.mark.parametrize("k,padding,dilation,hw", [
+    ((3, 3), 1, 1, (33, 37)),   # rows of 37: two full vectors and a 5-lane tail
+    ((3, 5), (0, 2), 2, (9, 20)),  # unequal taps, dilated, padding only along the width
+    ((1, 1), 0, 1, (4, 16)),    # one tap, one exact vector
+    ((5, 3), 2, (1, 3), (7, 5)),  # taps reaching past both borders of a 5-wide row
+])
+def test_depthwise_float32_planes(k, padding, dilation, hw):
+    # float32 depthwise (oneDNN by runs) with unequal and dilated taps, one-sided padding, rows
+    # of odd widths, overlapping blocks summing into shared weights and inputs; against
+    # per-block F.conv2d in float64.
+    torch.manual_seed(10)
+    table, offs = [(0, 12, 0, 12), (4, 10, 4, 10), (12, 20, 12, 20)], [0, 4, 12]
+    x = torch.randn(3, 20, *hw, requires_grad=True)
+    w = torch.randn(20, 1, *k, requires_grad=True)
+    b = torch.randn(20, requires_grad=True)
+    out = sk.ops.block_conv2d(x, w, b, table, offs, 1, padding, dilation, True, backend="cpp")
+    ref = ref_block_conv2d(x.double(), w.double(), b.double(), table, offs, 1, padding, dilation, True)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g.double())):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-3)
+
+
+@needs_cpp
 @pytest.mark.parametrize("groups_of", [2, 4])
 @pytest.mark.parametrize("k", [1, 3])
 def test_equal_blocks_grouped(groups_of, k):
