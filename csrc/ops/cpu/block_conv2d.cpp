@@ -1,7 +1,8 @@
 // CPU kernels of slimkern::block_conv2d and its backward. Three engines, chosen per call
 // (choose_path below says when and why):
-//  * per-image GEMMs for 1x1 (block_conv2d_pointwise.cpp): read the weight slice and x's
-//    channel window in place and write straight into the output's channel window;
+//  * per-image GEMMs for 1x1 (block_conv2d_pointwise.cpp, on sgemm_avx512.cpp for float32):
+//    read the weight slice and x's channel window in place and write straight into the
+//    output's channel window;
 //  * oneDNN by runs of blocks (block_conv2d_runs.cpp): one (grouped) at::convolution per run;
 //  * depthwise float64: direct loops over output rows, one task per (image, channel) plane,
 //    on the per-element index math of conv_math.h that the CUDA kernels share (so gradcheck

@@ -3,10 +3,12 @@
 // Block g of image n is out_n[pos_g : pos_g + Co] = W_g @ x_n[off_g : off_g + Ci], a
 // (Co x Ci) by (Ci x H*W) product read and written in place through the tensors' strides:
 // nothing is sliced into a copy, nothing is concatenated. One parallel region per call splits
-// the batch across threads and every thread calls a single-threaded BLAS GEMM per (image,
-// block): no parallel region per GEMM, whose start-up and barriers cost more than the GEMM
-// itself at these sizes (and made MKL's batched GEMM 3-7x slower under OMP_WAIT_POLICY=PASSIVE).
-// The weight gradient sums per-thread partial sums, so overlapping blocks never race.
+// the batch (and, for batches smaller than the thread count, each image's pixels) across
+// threads, and every thread runs a single-threaded GEMM per (image, block): float32 on AVX-512
+// processors our own kernel (sgemm_avx512.h), otherwise the BLAS. No parallel region per
+// GEMM, whose start-up and barriers cost more than the GEMM itself at these sizes (and made
+// MKL's batched GEMM 3-7x slower under OMP_WAIT_POLICY=PASSIVE). The weight gradient sums
+// per-thread partial sums, so overlapping blocks never race.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,7 +20,7 @@
 namespace slimkern::cpu {
 
 // True when the BLAS this torch build links exports sgemm_/dgemm_ (MKL and OpenBLAS do);
-// otherwise callers take the oneDNN path.
+// without it (and without AVX-512 for float32) callers take the oneDNN path.
 bool have_blas_gemm();
 
 at::Tensor pointwise_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
