@@ -150,13 +150,16 @@ SK_AVX512 void weight_grad(const float* go, const float* in, const DwPlane& g, f
       accb = _mm512_add_ps(accb, gv);
 #pragma GCC unroll 16
       for (int64_t kh = 0; kh < KH; ++kh) {
+        // Rows outside the input load nothing (mask 0) rather than branch: a branch here kept
+        // GCC from holding the accumulators in registers.
         const int64_t ir = r + g.roff[kh];
-        if (ir < 0 || ir >= g.Hin) continue;
-        const float* irow = in + ir * g.ld_in + 16 * v;
+        const bool inside = ir >= 0 && ir < g.Hin;
+        const float* irow = in + (inside ? ir : 0) * g.ld_in + 16 * v;
         const __mmask16* mk = masks + v * KW;
 #pragma GCC unroll 16
         for (int64_t kw = 0; kw < KW; ++kw)
-          acc[kh * KW + kw] = _mm512_fmadd_ps(gv, _mm512_maskz_loadu_ps(mk[kw], irow + g.coff[kw]), acc[kh * KW + kw]);
+          acc[kh * KW + kw] = _mm512_fmadd_ps(
+              gv, _mm512_maskz_loadu_ps(inside ? mk[kw] : __mmask16(0), irow + g.coff[kw]), acc[kh * KW + kw]);
       }
     }
   }
