@@ -65,16 +65,12 @@ void product_grad_input(int64_t Co, int64_t Ci, int64_t np, const T* w, int64_t 
   gemm('N', 'T', np, Ci, Co, T(1), go, ldgo, w, ldw, beta, gx, ldgx);  // gx^T = go^T . W
 }
 
-// gw is [Co x Ci] row-major; `xt` is scratch for np x Ci values (the AVX-512 kernel reads x
-// transposed, so its rows have unit stride).
+// gw is [Co x Ci] row-major.
 template <typename T>
 void product_grad_weight(int64_t Co, int64_t Ci, int64_t np, const T* go, int64_t ldgo, const T* x, int64_t ldx,
-                         T* gw, T* xt) {
+                         T* gw) {
   if constexpr (std::is_same_v<T, float>) {
-    if (use_avx512<T>()) {
-      transpose_avx512(Ci, np, x, ldx, xt);
-      return sgemm_avx512(Co, Ci, np, go, ldgo, 1, xt, Ci, 1.0f, gw, Ci);
-    }
+    if (use_avx512<T>()) return sgemm_avx512_bt(Co, Ci, np, go, ldgo, 1, x, ldx, 1.0f, gw, Ci);
   }
   gemm('T', 'N', Ci, Co, np, T(1), x, ldx, go, ldgo, T(1), gw, Ci);  // gw^T += x . go^T
 }
@@ -163,12 +159,9 @@ void backward_impl(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
   T* pp = mask[1] ? parts.data_ptr<T>() : nullptr;
   T* gxp = mask[0] ? gx.data_ptr<T>() : nullptr;
   const int64_t gxs0 = mask[0] ? gx.stride(0) : 0, gxs1 = mask[0] ? gx.stride(1) : 0;
-  int64_t widest_in = 0;
-  for (const auto& b : G.blocks) widest_in = std::max(widest_in, b.in_size());
   const PixelChunks pc = pixel_chunks(G.N, P);
   at::parallel_for(0, G.N * pc.per_image, 1, [&](int64_t i0, int64_t i1) {
     T* acc = pp ? pp + (nested ? 0 : at::get_thread_num()) * part_at.back() : nullptr;
-    std::vector<T> xt(acc && use_avx512<T>() ? pc.size * widest_in : 0);
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t n = item / pc.per_image, p0 = item % pc.per_image * pc.size, np = std::min(pc.size, P - p0);
       int64_t pos = 0;
@@ -180,7 +173,7 @@ void backward_impl(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
         if (gxp)
           product_grad_input(b.out_size(), b.in_size(), np, wg, ws0, gon, P, add[g] ? T(1) : T(0),
                              gxp + n * gxs0 + offs[g] * gxs1 + p0, gxs1);
-        if (acc) product_grad_weight(b.out_size(), b.in_size(), np, gon, P, xn, xs1, acc + part_at[g], xt.data());
+        if (acc) product_grad_weight(b.out_size(), b.in_size(), np, gon, P, xn, xs1, acc + part_at[g]);
         pos += b.out_size();
       }
     }

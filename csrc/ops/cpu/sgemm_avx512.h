@@ -28,8 +28,9 @@ bool have_avx512_sgemm();
 void sgemm_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64_t a_sk, const float* b,
                   int64_t ldb, float beta, float* c, int64_t ldc);
 
-// out[j * rows + i] = in[i * ld + j] for i < rows, j < cols: a (rows x cols) block with row
-// stride ld, written transposed and packed (cols x rows). Only call when have_avx512_sgemm().
-void transpose_avx512(int64_t rows, int64_t cols, const float* in, int64_t ld, float* out);
+// The same with B read transposed: B(k, j) = b[j * ldb + k] (columns of unit stride), e.g.
+// x^T for the weight gradient, read in place. Only call when have_avx512_sgemm().
+void sgemm_avx512_bt(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64_t a_sk, const float* b,
+                     int64_t ldb, float beta, float* c, int64_t ldc);
 
 }  // namespace slimkern::cpu
