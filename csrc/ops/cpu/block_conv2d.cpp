@@ -378,7 +378,8 @@ bool is_pointwise(const ConvGeom& G) {
 //  * per-image GEMMs (block_conv2d_pointwise.cpp) for 1x1. float32 on AVX-512 runs our own
 //    kernel (sgemm_avx512.h), 1.1-1.7x faster than oneDNN's own 1x1 convolution on
 //    contiguous operands and 1.4-4x faster than slice + F.conv2d + cat, forward+backward, from
-//    4x4 to 32x32 maps at 64-512 channels; below 16 pixels per map (2x2) a GEMM row is shorter
+//    4x4 to 32x32 maps at 64-512 channels (AMD EPYC VM; on the Intel Xeon VM 1.1-2.1x and
+//    1.2-3.3x at 32-512 channels, benchmarks/results/block_ops.json); below 16 pixels per map (2x2) a GEMM row is shorter
 //    than one vector and oneDNN wins by 3x. Through MKL's sgemm/dgemm (AVX2 on AMD) the GEMMs
 //    win only while a map has more than twice as many pixels as the widest block has
 //    channels (1.2-2.3x at 32-128 channels on 32x32 maps); with more channels per pixel
