@@ -164,7 +164,7 @@ SK_AVX512 void sgemm_driver(int64_t M, int64_t N, int64_t K, const float* a, int
   // B rows a power-of-two apart (image planes of 16x16, 32x32 maps) map to a few L1 sets and
   // evict each other; a packed copy of the block stays in L1 for all M / MR row tiles
   // (1.15-1.4x on one core at 32-512 channels). Too few rows do not repay the copy.
-  const bool pack = b_transposed || (M >= kPackMinRows && ldb > kNC);
+  const bool pack = M >= kPackMinRows && ldb > kNC;
   alignas(64) float packed[kKC * kNC];
   for (int64_t j0 = 0; j0 < N; j0 += kNC) {
     const int64_t nj = min64(kNC, N - j0);
@@ -175,7 +175,7 @@ SK_AVX512 void sgemm_driver(int64_t M, int64_t N, int64_t K, const float* a, int
       const bool accumulate = k0 > 0 || beta != 0.0f;
       const float* bb = b + k0 * ldb + j0;
       int64_t ldbb = ldb;
-      if (b_transposed) {
+      if (b_transposed) {  // always packed: the kernel needs rows of unit stride
         pack_bt(kc, nj, b + j0 * ldb + k0, ldb, packed);
         bb = packed;
         ldbb = kNC;
