@@ -87,16 +87,5 @@ if _library.has_op(_OP):
                 weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty((0,)),
                 weight.new_empty((weight.shape[0],)) if output_mask[2] else weight.new_empty((0,)))
 
-    def _setup_context(ctx, inputs, output):
-        x, weight, bias, blocks, x_offsets = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.args = (blocks, x_offsets)
-        ctx.has_bias = bias is not None
-
-    def _backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        gx, gw, gb = torch.ops.slimkern.block_linear_backward(grad_out, x, weight, *ctx.args, mask)
-        return gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None
-
-    torch.library.register_autograd("slimkern::block_linear", _backward, setup_context=_setup_context)
+    # Autograd is registered in C++ (csrc/ops/autograd/block_linear.cpp): its backward is the
+    # block_linear_backward op above.
