@@ -10,7 +10,8 @@
 
 #include <array>
 #include <tuple>
-#include <vector>
+
+#include "block_grads.h"
 
 namespace slimkern {
 namespace {
@@ -51,20 +52,14 @@ class BlockConv2dFunction : public torch::autograd::Function<BlockConv2dFunction
                                .findSchemaOrThrow("slimkern::block_conv2d_backward", "")
                                .typed<BackwardFn>();
     const auto saved = ctx->get_saved_variables();
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                      ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
+    const std::array<bool, 3> mask = block_grad_mask(ctx);
     const auto blocks = ctx->saved_data["blocks"].toIntVector();
     const auto x_offsets = ctx->saved_data["x_offsets"].toIntVector();
     const auto stride = ctx->saved_data["stride"].toIntVector();
     const auto padding = ctx->saved_data["padding"].toIntVector();
     const auto dilation = ctx->saved_data["dilation"].toIntVector();
-    auto [gx, gw, gb] = op.call(grad_outputs[0], saved[0], saved[1], blocks, x_offsets, stride, padding, dilation,
-                                ctx->saved_data["depthwise"].toBool(), mask);
-    variable_list grads(9);  // one per forward input; non-tensor inputs get none
-    if (mask[0]) grads[0] = gx;
-    if (mask[1]) grads[1] = gw;
-    if (mask[2]) grads[2] = gb;
-    return grads;
+    return block_grads(9, mask, op.call(grad_outputs[0], saved[0], saved[1], blocks, x_offsets, stride, padding,
+                                        dilation, ctx->saved_data["depthwise"].toBool(), mask));
   }
 };
 

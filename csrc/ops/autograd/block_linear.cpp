@@ -9,6 +9,8 @@
 #include <array>
 #include <tuple>
 
+#include "block_grads.h"
+
 namespace slimkern {
 namespace {
 
@@ -42,15 +44,9 @@ class BlockLinearFunction : public torch::autograd::Function<BlockLinearFunction
                                .findSchemaOrThrow("slimkern::block_linear_backward", "")
                                .typed<BackwardFn>();
     const auto saved = ctx->get_saved_variables();
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                      ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
-    auto [gx, gw, gb] = op.call(grad_outputs[0], saved[0], saved[1], ctx->saved_data["blocks"].toIntVector(),
-                                ctx->saved_data["x_offsets"].toIntVector(), mask);
-    variable_list grads(5);  // one per forward input; non-tensor inputs get none
-    if (mask[0]) grads[0] = gx;
-    if (mask[1]) grads[1] = gw;
-    if (mask[2]) grads[2] = gb;
-    return grads;
+    const std::array<bool, 3> mask = block_grad_mask(ctx);
+    return block_grads(5, mask, op.call(grad_outputs[0], saved[0], saved[1], ctx->saved_data["blocks"].toIntVector(),
+                                        ctx->saved_data["x_offsets"].toIntVector(), mask));
   }
 };
 
