@@ -7,9 +7,9 @@ Providers, on the same inputs:
             the limit a block op can approach with torch's own convolutions
 
 Shapes: MobileNet-v1 / ResNet CIFAR layers, batch 64: 1x1, dense 3x3 and depthwise 3x3 at
-C = 32 .. 512 on 32x32 and 16x16 maps. Block tables: one prefix slice (G = 1), ParaDiS
-[0.5, 0.5] and [0.5, 0.25, 0.25], sandwich [1.0], [0.5], [0.25] packed. Modes: forward,
-forward+backward. The full set runs in about 2-5 minutes on 2 cores:
+C = 32 .. 512 on 32x32 and 16x16 maps, and a stride-2 depthwise layer (256 ch, 32x32 -> 16x16).
+Block tables: one prefix slice (G = 1), ParaDiS [0.5, 0.5] and [0.5, 0.25, 0.25], sandwich
+[1.0], [0.5], [0.25] packed. Modes: forward, forward+backward. The full set runs in about 2-5 minutes on 2 cores:
 
     PYTHONPATH=. python benchmarks/bench_block_ops.py --json benchmarks/results/block_ops.json \
         --budget 6 --max-rounds 41
@@ -50,7 +50,7 @@ QUICK = os.environ.get("SLIMKERN_BENCH_QUICK", "") not in ("", "0")
 THREADS = int(os.environ.get("SLIMKERN_BENCH_THREADS", "2"))
 MALLOC = setup_allocator()
 
-# name: (kind, channels, map size)
+# name: (kind, channels, map size[, stride])
 SHAPES = {
     "pw32@32": ("1x1", 32, 32),
     "pw64@32": ("1x1", 64, 32),
@@ -60,6 +60,7 @@ SHAPES = {
     "dw32@32": ("dw3x3", 32, 32),
     "dw128@32": ("dw3x3", 128, 32),
     "dw512@16": ("dw3x3", 512, 16),
+    "dw256@32s2": ("dw3x3", 256, 32, 2),  # MobileNet-v1's stride-2 depthwise layers
     "conv32@32": ("3x3", 32, 32),
     "conv128@16": ("3x3", 128, 16),
 }
@@ -79,7 +80,8 @@ ROUND_BUDGET_S = 0.3 if QUICK else 1.0
 
 
 def make_case(shape, table):
-    kind, C, S = SHAPES[shape]
+    kind, C, S = SHAPES[shape][:3]
+    stride = SHAPES[shape][3] if len(SHAPES[shape]) > 3 else 1
     dw = kind == "dw3x3"
     k = 1 if kind == "1x1" else 3
     blocks = [tuple(round(f * C) for f in row) for row in TABLES[table]]
@@ -88,7 +90,7 @@ def make_case(shape, table):
     x = torch.randn(BATCH, c_x, S, S, generator=g)
     w = torch.randn(C, 1 if dw else C, k, k, generator=g) * 0.1
     b = torch.randn(C, generator=g)
-    return dict(x=x, w=w, b=b, blocks=blocks, padding=k // 2, dw=dw)
+    return dict(x=x, w=w, b=b, blocks=blocks, padding=k // 2, dw=dw, stride=stride)
 
 
 def offsets(blocks):
@@ -100,7 +102,7 @@ def offsets(blocks):
 
 
 def runner(provider, case, backward):
-    x, w, b, blocks, pad, dw = case["x"], case["w"], case["b"], case["blocks"], case["padding"], case["dw"]
+    x, w, b, blocks, pad, dw, st = (case[k] for k in ("x", "w", "b", "blocks", "padding", "dw", "stride"))
     offs = offsets(blocks)
     if provider == "dense":  # operands copied contiguous once, outside the timed region
         parts = []
@@ -110,20 +112,20 @@ def runner(provider, case, backward):
                           b[o0:o1].contiguous().requires_grad_(backward), (i1 - i0) if dw else 1))
 
         def fwd():
-            return [F.conv2d(xg, wg, bg, 1, pad, 1, groups) for xg, wg, bg, groups in parts]
+            return [F.conv2d(xg, wg, bg, st, pad, 1, groups) for xg, wg, bg, groups in parts]
     else:
         xs, ws, bs = (t.clone().requires_grad_(backward) for t in (x, w, b))
 
         if provider == "slimkern":
             def fwd():
-                return [sk.ops.block_conv2d(xs, ws, bs, blocks, offs, 1, pad, 1, dw, backend="cpp")]
+                return [sk.ops.block_conv2d(xs, ws, bs, blocks, offs, st, pad, 1, dw, backend="cpp")]
         else:
             def fwd():
                 outs = []
                 for (i0, i1, o0, o1), off in zip(blocks, offs):
                     xg = xs[:, off:off + i1 - i0].contiguous()
                     wg = (ws[o0:o1] if dw else ws[o0:o1, i0:i1]).contiguous()
-                    outs.append(F.conv2d(xg, wg, bs[o0:o1], 1, pad, 1, (i1 - i0) if dw else 1))
+                    outs.append(F.conv2d(xg, wg, bs[o0:o1], st, pad, 1, (i1 - i0) if dw else 1))
                 return [torch.cat(outs, 1)]
     if not backward:
         def run():

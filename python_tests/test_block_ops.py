@@ -225,11 +225,13 @@ def test_depthwise_engines(table, offs, stride, dtype):
     ((5, 3), 2, (1, 3), (7, 5)),  # taps reaching past both borders of a 5-wide row
 ])
 @pytest.mark.parametrize("threads", [1, 3])
-def test_depthwise_float32_planes(k, padding, dilation, hw, threads):
+@pytest.mark.parametrize("stride", [1, 2, (1, 2)])
+def test_depthwise_float32_planes(k, padding, dilation, hw, threads, stride):
     # float32 stride-1 depthwise takes the AVX-512 planes where the processor has them: masked
     # loads past both borders, vector and row-block tails, unequal and dilated taps, overlapping
     # blocks summing into shared weights and inputs from per-thread partial sums; against
-    # per-block F.conv2d in float64.
+    # per-block F.conv2d in float64. Strided: the stride-1 planes subsampled forward and fed a
+    # zero-stuffed grad_out backward (rows of >= 16 stride-1 outputs; narrower ones take oneDNN).
     torch.manual_seed(10)
     table, offs = [(0, 12, 0, 12), (4, 10, 4, 10), (12, 20, 12, 20)], [0, 4, 12]
     x = torch.randn(3, 20, *hw, requires_grad=True)
@@ -238,12 +240,12 @@ def test_depthwise_float32_planes(k, padding, dilation, hw, threads):
     prev = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = sk.ops.block_conv2d(x, w, b, table, offs, 1, padding, dilation, True, backend="cpp")
+        out = sk.ops.block_conv2d(x, w, b, table, offs, stride, padding, dilation, True, backend="cpp")
         g = torch.randn_like(out)
         grads = torch.autograd.grad(out, (x, w, b), g)
     finally:
         torch.set_num_threads(prev)
-    ref = ref_block_conv2d(x.double(), w.double(), b.double(), table, offs, 1, padding, dilation, True)
+    ref = ref_block_conv2d(x.double(), w.double(), b.double(), table, offs, stride, padding, dilation, True)
     torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-4)
     for got, want in zip(grads, torch.autograd.grad(ref, (x, w, b), g.double())):
         torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-3)
