@@ -426,7 +426,8 @@ bool is_pointwise(const ConvGeom& G) {
 //    kernel (sgemm_avx512.h), 1.1-1.7x faster than oneDNN's own 1x1 convolution on
 //    contiguous operands and 1.4-4x faster than slice + F.conv2d + cat, forward+backward, from
 //    4x4 to 32x32 maps at 64-512 channels (AMD EPYC VM; on the Intel Xeon VM 1.1-2.1x and
-//    1.2-3.3x at 32-512 channels, benchmarks/results/block_ops.json); below 16 pixels per map (2x2) a GEMM row is shorter
+//    1.2-3.3x at 32-512 channels, benchmarks/results/block_ops.json); below 16 pixels per
+//    map (2x2) a GEMM row is shorter
 //    than one vector and oneDNN wins by 3x. Through MKL's sgemm/dgemm (AVX2 on AMD) the GEMMs
 //    win only while a map has more than twice as many pixels as the widest block has
 //    channels (1.2-2.3x at 32-128 channels on 32x32 maps); with more channels per pixel
@@ -438,8 +439,8 @@ bool is_pointwise(const ConvGeom& G) {
 //    zero-stuffed gradients) 1.3-1.55x faster than oneDNN forward+backward at 128-538
 //    channels from 32x32 and 16x16 maps, 0.85x from 8x8 (left to oneDNN);
 //  * oneDNN by runs for everything else in float32 (depthwise on maps under 16 wide at stride
-//    2, dense 3x3, 1x1 on 2x2 maps): one depthwise call over all packed blocks is 1.2-1.8x faster than per-block
-//    calls + cat;
+//    2, dense 3x3, 1x1 on 2x2 maps): one depthwise call over all packed blocks is 1.2-1.8x
+//    faster than per-block calls + cat;
 //  * depthwise plane loops for float64 (oneDNN has no float64 kernels).
 enum class Path { kRuns, kDepthwiseLoops, kDepthwiseAvx512, kPointwiseGemm };
 
