@@ -82,9 +82,10 @@ def test_strategy_switches_per_tier():
     assert ParaDiSFL(nested=False).step_switches(Switch([1.0]), None) == [Switch([1.0])]
     assert [HeteroFL().client_switch(t, tiers) for t in tiers] == [Switch([1.0]), Switch([0.5]), Switch([0.5])]
     assert {FedAvg().client_switch(t, tiers) for t in tiers} == {Switch([0.5])}
-    r = FedRolex(step=0.25)
-    assert r.round_switch(Switch([0.5]), 3) == Switch.ranges([(0.75, 1.0), (0.0, 0.25)])
-    assert r.round_switch(Switch([1.0]), 3) == Switch([1.0])
+    from slimkern.fl.rolex import SubModel
+    r = FedRolex(step=0.25)  # a dense index-set sub-model per round (test_fl_rules checks the sets)
+    assert r.round_switch(Switch([0.5]), 3) == SubModel(Switch([0.5]), 3, 0.25, 1.0)
+    assert FedRolex().round_switch(Switch([1.0]), 3) == SubModel(Switch([1.0]), 3, None, 1.0)
     rng = random.Random(0)
     widths = {FjORD().step_switch(Switch([0.5]), rng) for _ in range(50)}
     assert widths == {Switch([0.25]), Switch([0.5])}

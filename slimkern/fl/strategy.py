@@ -12,6 +12,8 @@ import random
 from typing import Hashable, Sequence
 
 from slimkern.fl import aggregate as rules
+from slimkern.fl.heterofl_local import HeteroFLRecipe
+from slimkern.fl.rolex import SubModel
 
 __all__ = ["Strategy", "FedAvg", "HeteroFL", "FedRolex", "FjORD", "ParaDiSFL", "Clustered",
            "get_strategy", "STRATEGIES"]
@@ -20,6 +22,11 @@ __all__ = ["Strategy", "FedAvg", "HeteroFL", "FedRolex", "FjORD", "ParaDiSFL", "
 def _switch_cls():
     from slimkern.switch import Switch
     return Switch
+
+
+def _check_weighting(weighting) -> None:
+    if weighting not in ("clients", "samples"):
+        raise ValueError(f"weighting must be 'clients' or 'samples', got {weighting!r}")
 
 
 def per_device_width(sw) -> float:
@@ -31,6 +38,8 @@ class Strategy:
     name = "base"
     rule = staticmethod(rules.paradis)
     grouped = False
+    weighting: str | None = None  # "clients" | "samples"; None: the rule's reference default
+    clip_norm: float | None = None  # gradient-norm clipping in local training (None: off)
 
     def client_switch(self, tier_switch, tier_switches: Sequence) -> Hashable:
         """The switch a client of ``tier_switch`` is assigned (fixed for the run)."""
@@ -39,6 +48,22 @@ class Strategy:
     def round_switch(self, assigned, round_index: int):
         """The switch the client trains (and sends) in this round."""
         return assigned
+
+    def task(self, cid: int, assigned: dict, round_index: int, seed: int, labels=None):
+        """The key of what client ``cid`` trains and sends this round: a switch, or a
+        ``slimkern.fl.rolex.SubModel`` (index sets, label split). ``assigned`` holds every
+        client's assigned switch; ``labels`` the labels the client has data for (None when
+        it holds all of them). Default: ``round_switch``."""
+        return self.round_switch(assigned[cid], round_index)
+
+    def train_logits(self, logits, key):
+        """Logits entering the client's local loss (HeteroFL masks absent classes)."""
+        return logits
+
+    def local_context(self, net, switch):
+        """A context manager open during a client's local training (HeteroFL's Scaler)."""
+        import contextlib
+        return contextlib.nullcontext()
 
     def step_switch(self, trained, rng: random.Random):
         """The switch of one local SGD step (default: the round's switch)."""
@@ -57,7 +82,8 @@ class Strategy:
         return None
 
     def aggregate(self, agg: rules.Aggregator, params: dict, updates, assigned, log):
-        return self.rule(params, updates, agg, assigned=assigned, log=log)
+        kw = {} if self.weighting is None else {"weighting": self.weighting}
+        return self.rule(params, updates, agg, assigned=assigned, log=log, **kw)
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -78,38 +104,83 @@ class FedAvg(Strategy):
         return _switch_cls().width(min(per_device_width(s) for s in tier_switches))
 
 
-class HeteroFL(Strategy):
-    """Prefix sub-networks ``[p]`` with ``p`` the client's per-device width (Diao et al. 2021)."""
+class HeteroFL(HeteroFLRecipe, Strategy):
+    """Prefix sub-networks ``[p]`` with ``p`` the client's per-device width (Diao et al. 2021),
+    trained and averaged as the reference code does (``slimkern.fl.heterofl_local``): each element
+    the plain mean over the clients holding it (``weighting="clients"``; ``"samples"``
+    weights by sample counts), label split, the Scaler, gradient clipping at norm 1, and
+    ``dynamic=True`` to re-draw every client's width each round."""
     name = "heterofl"
     rule = staticmethod(rules.heterofl)
 
+    def __init__(self, *, weighting: str = "clients", label_split: bool = True, scaler: bool = True,
+                 clip_norm: float | None = 1.0, dynamic: bool = False):
+        _check_weighting(weighting)
+        self.weighting = weighting
+        self._init_recipe(label_split, scaler, clip_norm, dynamic)
 
-class FedRolex(Strategy):
-    """Rolling windows of the client's width, advancing ``step`` per round (Alam et al. 2022);
-    tiers are evaluated at their prefix width."""
+    def task(self, cid, assigned, round_index, seed, labels=None):
+        sw = self._round_width(cid, assigned, round_index, seed)
+        labels = self._labels(labels)
+        return sw if labels is None else SubModel(sw, labels=labels)
+
+
+class FedRolex(HeteroFLRecipe, Strategy):
+    """Rolling dense sub-models (Alam et al. 2022) as the reference code trains them
+    (``slimkern.fl.rolex``): in round ``r`` a client of width ``p`` trains, per layer of
+    ``C`` channels, the dense sub-matrix on ``idx = roll(arange(C), r mod C)[:round(p C)]``
+    (``step=None``: one channel per round), gathered into the prefix of a re-indexed copy and
+    scattered back; ``step`` (a fraction of each layer per round) rolls faster. Local
+    training and options follow the reference's HeteroFL-based client (label split, Scaler,
+    clipping at norm 1); tiers are evaluated at their prefix width."""
     name = "fedrolex"
     rule = staticmethod(rules.fedrolex)
 
-    def __init__(self, step: float = 0.125, max_width: float = 1.0):
-        self.step, self.max_width = step, max_width
+    def __init__(self, step: float | None = None, max_width: float = 1.0, *, weighting: str = "clients",
+                 label_split: bool = True, scaler: bool = True, clip_norm: float | None = 1.0,
+                 dynamic: bool = False):
+        if step is not None and not (isinstance(step, (int, float)) and step > 0):
+            raise ValueError(f"step must be None (one channel per round) or a positive fraction, got {step!r}")
+        _check_weighting(weighting)
+        self.step, self.max_width, self.weighting = step, max_width, weighting
+        self._init_recipe(label_split, scaler, clip_norm, dynamic)
 
     def round_switch(self, assigned, round_index):
-        w = per_device_width(assigned)
-        return _switch_cls().ranges(rules.rolling_window(w, round_index, self.step, self.max_width))
+        return SubModel(_switch_cls().width(per_device_width(assigned)), round_index, self.step, self.max_width)
+
+    def task(self, cid, assigned, round_index, seed, labels=None):
+        sw = self._round_width(cid, assigned, round_index, seed)
+        return SubModel(_switch_cls().width(per_device_width(sw)), round_index, self.step, self.max_width,
+                        self._labels(labels))
 
 
 class FjORD(Strategy):
-    """Ordered dropout (Horvath et al. 2021): per local step a width ``p ~ U{widths <= p_max}``."""
+    """Ordered dropout (Horvath et al. 2021): per local step a width ``p ~ U{widths <= p_max}``.
+
+    ``kd=True``: the self-distillation of Flower's ``baselines/fjord`` (``train_mode=fjord_kd``):
+    every step also runs ``p_max``, whose loss is ``CE(y_pmax, y)`` and whose softmax is the
+    sampled width's target, ``CE(y_p, softmax(y_pmax).detach())`` (one packed pass; when
+    ``p = p_max`` only the first term). The reference's default is off.
+    ``weighting="samples"`` (the reference's ``fjord_average`` weights by examples).
+    """
     name = "fjord"
     rule = staticmethod(rules.fjord)
 
-    def __init__(self, widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0)):
+    def __init__(self, widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0), *, kd: bool = False,
+                 weighting: str = "samples"):
+        _check_weighting(weighting)
         self.widths = tuple(sorted(widths))
+        self.kd, self.weighting = bool(kd), weighting
 
     def step_switch(self, trained, rng):
         pmax = per_device_width(trained)
         choices = [w for w in self.widths if w <= pmax + 1e-9] or [pmax]
         return _switch_cls().width(rng.choice(choices))
+
+    def step_switches(self, trained, rng):
+        p = self.step_switch(trained, rng)
+        top = _switch_cls().width(per_device_width(trained))
+        return [top, p] if self.kd and p != top else [p]
 
 
 def _inside(sub, sw) -> bool:
