@@ -35,6 +35,8 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
 
+from slimkern.fl import validate as _validate
+
 __all__ = [
     "ClientUpdate", "Layout", "Aggregator", "AggregationReport", "UpdateRejected",
     "fedavg", "heterofl", "fedrolex", "fjord", "paradis", "clustered",
@@ -91,14 +93,20 @@ class Layout:
     """Flat positions (in the concatenation of all full parameters) that a switch trains.
 
     Windows that repeat elements (e.g. a bias listed by every branch) are counted once:
-    the first window that names an element owns it.
+    the first window that names an element owns its place in the flat vector. A sliced
+    update sends one copy per window; ``pack`` averages the copies of a repeated element
+    (conflicting copies of a ParaDiS switch's shared classifier bias are averaged, never
+    dropped).
     """
 
     def __init__(self, shapes: Mapping[str, torch.Size], offsets: Mapping[str, int],
                  windows: Mapping[str, Sequence[Window]]):
         # names not in ``shapes`` (BN running statistics) have windows too; they do not travel
         self.pieces: list[tuple[str, Window, torch.Size, torch.Tensor | None]] = []
+        # (piece, positions in the piece, positions in the flat vector) of repeated elements
+        self.repeats: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         index = []
+        cursor = 0
         for name, shape in shapes.items():
             wins = windows.get(name, ())
             if not wins:
@@ -106,6 +114,7 @@ class Layout:
             numel = math.prod(shape)
             positions = torch.arange(numel).view(shape)
             taken = torch.zeros(numel, dtype=torch.bool)
+            slot = torch.full((numel,), -1, dtype=torch.long)  # element -> place in the flat vector
             for win in wins:
                 win = tuple(win) if isinstance(win, (tuple, list)) else (win,)
                 try:
@@ -116,9 +125,15 @@ class Layout:
                 flat = pos.reshape(-1)
                 fresh = ~taken[flat]
                 keep = None if bool(fresh.all()) else fresh.nonzero().flatten()
+                if keep is not None:
+                    dup = (~fresh).nonzero().flatten()
+                    self.repeats.append((len(self.pieces), dup, slot[flat[dup]]))
                 taken[flat] = True
                 self.pieces.append((name, win, pos.shape, keep))
-                index.append((flat if keep is None else flat[keep]) + offsets[name])
+                owned = flat if keep is None else flat[keep]
+                slot[owned] = torch.arange(cursor, cursor + owned.numel())
+                cursor += owned.numel()
+                index.append(owned + offsets[name])
         self.index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
         self.numel = int(self.index.numel())
 
@@ -169,10 +184,26 @@ class Layout:
             else:
                 del parts[i]
         if out is None:
-            return torch.cat(parts) if parts else torch.zeros(0)
-        if parts:
+            out = torch.cat(parts) if parts else torch.zeros(0)
+        elif parts:
             torch.cat(parts, out=out)
+        if self.repeats:
+            self._average_repeats(out, tensors)
         return out
+
+    def _average_repeats(self, flat: torch.Tensor, tensors: list) -> None:
+        """Each repeated element of ``flat`` (holding its first copy) becomes the mean of
+        all the copies sent in ``tensors`` (one tensor per piece)."""
+        if not hasattr(self, "_rep_pos"):
+            mult = torch.ones(self.numel, dtype=torch.float64)
+            for _, _, dst in self.repeats:
+                mult.index_add_(0, dst, torch.ones(dst.numel(), dtype=torch.float64))
+            self._rep_pos = torch.unique(torch.cat([dst for _, _, dst in self.repeats]))
+            self._rep_mult = mult[self._rep_pos]
+        for i, src, dst in self.repeats:
+            if src.numel():
+                flat.index_add_(0, dst, tensors[i].detach().reshape(-1)[src].to(flat.dtype))
+        flat[self._rep_pos] = flat[self._rep_pos] / self._rep_mult.to(flat.dtype)
 
 
 class Aggregator:
@@ -200,6 +231,9 @@ class Aggregator:
         self._layouts: dict[Hashable, Layout] = {}
         # packing buffer for sliced-dict updates, reused across clients and rounds
         self._buf: torch.Tensor | None = None
+        # sample counts above this are rejected (validate.MAX_NUM_SAMPLES; None: no bound)
+        self.max_num_samples: float | None = _validate.MAX_NUM_SAMPLES
+        self._acc64 = False  # set by validate.overflowed to redo an overflowed mean in float64
 
     def _buffer(self, rows: int, cols: int, dtype) -> torch.Tensor:
         need = rows * cols
@@ -289,10 +323,7 @@ class Aggregator:
                 return f"client {u.client} was not selected this round"
             if u.switch != assigned[u.client]:
                 return f"client {u.client} sent switch {u.switch} but was assigned {assigned[u.client]}"
-        n = u.num_samples
-        if not isinstance(n, (int, float)) or isinstance(n, bool) or not math.isfinite(n) or n <= 0:
-            return f"num_samples must be a positive finite number, got {n!r}"
-        return None
+        return _validate.sample_count_problem(u.num_samples, self.max_num_samples)
 
     # -- the average ---------------------------------------------------------------------
     def aggregate(self, params: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
@@ -307,7 +338,7 @@ class Aggregator:
         """
         old = self.flatten(params)
         report = AggregationReport()
-        acc_dtype = torch.float64 if old.dtype == torch.float64 else torch.float32
+        acc_dtype = torch.float64 if old.dtype == torch.float64 or self._acc64 else torch.float32
         acc = torch.zeros(self.total, dtype=acc_dtype)
         cnt = torch.zeros(self.total, dtype=acc_dtype)
 
@@ -387,6 +418,8 @@ class Aggregator:
         if report.empty and log is not None:
             log(report.summary())
         new = torch.where(trained, acc / cnt.clamp_min(1e-30), old.to(acc_dtype)).to(old.dtype)
+        if not bool((torch.isfinite(new) | ~trained).all()):  # overflow of finite updates
+            return _validate.overflowed(self, params, updates, assigned, log, report, acc_dtype)
         return {n: t.clone() for n, t in self.unflatten(new).items()}, report
 
 
@@ -407,21 +440,24 @@ def _branches(switch) -> list[tuple[float, float]] | None:
     return out
 
 
-def _run(params, updates, windows, assigned, log):
+def _run(params, updates, windows, assigned, log, pre=()):
+    """The average over ``updates``; ``pre`` are rejections a rule made before it
+    (``(client, reason)``, already logged), listed first in the report."""
     agg = windows if isinstance(windows, Aggregator) else Aggregator.for_params(params, windows)
-    return agg.aggregate(params, updates, assigned=assigned, log=log)
+    new, rep = agg.aggregate(params, updates, assigned=assigned, log=log)
+    if pre:
+        rep.rejected[:0] = list(pre)
+    return new, rep
 
 
 def fedavg(params, updates, windows, assigned=None, log=None):
     """FedAvg (McMahan et al. 2017, "Communication-efficient learning of deep networks from
     decentralized data"): every client trains the same switch; the new weights are the
     sample-weighted mean ``sum_k n_k W_k / sum_k n_k`` over that switch's windows (elements
-    outside the switch keep their value). Raises ValueError when switches differ."""
-    switches = {u.switch for u in updates}
-    if len(switches) > 1:
-        raise ValueError(f"fedavg needs one switch for every client, got {sorted(map(str, switches))}; "
-                         "use heterofl/paradis for mixed widths or clustered for one model per group")
-    return _run(params, updates, windows, assigned, log)
+    outside the switch keep their value). An update of another switch than the round's (the
+    assigned one, else the most common) is rejected with the reason (``validate.one_switch``)."""
+    updates, pre = _validate.one_switch(updates, assigned, "fedavg", log)
+    return _run(params, updates, windows, assigned, log, pre)
 
 
 def heterofl(params, updates, windows, assigned=None, log=None):
@@ -429,12 +465,10 @@ def heterofl(params, updates, windows, assigned=None, log=None):
     efficient federated learning for heterogeneous clients"): client k trains the width-p_k
     prefix sub-network ``W[:p_k C_out, :p_k C_in]``; each element is averaged over the
     clients whose prefix contains it, weighted by sample count; elements nobody trained
-    keep their value. Prefix switches are checked when the switch exposes ``branches``."""
-    for u in updates:
-        br = _branches(u.switch)
-        if br is not None and (len(br) != 1 or br[0][0] != 0.0):
-            raise ValueError(f"heterofl trains prefix widths only; client {u.client} has switch {u.switch}")
-    return _run(params, updates, windows, assigned, log)
+    keep their value. Prefix switches are checked when the switch exposes ``branches``: an
+    update of a non-prefix switch is rejected with the reason."""
+    updates, pre = _validate.reject_where(updates, lambda u: _validate.prefix_problem(u.switch, "heterofl"), log)
+    return _run(params, updates, windows, assigned, log, pre)
 
 
 def fedrolex(params, updates, windows, assigned=None, log=None):
@@ -476,17 +510,32 @@ def clustered(params_by_group: Mapping[Hashable, Mapping[str, torch.Tensor]], up
     2020, "Federated learning with hierarchical clustering of local updates"): clients are
     grouped by budget (by default by their switch), every group owns a separate copy of
     the parameters, and FedAvg runs inside each group on that group's architecture.
-    Returns ``({group: params}, {group: report})``; a group nobody updated is unchanged."""
+    Returns ``({group: params}, {group: report})``; a group nobody updated is unchanged.
+    An update whose group has no parameters (or whose group cannot be told) is rejected; it
+    is listed in the first group's report."""
     group_of = group_of or (lambda u: u.switch)
     by_group: dict[Hashable, list[ClientUpdate]] = {}
+    stray: list[tuple[int, str]] = []
     for u in updates:
-        by_group.setdefault(group_of(u), []).append(u)
-    unknown = [g for g in by_group if g not in params_by_group]
-    if unknown:
-        raise ValueError(f"updates for groups without parameters: {unknown}")
+        try:
+            g = group_of(u)
+            known = g in params_by_group
+        except Exception as exc:  # noqa: BLE001 - a bad update never stops the round
+            g, known = None, False
+            why = f"its group cannot be told: {type(exc).__name__}: {exc}"
+        else:
+            why = f"no model for its group {g}"
+        if known:
+            by_group.setdefault(g, []).append(u)
+        else:
+            stray.append((u.client, why))
+            if log is not None:
+                log(f"rejected update of client {u.client}: {why}")
     out, reports = {}, {}
     for g, p in params_by_group.items():
         new, rep = fedavg(p, by_group.get(g, []), windows, assigned, log)
+        if stray:
+            rep.rejected[:0], stray = stray, []
         out[g], reports[g] = new, rep
     return out, reports
 
@@ -516,7 +565,8 @@ def aggregate_loop(params: Mapping[str, torch.Tensor], updates: Sequence[ClientU
     """The straightforward reference: per client, per parameter, per window, accumulate.
     Same result as ``Aggregator.aggregate`` (sliced-dict updates, no validation) when the
     windows of one switch are disjoint or repeated exactly (a switch's branches are
-    disjoint); kept for tests and as the benchmark baseline."""
+    disjoint; a window listed by several branches, the bias, takes the mean of the copies
+    and counts once); kept for tests and as the benchmark baseline."""
     acc = {n: torch.zeros_like(p) for n, p in params.items()}
     cnt = {n: torch.zeros_like(p) for n, p in params.items()}
     for u in updates:
@@ -526,11 +576,16 @@ def aggregate_loop(params: Mapping[str, torch.Tensor], updates: Sequence[ClientU
             if got is None:
                 continue
             tensors = [got] if isinstance(got, torch.Tensor) else got
-            seen = []
+            seen: list = []
+            copies: list[list] = []
             for win, t in zip(wins[name], tensors):
-                if win in seen:  # a window listed by several branches (the bias) counts once
+                if win in seen:  # a window listed by several branches (the bias): average the copies
+                    copies[seen.index(win)].append(t)
                     continue
                 seen.append(win)
+                copies.append([t])
+            for win, ts in zip(seen, copies):
+                t = ts[0] if len(ts) == 1 else sum(ts) / len(ts)
                 acc[name][win] += t * u.num_samples
                 cnt[name][win] += float(u.num_samples)
     return {n: torch.where(cnt[n] > 0, acc[n] / cnt[n].clamp_min(1e-30), params[n]) for n in params}

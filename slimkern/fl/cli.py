@@ -107,13 +107,30 @@ def _run(cfg: dict, args) -> int:
     return 0
 
 
-def cmd_fl(args) -> int:
+def _one_line(exc: BaseException) -> str:
+    """An error as one line: the message for the errors a user causes (bad option, file
+    not found), the exception type too for anything else."""
+    msg = " ".join(str(exc).split())
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        msg = repr(exc.args[0])
+    if isinstance(exc, (ValueError, FileNotFoundError)) and msg:
+        return msg
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _guarded(command: str, cfg_preset: dict, args) -> int:
+    """Runs the command; every error is one line on stderr and exit code 2, never a
+    traceback (Ctrl-C still stops the run)."""
     try:
-        cfg = resolve(args, {"out": "runs/fl"})
+        cfg = resolve(args, cfg_preset)
         return _run(cfg, args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"slimkern fl: {exc}", file=sys.stderr)
+    except Exception as exc:  # noqa: BLE001 - the command line reports, it does not crash
+        print(f"slimkern {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def cmd_fl(args) -> int:
+    return _guarded("fl", {"out": "runs/fl"}, args)
 
 
 def run_demo(args) -> int:
@@ -122,12 +139,7 @@ def run_demo(args) -> int:
 
 
 def cmd_fl_demo(args) -> int:
-    try:
-        cfg = resolve(args, {})
-        return _run(cfg, args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"slimkern demo: {exc}", file=sys.stderr)
-        return 2
+    return _guarded("demo", {}, args)
 
 
 def main(argv=None) -> int:

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from slimkern.fl.aggregate import Aggregator, ClientUpdate
 from slimkern.fl.partition import partition as _partition
 from slimkern.fl.strategy import Strategy, get_strategy
+from slimkern.fl import fingerprint as _fp
+from slimkern.fl import validate as _validate
 
 __all__ = ["Tier", "Client", "History", "RoundRecord", "parse_tiers", "make_clients", "simulate"]
 
@@ -109,7 +111,8 @@ def make_clients(labels, tiers: Sequence[Tier], num_clients: int, partition: str
     """Split ``labels`` over ``num_clients`` and give each client a tier: the counts follow the
     fractions (largest remainder, every tier at least one client), shuffled by ``seed``."""
     if num_clients < len(tiers):
-        raise ValueError(f"{num_clients} clients cannot fill {len(tiers)} tiers")
+        raise ValueError(f"{num_clients} clients cannot fill {len(tiers)} tiers: every tier needs at least "
+                         f"one client (use at least {len(tiers)} clients or fewer tiers)")
     parts = _partition(labels, num_clients, partition, alpha=alpha,
                        classes_per_client=classes_per_client, seed=seed)
     raw = [t.fraction * num_clients for t in tiers]
@@ -119,8 +122,8 @@ def make_clients(labels, tiers: Sequence[Tier], num_clients: int, partition: str
     while sum(counts) < num_clients:
         counts[order[i % len(order)]] += 1
         i += 1
-    while sum(counts) > num_clients:
-        j = max(range(len(tiers)), key=lambda k: counts[k] - raw[k])
+    while sum(counts) > num_clients:  # take from the most over-served tier that keeps one client
+        j = max((k for k in range(len(tiers)) if counts[k] > 1), key=lambda k: counts[k] - raw[k])
         counts[j] -= 1
     kinds = [k for k, c in enumerate(counts) for _ in range(c)]
     kinds = [kinds[i] for i in np.random.default_rng([seed, 1]).permutation(num_clients)]
@@ -140,6 +143,7 @@ class RoundRecord:
     rejected: list[tuple[int, str]]
     dropped: list[int]
     note: str = ""
+    dropped_reasons: list[tuple[int, str]] = field(default_factory=list)  # clients whose training failed
 
 
 @dataclass
@@ -171,6 +175,7 @@ class History:
         for r in d["rounds"]:
             r = dict(r)
             r["rejected"] = [tuple(x) for x in r["rejected"]]
+            r["dropped_reasons"] = [tuple(x) for x in r.get("dropped_reasons", [])]
             rounds.append(RoundRecord(**r))
         return cls(rounds, dict(d["tiers"]))
 
@@ -252,6 +257,8 @@ def _local_train(net, X, Y, idx, sw, strategy: Strategy, epochs, lr, batch_size,
                     soft = F.softmax(outs[0].detach(), dim=1)
                     for o in outs[1:]:
                         loss = loss + kd_weight * F.cross_entropy(o, soft)
+                if not bool(torch.isfinite(loss)):
+                    raise _validate.ClientFailure(f"the local loss is not finite ({float(loss.detach())})")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -286,6 +293,7 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
              calib_batches: int = 20, eval_batch_size: int = 256, dropout: float = 0.0,
              fault_fn: Callable[[int, ClientUpdate], ClientUpdate | None] | None = None,
              augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+             max_update_norm: float | None = None, max_num_samples: float | None = _validate.MAX_NUM_SAMPLES,
              log: Callable[[str], None] | None = None) -> History:
     """Federated training of ``net`` (a slimmable / ParaDiS net; see the module docstring).
 
@@ -320,6 +328,9 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    for name, v in (("max_update_norm", max_update_norm), ("max_num_samples", max_num_samples)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+            raise ValueError(f"{name} must be a positive finite number or None, got {v!r}")
     if not clients:
         raise ValueError("no clients")
     ids = [c.id for c in clients]
@@ -344,6 +355,7 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
 
     params = _params(net)
     agg = Aggregator({n: p.shape for n, p in params.items()}, lambda sw: parameter_ranges(net, sw))
+    agg.max_num_samples = max_num_samples
     elsize = next(iter(params.values())).element_size()
     by_id = {c.id: c for c in clients}
     tier_switches = sorted({c.tier_switch for c in clients}, key=str)
@@ -403,6 +415,8 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
         bytes_down: dict[str, int] = {}
         bytes_up: dict[str, int] = {}
         updates_by_group: dict[Hashable, list[ClientUpdate]] = {g: [] for g in groups}
+        drop_reasons: list[tuple[int, str]] = []
+        screened: list[tuple[int, str]] = []  # rejected before the rule (sample counts)
         for cid in picked:
             cl = by_id[cid]
             sw = round_sw[cid]
@@ -414,18 +428,32 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
             _load_flat(wparams, agg, state[g])
             gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, r, cid, 7]).integers(2 ** 62)))
             pyrng = random.Random(hash((seed, r, cid)) & 0xFFFFFFFF)
-            _local_train(work, Xtr, Ytr, cl.indices, sw, strat, local_epochs, lr_r, batch_size, momentum,
-                         weight_decay, gen, pyrng, augment=augment)
-            u = ClientUpdate(cid, sw, agg.extract(agg.flatten(wparams), sw), float(len(cl.indices)))
+            try:  # a client whose training fails (any exception, a NaN loss) is dropped, the round goes on
+                with _fp.client_rng(seed, r, cid):  # dropout layers draw from the (seed, round, client) stream
+                    _local_train(work, Xtr, Ytr, cl.indices, sw, strat, local_epochs, lr_r, batch_size, momentum,
+                                 weight_decay, gen, pyrng, augment=augment)
+                u = ClientUpdate(cid, sw, agg.extract(agg.flatten(wparams), sw), float(len(cl.indices)))
+            except Exception as exc:  # noqa: BLE001
+                why = _validate.failure_reason(exc)
+                dropped.append(cid)
+                drop_reasons.append((cid, why))
+                log(f"round {r}: client {cid} dropped: {why}")
+                work.load_state_dict(net.state_dict())  # buffers the failed step may have spoiled
+                continue
             if fault_fn is not None:
                 u = fault_fn(r, u)
                 if u is None:
                     dropped.append(cid)
                     continue
+            u, why = _validate.screen(u, agg, state[g], float(len(cl.indices)), max_update_norm)
+            if why is not None:
+                screened.append((u.client, why))
+                log(f"round {r}: rejected update of client {u.client}: {why}")
+                continue
             bytes_up[cl.tier] = bytes_up.get(cl.tier, 0) + (
                 u.values.numel() * u.values.element_size() if isinstance(u.values, torch.Tensor) else nbytes)
             updates_by_group[g].append(u)
-        accepted, rejected = [], []
+        accepted, rejected = [], list(screened)
         notes = []
         for g in groups:
             ups = updates_by_group[g]
@@ -443,7 +471,8 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
         if (r + 1) % eval_every == 0 or r == rounds - 1:
             acc, tier_acc = evaluate_all()
         rec = RoundRecord(r, acc, tier_acc, bytes_down, bytes_up, time.perf_counter() - t0, picked,
-                          sorted(accepted), rejected, sorted(dropped), "; ".join(notes))
+                          sorted(accepted), rejected, sorted(dropped), "; ".join(notes),
+                          dropped_reasons=sorted(drop_reasons))
         history.rounds.append(rec)
         if tier_acc:
             log(f"round {r}: " + ", ".join(f"{t} {a:.3f}" for t, a in tier_acc.items()))
