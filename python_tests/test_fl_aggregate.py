@@ -69,7 +69,9 @@ def test_heterofl_paradis_hand_numbers():
 def test_untrained_elements_keep_value():
     p = params0()
     ups = [const_update(0, "half", 2.0, 4), const_update(1, "quarter", 8.0, 1)]
-    new, rep = heterofl(p, ups, windows)
+    # HeteroFL's reference combine() counts clients (count += 1): the plain mean by default
+    assert heterofl(p, ups, windows)[0]["h.weight"][0, 0].item() == pytest.approx((2 + 8) / 2)
+    new, rep = heterofl(p, ups, windows, weighting="samples")
     H = new["h.weight"]
     assert H[0, 0].item() == pytest.approx((4 * 2 + 8) / 5)
     assert torch.allclose(H[:2, :2].flatten()[1:], torch.full((3,), 2.0))
@@ -87,16 +89,28 @@ def test_rolling_windows_and_wraparound():
     assert rolling_window(1.0, 3, 0.25) == [(0.0, 1.0)]
     assert rolling_window(0.3, 1, 0.1) == [(0.1, 0.4)]
     p = params0()
-    # a wrapped window (channels 3 and 0) overlapping an offset window (channels 1, 2) and a quarter (0)
-    ups = [const_update(0, "roll3", 3.0, 2), const_update(1, "mid", 6.0, 1), const_update(2, "quarter", 9.0, 1)]
-    new, _ = fedrolex(p, ups, windows)
-    H, old = new["h.weight"], p["h.weight"]
-    assert H[3, 3].item() == pytest.approx(3.0)
-    assert H[0, 0].item() == pytest.approx((2 * 3 + 9) / 3)
-    assert torch.allclose(H[1:3, 1:3], torch.full((2, 2), 6.0))
-    assert H[0, 3].item() == old[0, 3].item()  # wrapped window trains its two blocks, not the cross block
-    assert new["h.bias"].tolist() == pytest.approx([5.0, 6.0, 6.0, 3.0])
-    assert new["fc.bias"].tolist() == pytest.approx([(6 + 6 + 9) / 4] * 3)
+    # FedRolex's wrapped window as its reference trains it: the dense sub-matrix on the index
+    # set idx = roll(arange(4), 1)[:2] = [3, 0] (cross blocks included), overlapping an offset
+    # window (channels 1, 2) and a quarter (channel 0); each element the mean over clients
+    idx = torch.roll(torch.arange(4), 1)[:2]
+    assert idx.tolist() == [3, 0]
+    dense = {"conv.weight": [(idx, S(0, 1))], "h.weight": [(idx[:, None], idx[None, :])], "h.bias": [(idx,)],
+             "fc.weight": [(S(0, 3), idx)], "fc.bias": [(S(0, 3),)]}
+
+    def wins(sw):
+        return dense if sw == "dense3" else windows(sw)
+    ups = [ClientUpdate(0, "dense3", {n: [torch.full(p[n][w].shape, 3.0) for w in ws] for n, ws in dense.items()}, 2),
+           const_update(1, "mid", 6.0, 1), const_update(2, "quarter", 9.0, 1)]
+    new, _ = fedrolex(p, ups, wins)
+    H = new["h.weight"]
+    want = p["h.weight"].clone()
+    want[1:3, 1:3] = 6.0
+    want[idx[:, None], idx[None, :]] = 3.0  # (3, 3), (3, 0), (0, 3), (0, 0)
+    want[0, 0] = (3 + 9) / 2
+    torch.testing.assert_close(H, want)
+    assert new["h.bias"].tolist() == pytest.approx([6.0, 6.0, 6.0, 3.0])
+    assert new["fc.bias"].tolist() == pytest.approx([(3 + 6 + 9) / 3] * 3)
+    assert new["fc.weight"][:, 0].tolist() == pytest.approx([6.0] * 3)
 
 
 def test_matches_elementwise_reference_random():

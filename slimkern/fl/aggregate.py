@@ -328,8 +328,12 @@ class Aggregator:
     # -- the average ---------------------------------------------------------------------
     def aggregate(self, params: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
                   assigned: Mapping[int, Hashable] | None = None, log: Callable[[str], None] | None = None,
-                  ) -> tuple[dict[str, torch.Tensor], AggregationReport]:
+                  weighting: str = "samples") -> tuple[dict[str, torch.Tensor], AggregationReport]:
         """New full parameters (fresh tensors) and a report of accepted/rejected clients.
+
+        ``weighting``: ``"samples"`` weights client ``k`` by ``n_k`` (FedAvg); ``"clients"``
+        by 1, so each element is the plain mean over the clients that trained it (HeteroFL's
+        ``combine``: ``count += 1``). Sample counts are validated either way.
 
         Rejected (with the reason in the report and passed to ``log``): a switch other than
         the one ``assigned`` to the client, a client not in ``assigned``, a second update
@@ -341,6 +345,11 @@ class Aggregator:
         acc_dtype = torch.float64 if old.dtype == torch.float64 or self._acc64 else torch.float32
         acc = torch.zeros(self.total, dtype=acc_dtype)
         cnt = torch.zeros(self.total, dtype=acc_dtype)
+        if weighting not in ("samples", "clients"):
+            raise ValueError(f"weighting must be 'samples' or 'clients', got {weighting!r}")
+
+        def weight(u: ClientUpdate) -> float:
+            return float(u.num_samples) if weighting == "samples" else 1.0
 
         def reject(u: ClientUpdate, why: str) -> None:
             report.rejected.append((u.client, why))
@@ -381,7 +390,7 @@ class Aggregator:
                 except UpdateRejected as exc:
                     reject(u, str(exc))
                     continue
-                total.add_(vec, alpha=float(u.num_samples))
+                total.add_(vec, alpha=weight(u))
                 good.append(u)
             # NaN/inf in any update reaches the weighted sum (weights > 0): only then look
             # at clients one by one and redo the sum without the poisoned ones
@@ -394,12 +403,12 @@ class Aggregator:
                         reject(u, f"non-finite values ({int(torch.isnan(vec).sum())} NaN, "
                                   f"{int(torch.isinf(vec).sum())} inf)")
                         continue
-                    total.add_(vec, alpha=float(u.num_samples))
+                    total.add_(vec, alpha=weight(u))
                     clean.append(u)
                 good = clean
             if not good:
                 continue
-            wsum = sum(float(u.num_samples) for u in good)
+            wsum = sum(weight(u) for u in good)
             acc.index_add_(0, lay.index, total)
             cnt.index_add_(0, lay.index, torch.full((lay.numel,), wsum, dtype=acc_dtype))
             report.accepted.extend(u.client for u in good)
@@ -407,7 +416,7 @@ class Aggregator:
             if not bool(torch.isfinite(v[m]).all()):
                 reject(u, "non-finite values in the trained elements")
                 continue
-            w = float(u.num_samples)
+            w = weight(u)
             acc.add_(torch.where(m, v.to(acc_dtype), 0.0), alpha=w)
             cnt.add_(m.to(acc_dtype), alpha=w)
             report.accepted.append(u.client)
@@ -419,7 +428,8 @@ class Aggregator:
             log(report.summary())
         new = torch.where(trained, acc / cnt.clamp_min(1e-30), old.to(acc_dtype)).to(old.dtype)
         if not bool((torch.isfinite(new) | ~trained).all()):  # overflow of finite updates
-            return _validate.overflowed(self, params, updates, assigned, log, report, acc_dtype)
+            return _validate.overflowed(self, params, updates, assigned, log, report, acc_dtype,
+                                       weighting=weighting)
         return {n: t.clone() for n, t in self.unflatten(new).items()}, report
 
 
@@ -440,68 +450,79 @@ def _branches(switch) -> list[tuple[float, float]] | None:
     return out
 
 
-def _run(params, updates, windows, assigned, log, pre=()):
+def _run(params, updates, windows, assigned, log, pre=(), weighting="samples"):
     """The average over ``updates``; ``pre`` are rejections a rule made before it
     (``(client, reason)``, already logged), listed first in the report."""
     agg = windows if isinstance(windows, Aggregator) else Aggregator.for_params(params, windows)
-    new, rep = agg.aggregate(params, updates, assigned=assigned, log=log)
+    new, rep = agg.aggregate(params, updates, assigned=assigned, log=log, weighting=weighting)
     if pre:
         rep.rejected[:0] = list(pre)
     return new, rep
 
 
-def fedavg(params, updates, windows, assigned=None, log=None):
+def fedavg(params, updates, windows, assigned=None, log=None, weighting="samples"):
     """FedAvg (McMahan et al. 2017, "Communication-efficient learning of deep networks from
     decentralized data"): every client trains the same switch; the new weights are the
     sample-weighted mean ``sum_k n_k W_k / sum_k n_k`` over that switch's windows (elements
     outside the switch keep their value). An update of another switch than the round's (the
     assigned one, else the most common) is rejected with the reason (``validate.one_switch``)."""
     updates, pre = _validate.one_switch(updates, assigned, "fedavg", log)
-    return _run(params, updates, windows, assigned, log, pre)
+    return _run(params, updates, windows, assigned, log, pre, weighting)
 
 
-def heterofl(params, updates, windows, assigned=None, log=None):
+def heterofl(params, updates, windows, assigned=None, log=None, weighting="clients"):
     """HeteroFL (Diao, Ding & Tarokh, ICLR 2021, "HeteroFL: Computation and communication
     efficient federated learning for heterogeneous clients"): client k trains the width-p_k
     prefix sub-network ``W[:p_k C_out, :p_k C_in]``; each element is averaged over the
-    clients whose prefix contains it, weighted by sample count; elements nobody trained
-    keep their value. Prefix switches are checked when the switch exposes ``branches``: an
-    update of a non-prefix switch is rejected with the reason."""
+    clients whose prefix contains it; elements nobody trained keep their value.
+
+    Weighting follows the reference code (diaoenmao/HeteroFL ``fed.py``, ``combine``: the
+    client values are summed and ``count += 1`` per element, then divided; Flower's
+    ``baselines/heterofl`` does the same): ``weighting="clients"`` (default) is the plain
+    mean ``W[e] = (1/|K_e|) sum_{k in K_e} W_k[e]`` over the clients ``K_e`` holding ``e``;
+    ``weighting="samples"`` weights by sample counts, ``sum n_k W_k[e] / sum n_k``. With
+    label split (``slimkern.fl.heterofl_local``) a client does not hold the classifier rows of
+    labels it has no data for, so those rows average over the clients that do. Prefix
+    switches are checked when the switch exposes ``branches``: an update of a non-prefix
+    switch is rejected with the reason."""
     updates, pre = _validate.reject_where(updates, lambda u: _validate.prefix_problem(u.switch, "heterofl"), log)
-    return _run(params, updates, windows, assigned, log, pre)
+    return _run(params, updates, windows, assigned, log, pre, weighting)
 
 
-def fedrolex(params, updates, windows, assigned=None, log=None):
+def fedrolex(params, updates, windows, assigned=None, log=None, weighting="clients"):
     """FedRolex (Alam, Liu, Yan & Zhang, NeurIPS 2022, "FedRolex: Model-heterogeneous
-    federated learning with rolling sub-model extraction"): in round r a client of width p
-    trains the window of channels ``[s_r, s_r + p)`` with ``s_r = r * step mod 1``, wrapping
-    around the channel range (``rolling_window``); over the rounds every channel of the
-    global model is trained by small clients too. The server average is the element-wise
-    one over the windows each client trained (module docstring). A wrapped window is the
-    switch ``Switch.ranges([(s, 1), (0, s + p - 1)])``: in slimkern that is two branches,
-    so within a wrapped round the tail and head blocks are trained block-diagonally."""
-    return _run(params, updates, windows, assigned, log)
+    federated learning with rolling sub-model extraction"), as its reference code trains it
+    (AIoT-MLSys-Lab/FedRolex ``resnet_server.py``; details in ``slimkern.fl.rolex``): in
+    round ``r`` a client keeping ``L`` of a layer's ``C`` channels trains the dense
+    sub-matrix ``W[idx_out][:, idx_in]`` with ``idx = roll(arange(C), r mod C)[:L]`` per
+    layer (one channel per round; a window that wraps is still one dense sub-matrix). Its
+    update is keyed by a ``slimkern.fl.rolex.SubModel`` whose windows are those index sets
+    (``rolex.windows_fn``). Each element is averaged over the clients that held it:
+    ``weighting="clients"`` (default; the reference's ``combine`` uses ``K = 1`` for conv
+    weights and per-element counts that cancel for the rest), or ``"samples"``."""
+    return _run(params, updates, windows, assigned, log, weighting=weighting)
 
 
-def fjord(params, updates, windows, assigned=None, log=None):
+def fjord(params, updates, windows, assigned=None, log=None, weighting="samples"):
     """FjORD (Horvath et al., NeurIPS 2021, "FjORD: Fair and accurate federated learning
     under heterogeneous targets with ordered dropout"): a client of maximum width p_max
     samples a width ``p ~ U{widths <= p_max}`` per local step (ordered dropout keeps the
     first ``p`` fraction of channels) and returns its p_max prefix; the server averages
     nested: each element over the clients whose p_max prefix holds it, weighted by samples.
     The sampling happens in local training (``slimkern.fl.simulate``); here the update's
-    switch is the client's p_max prefix."""
-    return heterofl(params, updates, windows, assigned, log)
+    switch is the client's p_max prefix. Flower's ``baselines/fjord`` (``fjord_average``)
+    weights by examples, so ``weighting="samples"`` is the default here."""
+    return heterofl(params, updates, windows, assigned, log, weighting=weighting)
 
 
-def paradis(params, updates, windows, assigned=None, log=None):
+def paradis(params, updates, windows, assigned=None, log=None, weighting="samples"):
     """ParaDiS federated (after Ozerov et al., "ParaDiS: Parallelly distributable slimmable
     neural networks"): a client trains its switch -- one branch, or several disjoint
     channel ranges run on several devices and fused at the logits -- and the server
     aggregates by channel ranges: every window of every branch (for a conv, the diagonal
     block ``W[out_b, in_b]``; for the classifier, the column block ``W[:, in_b]`` and the
     bias once) is averaged element-wise over the clients that trained it."""
-    return _run(params, updates, windows, assigned, log)
+    return _run(params, updates, windows, assigned, log, weighting=weighting)
 
 
 def clustered(params_by_group: Mapping[Hashable, Mapping[str, torch.Tensor]], updates, windows,

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from slimkern.fl.aggregate import Aggregator, ClientUpdate
 from slimkern.fl.partition import partition as _partition
+from slimkern.fl import rolex as _rolex
 from slimkern.fl.strategy import Strategy, get_strategy
 from slimkern.fl import fingerprint as _fp
 from slimkern.fl import validate as _validate
@@ -150,6 +151,10 @@ class RoundRecord:
 class History:
     rounds: list[RoundRecord] = field(default_factory=list)
     tiers: dict[str, str] = field(default_factory=dict)  # tier name -> evaluated switch
+    # grouped strategies (clustered): group (its switch's notation) -> that group's final
+    # model, a state dict with BN statistics calibrated for the group's switches
+    # (``net.load_state_dict(history.models[g])`` runs it); not part of ``to_dict``
+    models: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     def last_accuracy(self) -> dict[str, float]:
         for r in reversed(self.rounds):
@@ -233,6 +238,11 @@ def _local_train(net, X, Y, idx, sw, strategy: Strategy, epochs, lr, batch_size,
     net.train()
     idx = torch.as_tensor(idx, dtype=torch.long)
     current, ctx = None, None
+    # ``sw`` may be a SubModel key: the client runs its prefix switch on its re-indexed copy
+    key, sw = sw, _rolex.train_switch(sw)
+    clip = getattr(strategy, "clip_norm", None)
+    local = strategy.local_context(net, sw)
+    local.__enter__()
     try:
         for _ in range(epochs):
             perm = idx[torch.randperm(len(idx), generator=gen)]
@@ -249,10 +259,10 @@ def _local_train(net, X, Y, idx, sw, strategy: Strategy, epochs, lr, batch_size,
                         ctx = use_switch(net, sws[0])
                         ctx.__enter__()
                         current = sws[0]
-                    loss = F.cross_entropy(net(xb), Y[bi])
+                    loss = F.cross_entropy(strategy.train_logits(net(xb), key), Y[bi])
                 else:
                     # one packed pass; the client's own switch teaches the others (in-place KD)
-                    outs = forward_switches(net, xb, sws)
+                    outs = [strategy.train_logits(o, key) for o in forward_switches(net, xb, sws)]
                     loss = F.cross_entropy(outs[0], Y[bi])
                     soft = F.softmax(outs[0].detach(), dim=1)
                     for o in outs[1:]:
@@ -261,10 +271,13 @@ def _local_train(net, X, Y, idx, sw, strategy: Strategy, epochs, lr, batch_size,
                     raise _validate.ClientFailure(f"the local loss is not finite ({float(loss.detach())})")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
                 opt.step()
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
+        local.__exit__(None, None, None)
 
 
 def _fingerprint(strategy, clients, seed, net_names, augment=None) -> str:
@@ -316,7 +329,8 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
 
     Returns the ``History``; ``net`` ends with the final parameters (for ``clustered``,
     those of the group of the widest tier) and BN statistics calibrated for every
-    evaluated switch.
+    evaluated switch. For ``clustered`` every group's model is kept in ``History.models``
+    (each evaluated per round on its own tiers' switches, and saved in the checkpoint).
     """
     for name, v, lo in (("rounds", rounds, 0), ("local_epochs", local_epochs, 1),
                         ("batch_size", batch_size, 1), ("eval_every", eval_every, 1)):
@@ -354,10 +368,16 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
             raise ValueError(f"client {c.id}: indices must be non-empty and within the {len(Xtr)} training samples")
 
     params = _params(net)
-    agg = Aggregator({n: p.shape for n, p in params.items()}, lambda sw: parameter_ranges(net, sw))
+    agg = Aggregator({n: p.shape for n, p in params.items()}, _rolex.windows_fn(net))
     agg.max_num_samples = max_num_samples
     elsize = next(iter(params.values())).element_size()
     by_id = {c.id: c for c in clients}
+    # labels each client has data for (None: all labels of the training set), for label split
+    all_labels = set(Ytr.tolist())
+    client_labels = {}
+    for c in clients:
+        have = set(Ytr[torch.as_tensor(np.asarray(c.indices), dtype=torch.long)].tolist())
+        client_labels[c.id] = None if have >= all_labels else tuple(sorted(have))
     tier_switches = sorted({c.tier_switch for c in clients}, key=str)
     assigned = {c.id: strat.client_switch(c.tier_switch, tier_switches) for c in clients}
     tier_eval: dict[str, Any] = {}
@@ -410,7 +430,7 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
         picked = sorted(int(i) for i in rng.choice(ids, size=k, replace=False))
         drops = rng.random(len(picked)) < dropout
         dropped = [c for c, d in zip(picked, drops) if d]
-        round_sw = {c: strat.round_switch(assigned[c], r) for c in picked}
+        round_sw = {c: strat.task(c, assigned, r, seed, client_labels[c]) for c in picked}
         lr_r = lr if lr_schedule == "constant" else lr * 0.5 * (1 + math.cos(math.pi * r / rounds))
         bytes_down: dict[str, int] = {}
         bytes_up: dict[str, int] = {}
@@ -421,18 +441,18 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
             cl = by_id[cid]
             sw = round_sw[cid]
             g = strat.group(assigned[cid]) if strat.grouped else None
-            nbytes = agg.num_elements(sw) * elsize
+            nbytes = agg.num_elements(_rolex.download_key(sw)) * elsize
             bytes_down[cl.tier] = bytes_down.get(cl.tier, 0) + nbytes
             if cid in dropped:
                 continue
-            _load_flat(wparams, agg, state[g])
+            _load_flat(wparams, agg, _rolex.to_local(agg, state[g], sw))
             gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, r, cid, 7]).integers(2 ** 62)))
             pyrng = random.Random(hash((seed, r, cid)) & 0xFFFFFFFF)
             try:  # a client whose training fails (any exception, a NaN loss) is dropped, the round goes on
                 with _fp.client_rng(seed, r, cid):  # dropout layers draw from the (seed, round, client) stream
                     _local_train(work, Xtr, Ytr, cl.indices, sw, strat, local_epochs, lr_r, batch_size, momentum,
                                  weight_decay, gen, pyrng, augment=augment)
-                u = ClientUpdate(cid, sw, agg.extract(agg.flatten(wparams), sw), float(len(cl.indices)))
+                u = ClientUpdate(cid, sw, _rolex.from_local(agg, agg.flatten(wparams), sw), float(len(cl.indices)))
             except Exception as exc:  # noqa: BLE001
                 why = _validate.failure_reason(exc)
                 dropped.append(cid)
@@ -451,7 +471,8 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
                 log(f"round {r}: rejected update of client {u.client}: {why}")
                 continue
             bytes_up[cl.tier] = bytes_up.get(cl.tier, 0) + (
-                u.values.numel() * u.values.element_size() if isinstance(u.values, torch.Tensor) else nbytes)
+                u.values.numel() * u.values.element_size() if isinstance(u.values, torch.Tensor)
+                else agg.num_elements(sw) * elsize)
             updates_by_group[g].append(u)
         accepted, rejected = [], list(screened)
         notes = []
@@ -486,6 +507,14 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
                 bar.set_postfix({t[:12]: f"{a:.3f}" for t, a in tier_acc.items()})
     if bar is not None:
         bar.close()
+    # grouped: keep every group's model (each calibrated for its own switches) in the history
+    if strat.grouped:
+        for g in groups:
+            _load_flat(params, agg, state[g])
+            _calibrate(net, Xc, Yc, [s for s in eval_switches if strat.group(s) == g], eval_batch_size,
+                       calib_batches)
+            history.models[str(g)] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                                      for k, v in net.state_dict().items()}
     # leave net with the final weights and calibrated statistics for every evaluated switch
     g_final = groups[-1] if not strat.grouped else strat.group(max(eval_switches, key=lambda s: (
         max(b for _, b in s.branches), str(s))))
