@@ -80,7 +80,17 @@ def test_simulate_applies_augment_and_resumes_identically(tmp_path):
     assert sum(calls) == 2 * 200  # every local sample of every round went through it
     assert not torch.equal(plain, aug)
     ck = str(tmp_path / "ck.pt")
-    run(RandomAffine(15, 1, 0.1, fill=-0.75), 1, checkpoint=ck)
+
+    class Kill(BaseException):  # the run is killed in round 1 (the checkpoint holds round 0)
+        pass
+
+    def kill(r, u):
+        if r == 1:
+            raise Kill()
+        return u
+
+    with pytest.raises(Kill):
+        run(RandomAffine(15, 1, 0.1, fill=-0.75), 2, checkpoint=ck, fault_fn=kill)
     resumed = run(RandomAffine(15, 1, 0.1, fill=-0.75), 2, checkpoint=ck, resume=True)
     assert torch.equal(resumed, aug)
     with pytest.raises(ValueError, match="belongs to another run"):

@@ -386,16 +386,21 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
     eval_switches = sorted(set(tier_eval.values()), key=str)
     groups = sorted({strat.group(assigned[i]) for i in ids}, key=str) if strat.grouped else [None]
     fp = _fingerprint(strat, clients, seed, list(params), augment)
+    # everything that changes the trained weights; a resumed checkpoint must match it field by field
+    run_desc = _fp.describe(
+        strategy=strat, seed=seed, lr=lr, lr_schedule=lr_schedule, rounds=rounds, local_epochs=local_epochs,
+        batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, dropout=dropout,
+        clients_per_round=k, max_update_norm=max_update_norm, max_num_samples=max_num_samples, augment=augment,
+        params=[(n, list(p.shape)) for n, p in params.items()], initial_weights=_fp.weights_hash(agg.flatten(params)),
+        clients=_fp.clients_digest(clients))
 
     flat0 = agg.flatten(params).clone()
     state = {g: flat0.clone() for g in groups}
     history = History(tiers={t: str(s) for t, s in tier_eval.items()})
     start = 0
     if resume and os.path.exists(checkpoint):
-        ck = torch.load(checkpoint, weights_only=False)
-        if ck.get("fingerprint") != fp:
-            raise ValueError(f"checkpoint {checkpoint} belongs to another run (different strategy, "
-                             "clients, seed or model); remove it or pass resume=False")
+        ck = _fp.load_checkpoint(checkpoint)  # torch.load(weights_only=True)
+        _fp.check(ck, run_desc, checkpoint)  # ValueError naming every field that differs
         state = {(None if g == "__none__" else _Switch().parse(g)): t for g, t in ck["state"].items()}
         history = History.from_dict(ck["history"])
         start = ck["round"]
@@ -498,7 +503,8 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
         if tier_acc:
             log(f"round {r}: " + ", ".join(f"{t} {a:.3f}" for t, a in tier_acc.items()))
         if checkpoint is not None:
-            _save_atomic({"round": r + 1, "fingerprint": fp, "history": history.to_dict(),
+            _fp.save_checkpoint({"round": r + 1, "fingerprint": fp, "run": json.dumps(run_desc),
+                                 "format": _fp.FORMAT, "history": history.to_dict(),
                           "state": {("__none__" if g is None else str(g)): t for g, t in state.items()}},
                          checkpoint)
         if bar is not None:

@@ -86,7 +86,10 @@ class Strategy:
         return self.rule(params, updates, agg, assigned=assigned, log=log, **kw)
 
     def __repr__(self):
-        return f"{type(self).__name__}()"
+        """The class and its arguments (every public attribute an instance sets), e.g.
+        ``FedRolex(step=0.75, max_width=1.0, ...)``: a resumed run's strategy is compared by it."""
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
 
 
 class FedAvg(Strategy):
