@@ -9,7 +9,7 @@ export MAX_JOBS ?= 2
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: venv build test test-py test-triton test-ctest demo bench clean
+.PHONY: venv build test test-py test-capabilities test-triton test-ctest demo bench clean
 
 $(VENV)/.installed: requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,21 @@ build: venv
 	$(PY) -m pip install --no-build-isolation --no-deps -v -e . 2>&1 | grep -E "slimkern build configuration|^  [a-zA-Z_]+ +|error|Error|Successfully" || (echo "build failed"; exit 1)
 	$(PY) -c "import slimkern, slimkern._library as L; assert L.LOAD_ERROR is None, L.LOAD_ERROR"
 
-test: build test-py test-triton test-ctest
+test: build test-py test-capabilities test-triton test-ctest
 
 test-py:
 	$(PY) -m pytest python_tests -m "not triton" -q
+
+# The C++ CPU kernels are built for the x86-64 baseline, AVX2 and AVX-512, and the widest the
+# CPU has runs; SLIMKERN_CPU_CAPABILITY forces a narrower one, so the op, packed-pass and solver
+# tests run on every path whatever CPU runs them (test_info checks the path really switched).
+CAPABILITY_TESTS := python_tests/test_block_ops.py python_tests/test_switchable_bn.py \
+	python_tests/test_packed.py python_tests/test_solvers.py python_tests/test_info.py
+test-capabilities:
+	for cap in avx2 default; do \
+		echo "== SLIMKERN_CPU_CAPABILITY=$$cap"; \
+		SLIMKERN_CPU_CAPABILITY=$$cap $(PY) -m pytest $(CAPABILITY_TESTS) -m "not triton" -q || exit 1; \
+	done
 
 # Triton kernels run on the CPU through the interpreter; it must be set before import.
 test-triton:
@@ -37,7 +48,9 @@ test-triton:
 test-ctest: venv
 	$(VENV)/bin/cmake -S cmake -B build/cmake -DCMAKE_BUILD_TYPE=Release
 	$(VENV)/bin/cmake --build build/cmake -j $(MAX_JOBS)
-	$(VENV)/bin/ctest --test-dir build/cmake --output-on-failure
+	for cap in "" avx2 default; do \
+		SLIMKERN_CPU_CAPABILITY=$$cap $(VENV)/bin/ctest --test-dir build/cmake --output-on-failure || exit 1; \
+	done
 
 # The main job: what was built, then the federated ParaDiS demo (slimkern demo).
 demo: build

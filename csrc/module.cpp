@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "slimkern/cpu_capability.h"
+
 #ifndef SLIMKERN_BUILD_INFO
 #define SLIMKERN_BUILD_INFO "{}"
 #endif
@@ -14,8 +16,19 @@ namespace slimkern {
 
 std::string build_info() { return SLIMKERN_BUILD_INFO; }
 
+// The CPU kernels' instruction set as JSON: in use, what the processor has, and what
+// SLIMKERN_CPU_CAPABILITY asked for ("" when unset).
+std::string cpu_capability_info() {
+  std::string requested;
+  for (char ch : cpu::requested_capability())
+    if (std::isalnum(static_cast<unsigned char>(ch)) || ch == '_' || ch == '-') requested += ch;  // JSON-safe
+  return std::string("{\"in_use\": \"") + cpu::capability_name(cpu::capability()) + "\", \"hardware\": \"" +
+         cpu::capability_name(cpu::hardware_capability()) + "\", \"requested\": \"" + requested + "\"}";
+}
+
 TORCH_LIBRARY_FRAGMENT(slimkern, m) {
   m.def("_build_info() -> str", &build_info);
+  m.def("_cpu_capability() -> str", &cpu_capability_info);
 }
 
 }  // namespace slimkern

@@ -9,6 +9,7 @@
 * ``slimkern.train.packed_step(..., group_size=k)`` gives the same losses, gradients and BN
   statistics for every k.
 """
+import copy
 import os
 import sys
 from collections import Counter
@@ -145,10 +146,6 @@ def _three_ways(name, step, dtype):
             (torch.stack(lr), {k: p.grad for k, p in plain.named_parameters()}, plain))
 
 
-def _worst_rel(g, ref):
-    return max(float((g[k].double() - ref[k]).abs().max()) / float(ref[k].abs().max()) for k in ref)
-
-
 @pytest.mark.parametrize("step", ["paradis", "sandwich"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_packed_equals_one_at_a_time_and_plain(name, step):
@@ -156,9 +153,7 @@ def test_packed_equals_one_at_a_time_and_plain(name, step):
 
     float32: losses agree to 1e-4 everywhere and gradients to 1e-4 on resnet20. The tiny
     MobileNet-v1 at init is ill-conditioned in float32 (BN over near-constant channels at
-    2x2 maps amplifies rounding: even plain PyTorch's float32 gradients are ~1e-3 off its
-    own float64 ones), so there the test asks slimkern's float32 gradients to be as close to
-    the float64 truth as plain PyTorch's are."""
+    2x2 maps amplifies rounding): see _float32_envelopes for how its gradients are judged."""
     (lp, gp, packed), (l1, g1, _), (lr, gr, plain) = _three_ways(name, step, torch.float64)
     tol = 1e-10
     assert len(lp) == 4 and all(float(v) > 0.05 for v in lp)
@@ -191,9 +186,60 @@ def test_packed_equals_one_at_a_time_and_plain(name, step):
         _assert_close_all(gp32, g132, 1e-4)
         _assert_close_all(gp32, gr32, 1e-4)
     else:
-        plain_err = _worst_rel(gr32, gr)
-        assert _worst_rel(gp32, gp) <= 2 * plain_err + 1e-4
-        assert _worst_rel(g132, gp) <= 2 * plain_err + 1e-4
+        packed_env, single_env, plain_env = _float32_envelopes(name, step, gp)
+        for k in gp:
+            bound = 3 * plain_env[k] + 1e-5
+            assert packed_env[k] <= bound, (k, packed_env[k], plain_env[k])
+            assert single_env[k] <= bound, (k, single_env[k], plain_env[k])
+
+
+def _rel_errors(grads, truth):
+    return {k: float((grads[k].double() - truth[k]).abs().max()) / float(truth[k].abs().max()) for k in truth}
+
+
+def _perturbed(t, gen):
+    # one float32 rounding's worth of relative noise (2^-24)
+    return t * (1 + 2.0 ** -24 * torch.randn(t.shape, generator=gen, dtype=t.dtype))
+
+
+def _float32_envelopes(name, step, truth, draws=6):
+    """Per parameter: the worst relative float32 gradient error against the float64 truth over
+    `draws` runs -- the first on the test's values, the others with inputs and weights
+    perturbed at float32's rounding level -- for slimkern packed, slimkern one switch at a
+    time, and plain PyTorch.
+
+    Why not one run: at init this MobileNet-v1's float32 gradients are ill-conditioned, so a
+    single run's error is one draw from a wide distribution. Measured (issue 13) on seeds
+    0-7: plain PyTorch's worst relative error ranges from 1.5e-4 to 6.6e-2 by seed, and
+    slimkern's single-run error was below plain's on some seeds and 200x above on others, on
+    the AVX-512 and the forced AVX2 path alike (the AVX2-only CI failure, 0.0123 vs 0.0044,
+    was such a draw). Over 6 perturbed draws each, every parameter's slimkern envelope is
+    within 1.0-1.72x of plain PyTorch's on both paths; a kernel that is really less accurate
+    (say 1e-4 relative noise on one gradient) lands far above 3x on the well-conditioned
+    parameters, whose envelopes are ~1e-5."""
+    switches = PARADIS if step == "paradis" else SANDWICH
+    x, y = _data(torch.float32)
+    loss_fn = P.paradis_loss(y, beta=1.0) if step == "paradis" else P.sandwich_loss(y)
+    gen = torch.Generator().manual_seed(0)
+    envs = [dict.fromkeys(truth, 0.0) for _ in range(3)]
+    for draw in range(draws):
+        net = _net(name, torch.float32)
+        xd = x
+        if draw:
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.copy_(_perturbed(p, gen))
+            xd = _perturbed(x, gen)
+        plain, _ = _run_plain(name, net, xd, switches, loss_fn, torch.float32)
+        packed = copy.deepcopy(net).train()
+        packed_step(packed, xd, switches, loss_fn)
+        single = copy.deepcopy(net).train()
+        packed_step(single, xd, switches, loss_fn, group_size=1)
+        runs = (_grads(packed), _grads(single), {k: p.grad for k, p in plain.named_parameters()})
+        for env, grads in zip(envs, runs):
+            for k, err in _rel_errors(grads, truth).items():
+                env[k] = max(env[k], err)
+    return envs
 
 
 def test_packed_gradient_is_sum_of_per_switch_gradients():

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import warnings
 
 import torch
 
-__all__ = ["LOAD_ERROR", "build_info", "has_op", "require_op", "torch_mismatch"]
+__all__ = ["LOAD_ERROR", "CPU_CAPABILITIES", "build_info", "cpu_capability", "has_op", "require_op", "torch_mismatch"]
 
 
 def _load():
@@ -59,6 +60,34 @@ def build_info() -> dict | None:
     if not has_op("_build_info"):
         return None
     return json.loads(torch.ops.slimkern._build_info())
+
+
+# Values of SLIMKERN_CPU_CAPABILITY, narrowest first (csrc/include/slimkern/cpu_capability.h).
+CPU_CAPABILITIES = ("default", "avx2", "avx512")
+
+
+def _check_capability_request() -> None:
+    requested = os.environ.get("SLIMKERN_CPU_CAPABILITY", "").strip().lower()
+    if requested and requested not in CPU_CAPABILITIES:
+        warnings.warn(f"SLIMKERN_CPU_CAPABILITY={requested!r} is not one of {', '.join(CPU_CAPABILITIES)}: "
+                      "it is ignored and the widest instruction set the CPU has is used.",
+                      RuntimeWarning, stacklevel=3)
+
+
+_check_capability_request()
+
+
+def cpu_capability() -> dict | None:
+    """The instruction set the C++ CPU kernels run with.
+
+    ``{"in_use": ..., "hardware": ..., "requested": ...}``, each one of ``CPU_CAPABILITIES``
+    (``requested`` is ``""`` when ``SLIMKERN_CPU_CAPABILITY`` is unset). ``in_use`` is the
+    widest the processor supports, or the narrower one ``SLIMKERN_CPU_CAPABILITY`` asks for
+    (read once per process, like ATen's ``ATEN_CPU_CAPABILITY``). None without the extension.
+    """
+    if not has_op("_cpu_capability"):
+        return None
+    return json.loads(torch.ops.slimkern._cpu_capability())
 
 
 def _base_version(v: str) -> str:

@@ -58,9 +58,19 @@ def report() -> dict:
         "extension_loaded": _library.LOAD_ERROR is None,
         "extension_error": _library.LOAD_ERROR,
         "build": _library.build_info(),
+        "cpu_capability": _library.cpu_capability(),
         "mismatch": _library.torch_mismatch(),
         "ops": ops,
     }
+
+
+def _capability_line(cap: dict | None) -> str:
+    if cap is None:
+        return "-"
+    line = f"{cap['in_use']} (processor: {cap['hardware']}"
+    if cap["requested"]:
+        line += f"; SLIMKERN_CPU_CAPABILITY={cap['requested']}"
+    return line + ")"
 
 
 def format_report(rep: dict) -> str:
@@ -73,6 +83,7 @@ def format_report(rep: dict) -> str:
         f"arch list {build.get('arch_list')}",
         f"  extension slimkern._C {'loaded' if rep['extension_loaded'] else 'NOT loaded: ' + str(rep['extension_error'])}",
         f"  triton                {rep['triton']}",
+        f"  CPU kernels           {_capability_line(rep['cpu_capability'])}",
     ]
     if rep["mismatch"]:
         lines.append(f"  WARNING: {rep['mismatch']}")

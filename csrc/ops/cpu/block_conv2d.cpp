@@ -23,16 +23,12 @@
 #include "block_conv2d_pointwise.h"
 #include "block_conv2d_runs.h"
 #include "depthwise_avx512.h"
+#include "slimkern/cpu_capability.h"
 #include "sgemm_avx512.h"
 
 namespace slimkern {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define SK_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define SK_MULTIVERSION
-#endif
 #define SK_ALWAYS_INLINE __attribute__((always_inline)) inline
 
 // Geometry of one depthwise plane. x planes have unit column stride and row stride sxh;
@@ -141,24 +137,19 @@ SK_ALWAYS_INLINE void dw_bwd_weight_plane_impl(const T* __restrict__ go, const T
   }
 }
 
-// Non-template entry points so each is compiled for several instruction sets.
-SK_MULTIVERSION void dw_fwd_plane(const float* x, const float* w, float b, float* out, const Plane& g) {
-  dw_fwd_plane_impl(x, w, b, out, g);
+// Entry points that run each plane loop compiled for the capability in use
+// (slimkern/cpu_capability.h: baseline, AVX2 or AVX-512).
+template <typename T>
+void dw_fwd_plane(const T* x, const T* w, T b, T* out, const Plane& g) {
+  cpu::run_vectorized([&]() SK_INLINE_LAMBDA { dw_fwd_plane_impl(x, w, b, out, g); });
 }
-SK_MULTIVERSION void dw_fwd_plane(const double* x, const double* w, double b, double* out, const Plane& g) {
-  dw_fwd_plane_impl(x, w, b, out, g);
+template <typename T>
+void dw_bwd_input_plane(const T* go, const T* w, T* gx, const Plane& g) {
+  cpu::run_vectorized([&]() SK_INLINE_LAMBDA { dw_bwd_input_plane_impl(go, w, gx, g); });
 }
-SK_MULTIVERSION void dw_bwd_input_plane(const float* go, const float* w, float* gx, const Plane& g) {
-  dw_bwd_input_plane_impl(go, w, gx, g);
-}
-SK_MULTIVERSION void dw_bwd_input_plane(const double* go, const double* w, double* gx, const Plane& g) {
-  dw_bwd_input_plane_impl(go, w, gx, g);
-}
-SK_MULTIVERSION void dw_bwd_weight_plane(const float* go, const float* x, float* accv, const Plane& g) {
-  dw_bwd_weight_plane_impl(go, x, accv, g);
-}
-SK_MULTIVERSION void dw_bwd_weight_plane(const double* go, const double* x, double* accv, const Plane& g) {
-  dw_bwd_weight_plane_impl(go, x, accv, g);
+template <typename T>
+void dw_bwd_weight_plane(const T* go, const T* x, T* accv, const Plane& g) {
+  cpu::run_vectorized([&]() SK_INLINE_LAMBDA { dw_bwd_weight_plane_impl(go, x, accv, g); });
 }
 
 bool fast_dtype(const at::Tensor& t) {

@@ -3,6 +3,8 @@
 
 #include <cstdlib>
 
+#include "slimkern/cpu_capability.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define SK_DW_KERNEL 1
@@ -32,11 +34,9 @@ void dw_column_masks(DwPlane& g) {
 }
 
 #if SK_DW_KERNEL
-bool have_avx512_depthwise() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return ok;
-}
+// The AVX-512 capability in use: the processor has it and SLIMKERN_CPU_CAPABILITY does not
+// ask for less.
+bool have_avx512_depthwise() { return capability() == Capability::kAvx512; }
 
 namespace {
 

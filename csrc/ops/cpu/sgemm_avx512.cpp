@@ -11,6 +11,8 @@
 
 #include <cstdlib>
 
+#include "slimkern/cpu_capability.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define SK_AVX512_KERNEL 1
@@ -193,11 +195,9 @@ SK_AVX512 void sgemm_driver(int64_t M, int64_t N, int64_t K, const float* a, int
 
 }  // namespace
 
-bool have_avx512_sgemm() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return ok;
-}
+// The AVX-512 capability in use: the processor has it and SLIMKERN_CPU_CAPABILITY does not
+// ask for less.
+bool have_avx512_sgemm() { return capability() == Capability::kAvx512; }
 
 void sgemm_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64_t a_sk, const float* b,
                   int64_t ldb, float beta, float* c, int64_t ldc) {

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "slimkern/bn_checks.h"
+#include "slimkern/cpu_capability.h"
 
 namespace slimkern {
 namespace {
@@ -155,45 +156,14 @@ Params<T> params_of(const c10::optional<at::Tensor>& weight, const c10::optional
   return P;
 }
 
-// The channel loops are compiled three times, for the x86-64 baseline, AVX2 and AVX-512
-// (the CPUs this runs on have them; torch's own kernels use them too), and the widest the
-// CPU supports runs. The lambda bodies are always_inline so they take the wrapper's ISA.
-#define SK_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
-
-template <typename F>
-__attribute__((noinline)) void range_default(const F& f, int64_t p0, int64_t p1) {
-  f(p0, p1);
-}
-#if defined(__x86_64__) && defined(__GNUC__)
-template <typename F>
-__attribute__((noinline, target("avx2"))) void range_avx2(const F& f, int64_t p0, int64_t p1) {
-  f(p0, p1);
-}
-template <typename F>
-__attribute__((noinline, target("avx512f,avx512bw,avx512vl,avx512dq"))) void range_avx512(const F& f, int64_t p0,
-                                                                                       int64_t p1) {
-  f(p0, p1);
-}
-inline int cpu_level() {
-  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
-                               ? 2
-                               : (__builtin_cpu_supports("avx2") ? 1 : 0);
-  return level;
-}
-#endif
-
+// The channel loops are compiled for the x86-64 baseline, AVX2 and AVX-512, and the build
+// for the capability in use runs (slimkern/cpu_capability.h: the widest the CPU has, or
+// what SLIMKERN_CPU_CAPABILITY asks for). The lambda bodies are always_inline so they take
+// the wrapper's instruction set.
 template <typename F>
 void run_channels(int64_t C, int64_t grain, const F& f) {
   at::parallel_for(0, C, grain, [&](int64_t p0, int64_t p1) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    switch (cpu_level()) {
-      case 2: range_avx512(f, p0, p1); return;
-      case 1: range_avx2(f, p0, p1); return;
-      default: break;
-    }
-#endif
-    range_default(f, p0, p1);
+    cpu::run_vectorized([&]() SK_INLINE_LAMBDA { f(p0, p1); });
   });
 }
 
@@ -263,7 +233,7 @@ void forward_kernel(const Layout& L, const at::Tensor& x, at::Tensor& y, at::Ten
     return;
   }
 
-  const auto body = [&](int64_t p0, int64_t p1) SK_ALWAYS_INLINE_LAMBDA {
+  const auto body = [&](int64_t p0, int64_t p1) SK_INLINE_LAMBDA {
     for (int64_t p = p0; p < p1; ++p) {
       T mean, var;
       if (training) {
@@ -350,7 +320,7 @@ void backward_kernel(const Layout& L, const at::Tensor& dy, const at::Tensor& x,
     return;
   }
 
-  const auto body = [&](int64_t p0, int64_t p1) SK_ALWAYS_INLINE_LAMBDA {
+  const auto body = [&](int64_t p0, int64_t p1) SK_INLINE_LAMBDA {
     for (int64_t p = p0; p < p1; ++p) {
       T inv, scale, shift, k1, k0;
       coeffs(p, inv, scale, shift);

@@ -6,13 +6,12 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// One binary runs the AVX2/AVX-512 loops where the CPU has them (setup.py compiles for
-// the x86-64 baseline); GCC picks the clone once, at load time, through an ifunc.
-#define SK_SOLVER_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SK_SOLVER_CLONES
-#endif
+// One binary runs the AVX2/AVX-512 loops where the CPU has them (setup.py compiles for the
+// x86-64 baseline): each hot loop is an always-inline body run through
+// cpu::run_vectorized, which picks the build for the capability in use
+// (SLIMKERN_CPU_CAPABILITY can force a narrower one, so every path is testable anywhere).
+#include "slimkern/cpu_capability.h"
+#define SK_SOLVER_INLINE inline __attribute__((always_inline))
 
 #if defined(__SSE__) || defined(__x86_64__)
 #include <xmmintrin.h>

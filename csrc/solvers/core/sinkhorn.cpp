@@ -22,9 +22,9 @@ constexpr double kWarmHeadroom = 200;  // warm-start kernel exponents are capped
 // once per four rows. Stops at the first row that needs care (kernel sum not in
 // [smin, DBL_MAX], scaling not in [umin, umax]) and returns its index; n when every row
 // went through.
-SK_SOLVER_CLONES int64_t fused_rows(const double* K, int64_t m, int64_t i, int64_t n,
-                                    const double* v, const double* a, double* u, double* s,
-                                    double smin, double umin, double umax) {
+SK_SOLVER_INLINE int64_t fused_rows_body(const double* K, int64_t m, int64_t i, int64_t n, const double* v,
+                                         const double* a, double* u, double* s, double smin, double umin,
+                                         double umax) {
   auto ok_sum = [&](double t) { return t >= smin && t <= DBL_MAX; };
   auto ok_u = [&](double x) { return x >= umin && x <= umax; };
   while (i < n) {
@@ -75,16 +75,29 @@ SK_SOLVER_CLONES int64_t fused_rows(const double* K, int64_t m, int64_t i, int64
   return n;
 }
 
-SK_SOLVER_CLONES double row_dot(const double* row, const double* v, int64_t m) {
-  double t = 0.0;
-#pragma omp simd reduction(+ : t)
-  for (int64_t j = 0; j < m; ++j) t += row[j] * v[j];
-  return t;
+int64_t fused_rows(const double* K, int64_t m, int64_t i, int64_t n, const double* v, const double* a, double* u,
+                   double* s, double smin, double umin, double umax) {
+  int64_t stop = n;
+  cpu::run_vectorized([&]() SK_INLINE_LAMBDA { stop = fused_rows_body(K, m, i, n, v, a, u, s, smin, umin, umax); });
+  return stop;
 }
 
-SK_SOLVER_CLONES void axpy(double alpha, const double* x, double* y, int64_t m) {
+double row_dot(const double* row, const double* v, int64_t m) {
+  double dot = 0.0;
+  cpu::run_vectorized([&]() SK_INLINE_LAMBDA {
+    double t = 0.0;
+#pragma omp simd reduction(+ : t)
+    for (int64_t j = 0; j < m; ++j) t += row[j] * v[j];
+    dot = t;
+  });
+  return dot;
+}
+
+void axpy(double alpha, const double* x, double* y, int64_t m) {
+  cpu::run_vectorized([&]() SK_INLINE_LAMBDA {
 #pragma omp simd
-  for (int64_t j = 0; j < m; ++j) y[j] += alpha * x[j];
+    for (int64_t j = 0; j < m; ++j) y[j] += alpha * x[j];
+  });
 }
 
 inline double kernel_entry(double e) { return e < kExpCut ? 0.0 : std::exp(e); }

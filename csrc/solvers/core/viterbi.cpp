@@ -48,9 +48,9 @@ inline __attribute__((always_inline)) void forward_body(const double* U, const d
   }
 }
 
-SK_SOLVER_CLONES void forward(const double* U, const double* C, const double* R, double gamma,
-                              int64_t L, int64_t K, double* D, double* tmp) {
-  forward_body(U, C, R, gamma, L, K, D, tmp);
+void forward(const double* U, const double* C, const double* R, double gamma, int64_t L, int64_t K, double* D,
+             double* tmp) {
+  cpu::run_vectorized([&]() SK_INLINE_LAMBDA { forward_body(U, C, R, gamma, L, K, D, tmp); });
 }
 
 // Backtrack from the forward table; returns the optimum (or +inf with path = -1).
