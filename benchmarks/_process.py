@@ -42,8 +42,11 @@ def write_results(path: str, benches: list[dict], threads: int) -> None:
     atomically."""
     import torch
 
+    from slimkern import _library
+
     out = dict(machine_info=dict(cpu=dict(brand_raw=cpu_name()), python=platform.python_version(),
-                                 torch=torch.__version__, threads=threads),
+                                 torch=torch.__version__, threads=threads,
+                                 slimkern_cpu_capability=_library.cpu_capability()),
                datetime=time.strftime("%Y-%m-%dT%H:%M:%S"), benchmarks=benches)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"

@@ -145,6 +145,9 @@ def main(argv=None):
         return 0
     groups = medians(stats)
     cpu = machine.get("cpu", {}).get("brand_raw", "?")
+    cap = machine.get("slimkern_cpu_capability") or {}
+    if cap:
+        cpu += f" (slimkern CPU kernels: {cap.get('in_use')}, processor {cap.get('hardware')})"
     print(f"# {', '.join(args.json)}: {cpu}, medians; 'A vs B' = time(B) / time(A), > 1 means A is faster")
     print(render(*table(groups, args.base), markdown=args.markdown))
     if args.targets:
