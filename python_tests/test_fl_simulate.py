@@ -264,3 +264,38 @@ def test_fedrolex_wrapped_round_trains_exactly_the_dense_index_sets(data, step):
         assert not want["features.2.weight"][7, 7].any()
     for n in shapes:
         assert torch.equal(after[n] != before[n], want[n]), n
+
+
+def test_fjord_bn_statistics_travel_and_average_per_width(data, tmp_path):
+    """FjORD(bn="travel"), as Flower's baseline's per-width ODBatchNorm2d statistics travel:
+    each client returns the running statistics of every width p <= p_max; the server's
+    statistics of width p are the example-weighted mean over the clients with p_max >= p
+    (fjord_average), and evaluation uses them instead of recalibrating."""
+    from slimkern.fl.strategy import FjORD
+    from slimkern.nn.batchnorm import _SwitchableBatchNorm
+    train, _ = data
+    got = []
+    ck = str(tmp_path / "fjord.pt")
+    net, h = _run(data, FjORD(bn="travel"), rounds=1, checkpoint=ck, fault_fn=lambda r, u: got.append(u) or u)
+    pmax = {"full": 1.0, "small": 0.5, "two": 0.5}
+    widths = (0.25, 0.5, 0.75, 1.0)
+    clients = {c.id: c for c in _clients(train)}
+    for u in got:
+        assert set(u.stats) == {Switch([w]) for w in widths if w <= pmax[clients[u.client].tier]}
+    saved = torch.load(ck, weights_only=True)["bn"]
+    bns = {n: m for n, m in net.named_modules() if isinstance(m, _SwitchableBatchNorm)}
+    for w in widths:
+        holders = [(len(clients[u.client].indices), u.stats[Switch([w])]) for u in got
+                   if pmax[clients[u.client].tier] >= w]
+        tot = sum(n for n, _ in holders)
+        for name, m in bns.items():
+            mean = sum(n * s[name][0].double() for n, s in holders) / tot
+            var = sum(n * s[name][1].double() for n, s in holders) / tot
+            torch.testing.assert_close(saved[str(Switch([w]))][name][0].double(), mean)
+            torch.testing.assert_close(saved[str(Switch([w]))][name][1].double(), var)
+            if w in (0.5, 1.0):  # the evaluated switches: net holds the travelled statistics
+                row = m.switch_row(Switch([w]))
+                torch.testing.assert_close(m.running_mean[row].double(), mean)
+                torch.testing.assert_close(m.running_var[row].double(), var)
+    with pytest.raises(ValueError, match="bn must be"):
+        FjORD(bn="local")

@@ -69,6 +69,9 @@ class ClientUpdate:
     values: Any
     num_samples: float
     mask: Mapping[str, torch.Tensor] | None = None
+    # per-width BN running statistics (``FjORD(bn="travel")``, ``slimkern.fl.fjord_bn``);
+    # the Aggregator does not average them
+    stats: Any = None
 
 
 @dataclass

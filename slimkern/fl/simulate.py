@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from slimkern.fl.aggregate import Aggregator, ClientUpdate
 from slimkern.fl.partition import partition as _partition
 from slimkern.fl import rolex as _rolex
+from slimkern.fl import fjord_bn as _fjord_bn
 from slimkern.fl.strategy import Strategy, get_strategy
 from slimkern.fl import fingerprint as _fp
 from slimkern.fl import validate as _validate
@@ -396,12 +397,16 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
 
     flat0 = agg.flatten(params).clone()
     state = {g: flat0.clone() for g in groups}
+    # FjORD(bn="travel"): the server's per-width BN statistics (switch -> bn name -> rows)
+    travel = bool(getattr(strat, "bn_travel", False))
+    bn_state: dict = {}
     history = History(tiers={t: str(s) for t, s in tier_eval.items()})
     start = 0
     if resume and os.path.exists(checkpoint):
         ck = _fp.load_checkpoint(checkpoint)  # torch.load(weights_only=True)
         _fp.check(ck, run_desc, checkpoint)  # ValueError naming every field that differs
         state = {(None if g == "__none__" else _Switch().parse(g)): t for g, t in ck["state"].items()}
+        bn_state = _fjord_bn.from_checkpoint(ck.get("bn", {}))
         history = History.from_dict(ck["history"])
         start = ck["round"]
         log(f"resuming from {checkpoint} at round {start}")
@@ -417,6 +422,13 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
         except ImportError:  # pragma: no cover
             bar = None
 
+    def bn_stats(sws) -> None:
+        """BN statistics of ``sws`` in ``net``: the travelled ones, else calibrated on server data."""
+        if travel:
+            sws = _fjord_bn.load_for_eval(net, bn_state, sws)
+        if sws:
+            _calibrate(net, Xc, Yc, sws, eval_batch_size, calib_batches)
+
     def evaluate_all() -> tuple[dict[str, float], dict[str, float]]:
         acc: dict[str, float] = {}
         for g in groups:
@@ -424,7 +436,7 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
             if not sws:
                 continue
             _load_flat(params, agg, state[g])
-            _calibrate(net, Xc, Yc, sws, eval_batch_size, calib_batches)
+            bn_stats(sws)
             for s in sws:
                 acc[str(s)] = _accuracy(net, Xte, Yte, s, eval_batch_size)
         return acc, {t: acc[str(s)] for t, s in tier_eval.items()}
@@ -451,6 +463,8 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
             if cid in dropped:
                 continue
             _load_flat(wparams, agg, _rolex.to_local(agg, state[g], sw))
+            if travel:  # the server's statistics of every width <= p_max (fresh where it has none)
+                _fjord_bn.load_rows(work, bn_state, strat.bn_switches(sw), fresh_missing=True)
             gen = torch.Generator().manual_seed(int(np.random.default_rng([seed, r, cid, 7]).integers(2 ** 62)))
             pyrng = random.Random(hash((seed, r, cid)) & 0xFFFFFFFF)
             try:  # a client whose training fails (any exception, a NaN loss) is dropped, the round goes on
@@ -458,6 +472,8 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
                     _local_train(work, Xtr, Ytr, cl.indices, sw, strat, local_epochs, lr_r, batch_size, momentum,
                                  weight_decay, gen, pyrng, augment=augment)
                 u = ClientUpdate(cid, sw, _rolex.from_local(agg, agg.flatten(wparams), sw), float(len(cl.indices)))
+                if travel:
+                    u.stats = _fjord_bn.read_rows(work, strat.bn_switches(sw))
             except Exception as exc:  # noqa: BLE001
                 why = _validate.failure_reason(exc)
                 dropped.append(cid)
@@ -490,6 +506,12 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
             state[g] = agg.flatten(new).clone()
             accepted += rep.accepted
             rejected += rep.rejected
+        if travel:  # FjORD's per-width average of the accepted clients' statistics
+            ok = set(accepted)
+            bn_state = _fjord_bn.average(
+                bn_state, [(max(b for _, b in _rolex.train_switch(u.switch).branches), float(u.num_samples), u.stats)
+                           for ups in updates_by_group.values() for u in ups
+                           if u.client in ok and u.stats is not None], strat.widths, _fjord_bn.row_shapes(net))
         if not accepted:
             notes.append("nobody returned a valid update: the model is left unchanged")
             log(f"round {r}: {notes[-1]}")
@@ -505,6 +527,7 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
         if checkpoint is not None:
             _fp.save_checkpoint({"round": r + 1, "fingerprint": fp, "run": json.dumps(run_desc),
                                  "format": _fp.FORMAT, "history": history.to_dict(),
+                                 "bn": _fjord_bn.to_checkpoint(bn_state),
                           "state": {("__none__" if g is None else str(g)): t for g, t in state.items()}},
                          checkpoint)
         if bar is not None:
@@ -526,5 +549,5 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
         max(b for _, b in s.branches), str(s))))
     _load_flat(params, agg, state[g_final])
     sws = [s for s in eval_switches if not strat.grouped or strat.group(s) == g_final]
-    _calibrate(net, Xc, Yc, sws, eval_batch_size, calib_batches)
+    bn_stats(sws)
     return history

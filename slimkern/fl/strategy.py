@@ -165,15 +165,31 @@ class FjORD(Strategy):
     sampled width's target, ``CE(y_p, softmax(y_pmax).detach())`` (one packed pass; when
     ``p = p_max`` only the first term). The reference's default is off.
     ``weighting="samples"`` (the reference's ``fjord_average`` weights by examples).
+    ``bn="travel"``: the per-width BN statistics travel with the updates and are averaged per
+    width over the clients with ``p_max >= p`` (``slimkern.fl.fjord_bn``), as Flower's
+    baseline does with its ``ODBatchNorm2d``; the default ``"server"`` recalibrates them on
+    server data before evaluation (HeteroFL's static BN).
     """
     name = "fjord"
     rule = staticmethod(rules.fjord)
 
     def __init__(self, widths: Sequence[float] = (0.25, 0.5, 0.75, 1.0), *, kd: bool = False,
-                 weighting: str = "samples"):
+                 weighting: str = "samples", bn: str = "server"):
         _check_weighting(weighting)
+        if bn not in ("server", "travel"):
+            raise ValueError(f"bn must be 'server' (recalibrated on server data) or 'travel', got {bn!r}")
         self.widths = tuple(sorted(widths))
-        self.kd, self.weighting = bool(kd), weighting
+        self.kd, self.weighting, self.bn = bool(kd), weighting, bn
+
+    @property
+    def bn_travel(self) -> bool:
+        """Per-width BN statistics travel and are averaged as FjORD's do (``slimkern.fl.fjord_bn``)."""
+        return self.bn == "travel"
+
+    def bn_switches(self, trained) -> list:
+        """The widths whose BN statistics a client of ``trained`` (its p_max) sends back."""
+        pmax = per_device_width(trained)
+        return [_switch_cls().width(w) for w in self.widths if w <= pmax + 1e-9] or [_switch_cls().width(pmax)]
 
     def step_switch(self, trained, rng):
         pmax = per_device_width(trained)

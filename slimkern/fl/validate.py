@@ -199,7 +199,7 @@ def clip_update(agg, old_flat: torch.Tensor, u, max_norm: float):
     if norm <= max_norm:
         return u, norm
     new = (old + delta * (max_norm / norm)).to(vec.dtype)
-    return ClientUpdate(u.client, u.switch, new, u.num_samples), norm
+    return ClientUpdate(u.client, u.switch, new, u.num_samples, stats=u.stats), norm
 
 
 def overflowed(agg, params, updates, assigned, log, report, acc_dtype, **kwargs):
