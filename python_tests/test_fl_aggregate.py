@@ -113,36 +113,44 @@ def test_rolling_windows_and_wraparound():
     assert new["fc.weight"][:, 0].tolist() == pytest.approx([6.0] * 3)
 
 
-def test_matches_elementwise_reference_random():
-    """Random values, mixed switches, vs an element-by-element Python average."""
+@pytest.mark.parametrize("weighting", ["samples", "clients"])
+def test_matches_elementwise_reference_random(weighting):
+    """Random values, mixed switches, vs the element-wise mean written with masks from the
+    switches' channel ranges (not from ``windows``): per branch ``(a, b)`` a client holds
+    conv rows ``a:b``, the diagonal block ``h[a:b, a:b]``, ``h.bias[a:b]``, the classifier
+    columns ``a:b`` and a copy of the classifier bias (a client's copies are averaged)."""
     p = params0()
     g = torch.Generator().manual_seed(5)
     sws = ["full", "half", "pd", "quarter", "roll3", "mid", "half", "pd"]
-    ups = []
+    ups, held = [], []
     for k, sw in enumerate(sws):
-        vals = {name: [torch.randn(p[name][win].shape, generator=g) for win in wins]
-                for name, wins in windows(sw).items()}
+        vals = {n: [] for n in p}
+        V = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in p.items()}
+        M = {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in p.items()}
+        copies = []
+        for a, b in SWITCHES[sw]:
+            for name, block in (("conv.weight", (S(a, b), S(0, 1))), ("h.weight", (S(a, b), S(a, b))),
+                                ("h.bias", (S(a, b),)), ("fc.weight", (S(0, 3), S(a, b)))):
+                t = torch.randn(p[name][block].shape, generator=g)
+                vals[name].append(t)
+                V[name][block] = t.double()
+                M[name][block] = True
+            copies.append(torch.randn(3, generator=g))
+        vals["fc.bias"] = copies
+        V["fc.bias"] = torch.stack(copies).double().mean(0)
+        M["fc.bias"][:] = True
         ups.append(ClientUpdate(k, sw, vals, float(k + 1)))
-    new, _ = paradis(p, ups, windows)
+        held.append((V, M, float(k + 1) if weighting == "samples" else 1.0))
+    new, _ = paradis(p, ups, windows, weighting=weighting)
     for name, P in p.items():
-        for e in range(P.numel()):
-            idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(e), P.shape))
-            num = den = 0.0
-            for u in ups:
-                copies = []  # the bias is listed per branch: a client's copies are averaged, weighted once
-                for win, t in zip(windows(u.switch)[name], u.values[name]):
-                    inside = all(s.start <= i < s.stop for s, i in zip(win, idx))
-                    if inside:
-                        local = tuple(i - s.start for s, i in zip(win, idx))
-                        copies.append(t[local].item())
-                if copies:
-                    num += u.num_samples * sum(copies) / len(copies)
-                    den += u.num_samples
-            want = num / den if den else P[idx].item()
-            assert new[name][idx].item() == pytest.approx(want, rel=1e-5, abs=1e-6), (name, idx)
-    loop = aggregate_loop(p, ups, windows)
-    for n in p:
-        torch.testing.assert_close(loop[n], new[n])
+        num = sum(w * M[name] * V[name] for V, M, w in held)
+        den = sum(w * M[name].double() for V, M, w in held)
+        want = torch.where(den > 0, num / den.clamp_min(1e-30), P.double()).float()
+        torch.testing.assert_close(new[name], want, rtol=1e-5, atol=1e-6, msg=name)
+    if weighting == "samples":
+        loop = aggregate_loop(p, ups, windows)
+        for n in p:
+            torch.testing.assert_close(loop[n], new[n])
 
 
 def test_flat_and_mask_forms_agree():

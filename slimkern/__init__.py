@@ -1,7 +1,7 @@
 """slimkern: slimmable and ParaDiS networks with C++/CUDA/Triton kernels.
 
 The public face (see DESIGN.md): ``Switch``, ``slimmify``, ``set_switch``, ``use_switch``,
-``forward_switches``, ``calibrate_bn``, ``export``, ``profile``, ``evaluate``,
+``forward_switches``, ``calibrate_bn``, ``export``, ``profile``, ``evaluate``, ``choose_switch``,
 and the namespaces ``ops``, ``solvers``, ``nn``, ``models``, ``data``, ``train``, ``fl``.
 """
 __version__ = "0.1.0"
@@ -16,8 +16,9 @@ from slimkern.export import export
 from slimkern.slimmify import slimmify
 from slimkern.evaluate import evaluate
 from slimkern import data, fl, models, train  # noqa: E402  (namespaces built on the names above)
+from slimkern.fl.budget import choose_switch  # noqa: E402
 
 __all__ = [
     "Switch", "slimmify", "set_switch", "use_switch", "forward_switches", "calibrate_bn", "export",
-    "profile", "evaluate", "ops", "solvers", "nn", "models", "data", "train", "fl",
+    "profile", "evaluate", "ops", "solvers", "nn", "models", "data", "train", "fl", "choose_switch",
 ]

@@ -5,11 +5,15 @@ touched, in each full parameter ``W``, the windows ``parameter_ranges(net, s)[na
 (one per branch; a ParaDiS branch of a conv is the diagonal block ``W[out_b, in_b]``).
 With ``n_k`` the sample count of client ``k`` and ``T_k`` the set of elements it trained,
 
-    W_new[e] = sum_{k: e in T_k} n_k * W_k[e] / sum_{k: e in T_k} n_k     if some k trained e
-    W_new[e] = W_old[e]                                                   otherwise.
+    W_new[e] = sum_{k: e in T_k} w_k * W_k[e] / sum_{k: e in T_k} w_k     if some k trained e
+    W_new[e] = W_old[e]                                                   otherwise,
 
-The rules differ in *which* windows the clients train (and so in what the simulation
-asks of them), not in this average; each function below checks its own precondition.
+with ``w_k = n_k`` (``weighting="samples"``, FedAvg, FjORD, ParaDiS) or ``w_k = 1``
+(``weighting="clients"``, the per-element count mean of HeteroFL's and FedRolex's
+reference code). The rules differ in *which* elements the clients train (and so in what
+the simulation asks of them) and in their default weighting; each function below checks
+its own precondition. A window may be a tuple of index tensors (FedRolex's index sets,
+label split: ``slimkern.fl.rolex``); ``W[window]`` is then the dense gather.
 
 Vectorised: the elements a switch trains are a fixed set of positions in the
 concatenation of all full parameters (a ``Layout``, computed once per switch and cached).
@@ -566,8 +570,10 @@ def clustered(params_by_group: Mapping[Hashable, Mapping[str, torch.Tensor]], up
 
 def rolling_window(width: float, round_index: int, step: float, max_width: float = 1.0
                    ) -> list[tuple[float, float]]:
-    """FedRolex's window of ``width`` in round ``round_index``: one ``(start, stop)`` range,
-    or two when it wraps past ``max_width`` (the tail ``[s, max)`` first, then ``[0, rest)``)."""
+    """A rolling window of ``width`` in round ``round_index`` as fractions: one ``(start,
+    stop)`` range, or two when it wraps past ``max_width`` (the tail ``[s, max)`` first, then
+    ``[0, rest)``). Kept for users of switch ranges; FedRolex itself trains the dense
+    index-set sub-model of its reference code (``slimkern.fl.rolex``), not these ranges."""
     if not 0 < width <= max_width:
         raise ValueError(f"width must be in (0, {max_width}], got {width}")
     if step < 0:

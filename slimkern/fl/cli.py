@@ -2,13 +2,15 @@
 
     slimkern fl --strategy paradis --clients 20 --tiers "1.0:0.3,0.5:0.4,[0.5,0.5]:0.3" \\
                 --partition dirichlet --alpha 0.5 --rounds 20 --out runs/fl
+    slimkern fl --tiers "full=1.0:0.3,phone={macs=150k}:0.4,pair={macs=150k,devices=2}:0.3" ...
+                             # tiers as device budgets: each one's switch chosen on the profile
     slimkern demo            # federated demo: paradis vs heterofl vs small-model-only fedavg
     slimkern demo paradis    # the centralised ParaDiS demo
 
 ``--strategy`` takes several names to compare them on the same clients. Every flag can also
 be a key of a ``--config`` YAML/JSON file; flags on the command line win. The run folder
 gets config.json, log.txt, report.json/csv, history.json, fl_accuracy.png and a checkpoint
-per strategy (``--resume`` continues them).
+per strategy (``--resume`` continues them). Any error is one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ __all__ = ["add_fl_parser", "cmd_fl", "run_demo", "main"]
 
 _HELP = {
     "tiers": "tiers as 'switch:fraction,...', optionally 'name=switch:fraction' "
-             "(e.g. '1.0:0.3,0.5:0.4,[0.5,0.5]:0.3')",
+             "(e.g. '1.0:0.3,0.5:0.4,[0.5,0.5]:0.3'), or as device budgets in braces whose switch is "
+             "chosen on the model's profile: 'phone={macs=2M,devices=2}:0.3' (keys macs, params, "
+             "memory = parameter + peak activation bytes, devices; suffixes k/M/G, memory also "
+             "KB/MB/GB/KiB/MiB/GiB); both forms mix",
     "strategies": "paradis, heterofl, fedavg, fedrolex, fjord, clustered (several to compare)",
     "clients": "number of clients", "partition": "iid, dirichlet or shards",
     "alpha": "Dirichlet concentration (label skew; smaller = more skewed)",

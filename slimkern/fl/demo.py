@@ -152,7 +152,8 @@ def run_fl_demo(cfg: dict | None = None, progress: bool = True, console=None, re
                            classes_per_client=cfg["classes_per_client"],
                            seed=cfg["seed"])
     log(f"digits: {len(train[1])} client samples, {len(calib[1])} server calibration, {len(test[1])} test; "
-        f"{len(clients)} clients: " + ", ".join(f"{t.name} {t.switch} x{sum(c.tier == t.name for c in clients)}"
+        f"{len(clients)} clients: " + ", ".join(f"{t.name} {t.switch if t.switch is not None else t.budget} "
+                                                 f"x{sum(c.tier == t.name for c in clients)}"
                                                  for t in tiers))
     augment = None
     if cfg["aug_rotate"] or cfg["aug_translate"] or cfg["aug_scale"]:

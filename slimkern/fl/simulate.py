@@ -43,6 +43,7 @@ from slimkern.fl import fjord_bn as _fjord_bn
 from slimkern.fl.strategy import Strategy, get_strategy
 from slimkern.fl import fingerprint as _fp
 from slimkern.fl import validate as _validate
+from slimkern.fl import budget as _budget
 
 __all__ = ["Tier", "Client", "History", "RoundRecord", "parse_tiers", "make_clients", "simulate"]
 
@@ -57,10 +58,13 @@ def _Switch():
 @dataclass(frozen=True)
 class Tier:
     """A kind of client: ``switch`` is what its hardware affords (``[0.5, 0.5]`` = two
-    devices of the 0.5x size), ``fraction`` the share of clients of this kind."""
+    devices of the 0.5x size), ``fraction`` the share of clients of this kind. A tier can
+    instead give its devices' ``budget`` (``slimkern.fl.budget.Budget``) with ``switch=None``:
+    ``simulate`` then chooses the switch with ``assign_switch`` on the net's profile."""
     name: str
     switch: Any
     fraction: float
+    budget: Any = None
 
 
 @dataclass
@@ -69,43 +73,68 @@ class Client:
     indices: np.ndarray
     tier: str
     tier_switch: Any
+    budget: Any = None  # the tier's device budget when its switch is still to be chosen
 
 
 def parse_tiers(text: str) -> list[Tier]:
     """``"1.0:0.3,0.5:0.4,[0.5,0.5]:0.3"`` -> tiers; an optional ``name=`` prefix names one
-    (``"full=1.0:0.3"``). Fractions must be positive and sum to 1."""
+    (``"full=1.0:0.3"``). Fractions must be positive and sum to 1.
+
+    A tier can be a device budget in braces instead of a switch:
+    ``"phone={macs=2M,devices=2}:0.3"`` (keys ``macs``, ``params``, ``memory``, ``devices``;
+    numbers take k/M/G, memory also KB/MB/GB/KiB/MiB/GiB; see
+    ``slimkern.fl.budget.parse_budget``). Its switch is chosen by ``simulate`` (or
+    ``slimkern.fl.budget.assign_tiers``) with ``assign_switch`` on the net's profile.
+    """
+    from slimkern.fl.budget import parse_budget
+
     Switch = _Switch()
     if not isinstance(text, str) or not text.strip():
-        raise ValueError("tiers must be a non-empty string like '1.0:0.3,0.5:0.4,[0.5,0.5]:0.3'")
-    items = [s.strip() for s in re.split(r",(?![^\[]*\])", text) if s.strip()]
+        raise ValueError("tiers must be a non-empty string like '1.0:0.3,0.5:0.4,[0.5,0.5]:0.3' or "
+                         "'phone={macs=2M,devices=2}:0.5,full=1.0:0.5'")
+    items = [s.strip() for s in re.split(r",(?![^\[]*\])(?![^{]*})", text) if s.strip()]
     tiers = []
     for item in items:
         name = None
-        if "=" in item:
+        if "=" in item.split("{", 1)[0]:
             name, item = (s.strip() for s in item.split("=", 1))
         if ":" not in item:
-            raise ValueError(f"tier {item!r}: expected 'switch:fraction', e.g. '[0.5,0.5]:0.3'")
+            raise ValueError(f"tier {item!r}: expected 'switch:fraction' or '{{budget}}:fraction', "
+                             "e.g. '[0.5,0.5]:0.3' or '{macs=2M,devices=2}:0.3'")
         sw_text, frac_text = item.rsplit(":", 1)
         sw_text = sw_text.strip()
+        if sw_text.startswith("{"):
+            if not sw_text.endswith("}"):
+                raise ValueError(f"tier {item!r}: a budget is written in braces, e.g. '{{macs=2M,devices=2}}'")
+            try:
+                budget = parse_budget(sw_text[1:-1])
+            except ValueError as exc:
+                raise ValueError(f"tier {item!r}: {exc}") from None
+            tiers.append(Tier(name or sw_text, None, _fraction(item, frac_text), budget))
+            continue
         if not sw_text.endswith("x"):
             sw_text += "x"
         try:
             sw = Switch.parse(sw_text)
         except (ValueError, TypeError) as exc:
             raise ValueError(f"tier {item!r}: {exc}") from None
-        try:
-            frac = float(frac_text)
-        except ValueError:
-            raise ValueError(f"tier {item!r}: fraction {frac_text!r} is not a number") from None
-        if not 0 < frac <= 1:
-            raise ValueError(f"tier {item!r}: fraction must be in (0, 1], got {frac}")
-        tiers.append(Tier(name or str(sw), sw, frac))
+        tiers.append(Tier(name or str(sw), sw, _fraction(item, frac_text)))
     total = sum(t.fraction for t in tiers)
     if abs(total - 1.0) > 1e-6:
         raise ValueError(f"tier fractions sum to {total:g}, not 1")
     if len({t.name for t in tiers}) != len(tiers):
         raise ValueError(f"tier names must be distinct: {[t.name for t in tiers]}")
     return tiers
+
+
+def _fraction(item: str, text: str) -> float:
+    try:
+        frac = float(text)
+    except ValueError:
+        raise ValueError(f"tier {item!r}: fraction {text!r} is not a number") from None
+    if not 0 < frac <= 1:
+        raise ValueError(f"tier {item!r}: fraction must be in (0, 1], got {frac}")
+    return frac
 
 
 def make_clients(labels, tiers: Sequence[Tier], num_clients: int, partition: str = "dirichlet",
@@ -129,7 +158,8 @@ def make_clients(labels, tiers: Sequence[Tier], num_clients: int, partition: str
         counts[j] -= 1
     kinds = [k for k, c in enumerate(counts) for _ in range(c)]
     kinds = [kinds[i] for i in np.random.default_rng([seed, 1]).permutation(num_clients)]
-    return [Client(c, parts[c], tiers[k].name, tiers[k].switch) for c, k in enumerate(kinds)]
+    return [Client(c, parts[c], tiers[k].name, tiers[k].switch, getattr(tiers[k], "budget", None))
+            for c, k in enumerate(kinds)]
 
 
 @dataclass
@@ -308,6 +338,7 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
              fault_fn: Callable[[int, ClientUpdate], ClientUpdate | None] | None = None,
              augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
              max_update_norm: float | None = None, max_num_samples: float | None = _validate.MAX_NUM_SAMPLES,
+             switch_candidates: Sequence | None = None,
              log: Callable[[str], None] | None = None) -> History:
     """Federated training of ``net`` (a slimmable / ParaDiS net; see the module docstring).
 
@@ -369,6 +400,8 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
             raise ValueError(f"client {c.id}: indices must be non-empty and within the {len(Xtr)} training samples")
 
     params = _params(net)
+    # tiers given as device budgets: each one's switch chosen by assign_switch on this net's profile
+    clients = _budget.resolve_clients(clients, net, (1, *Xtr.shape[1:]), switch_candidates, log)
     agg = Aggregator({n: p.shape for n, p in params.items()}, _rolex.windows_fn(net))
     agg.max_num_samples = max_num_samples
     elsize = next(iter(params.values())).element_size()
