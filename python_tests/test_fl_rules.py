@@ -281,3 +281,16 @@ def test_fjord_self_distillation_step_matches_flowers_loss():
     _train(net, X, Y, Switch([1.0]), s, lr=lr, seed=seed)
     for n, p in net.named_parameters():
         torch.testing.assert_close(p.detach(), want[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_rolled_layouts_of_past_rounds_are_dropped():
+    """A rolled key is used in its round only: simulate drops its cached layout afterwards
+    (one index vector per round and width would pile up over a long run)."""
+    from slimkern.fl.rolex import SubModel, forget_rounds, windows_fn
+    net = _net()
+    agg = Aggregator.for_params(_params(net), windows_fn(net))
+    for r in range(5):
+        agg.layout(SubModel(Switch([0.5]), r))
+    agg.layout(Switch([0.5]))
+    assert forget_rounds(agg, 3) == 3
+    assert set(agg._layouts) == {SubModel(Switch([0.5]), 3), SubModel(Switch([0.5]), 4), Switch([0.5])}

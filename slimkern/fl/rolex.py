@@ -41,7 +41,7 @@ from typing import Any, Mapping
 import torch
 
 __all__ = ["SubModel", "rolled_indices", "layer_roll", "submodel_windows", "windows_fn",
-           "train_switch", "download_key", "local_key", "to_local", "from_local"]
+           "train_switch", "download_key", "local_key", "to_local", "from_local", "forget_rounds"]
 
 
 def layer_roll(round_index: int, channels: int, step: float | None = None) -> int:
@@ -177,6 +177,19 @@ def download_key(key):
 def local_key(key):
     """The key of the uploaded elements in the client's re-indexed copy."""
     return key.local() if isinstance(key, SubModel) else key
+
+
+def forget_rounds(agg, before: int) -> int:
+    """Drops the aggregator's cached layouts of rolled keys of rounds ``< before`` (a rolled
+    key is used in its own round only; without this a long run would keep one index vector
+    per round and width). Returns how many were dropped."""
+    cache = getattr(agg, "_layouts", None)
+    if not isinstance(cache, dict):
+        return 0
+    old = [k for k in cache if isinstance(k, SubModel) and k.round is not None and k.round < before]
+    for k in old:
+        del cache[k]
+    return len(old)
 
 
 def to_local(agg, flat: torch.Tensor, key) -> torch.Tensor:

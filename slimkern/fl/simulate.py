@@ -545,6 +545,7 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
                 bn_state, [(max(b for _, b in _rolex.train_switch(u.switch).branches), float(u.num_samples), u.stats)
                            for ups in updates_by_group.values() for u in ups
                            if u.client in ok and u.stats is not None], strat.widths, _fjord_bn.row_shapes(net))
+        _rolex.forget_rounds(agg, r + 1)  # FedRolex's layouts of this round are not used again
         if not accepted:
             notes.append("nobody returned a valid update: the model is left unchanged")
             log(f"round {r}: {notes[-1]}")
