@@ -5,18 +5,23 @@ One round (``simulate``):
   2. each picked client receives the sliced parameters of the switch it trains this round
      (only those elements travel: bytes down = elements x element size), trains
      ``local_epochs`` of SGD on its own samples, and returns the same slice (bytes up);
-     clients that drop out are simply absent;
-  3. the server validates every update (NaN/inf, shapes, the switch it assigned) and
-     rejects bad ones with a logged reason, then aggregates with the strategy's rule; a
-     round where nobody returns leaves the model unchanged and says so;
+     clients that drop out are simply absent, and so is a client whose local training
+     raises or whose loss is not finite (dropped with its reason);
+  3. the server validates every update (NaN/inf, shapes, the switch it assigned, sample
+     counts; ``slimkern.fl.validate``), rejects bad ones with a logged reason, optionally
+     clips each change (``max_update_norm``), then aggregates with the strategy's rule and
+     checks the aggregate itself (an overflowing mean is redone in float64); a round where
+     nobody returns leaves the model unchanged and says so;
   4. every ``eval_every`` rounds the server recomputes the BN statistics of each evaluated
      switch on server-side data (``calib_set``; BN statistics never travel) and measures
      top-1 accuracy on ``test_set`` for every switch in use and per tier;
-  5. the state (flat parameters, round, history) is checkpointed atomically, so
-     ``resume=True`` continues to the identical result.
+  5. the state (flat parameters, round, history) and the run description are checkpointed
+     atomically, so ``resume=True`` continues to the identical result -- and refuses a
+     checkpoint of another run, naming what differs (``slimkern.fl.fingerprint``).
 
-Randomness is derived from ``(seed, round, client)`` only, so a run is reproducible and a
-resumed run equals an uninterrupted one.
+Randomness is derived from ``(seed, round, client)`` only -- dropout layers included, which
+draw from a generator seeded by that stream, not from torch's global one -- so a run is
+reproducible and a resumed run equals an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -319,13 +324,6 @@ def _fingerprint(strategy, clients, seed, net_names, augment=None) -> str:
     return hashlib.sha256(desc.encode()).hexdigest()[:16]
 
 
-def _save_atomic(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # -- the simulation -------------------------------------------------------------------------
 
 def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client], strategy="paradis",
@@ -356,8 +354,23 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
             evaluation and BN calibration see the data unchanged.
         fault_fn: ``(round, update) -> update or None``, applied to every returned update
             before the server sees it (for robustness tests: poison, reshape, drop).
+            Whatever comes back is validated: every per-update problem is a rejection with
+            its reason in ``RoundRecord.rejected`` (``slimkern.fl.validate``); a client whose
+            local training raises or whose loss is not finite is dropped with its reason in
+            ``RoundRecord.dropped_reasons``; the run goes on.
+        max_update_norm: clip each client's change ``w_k - w`` (its trained elements) to
+            this L2 norm before averaging (DP-FedAvg's clipping; None: off).
+        max_num_samples: sample counts above this are rejected (so are non-finite,
+            non-positive ones and counts above the client's own number of samples).
+        switch_candidates: switches that tiers given as device budgets choose from
+            (default ``slimkern.fl.budget.default_candidates``).
         checkpoint / resume: file written atomically after every round; with ``resume`` an
-            existing file (from the same clients, strategy and seed) is continued.
+            existing file is continued only if it was written by the same run: the
+            checkpoint's run description (``slimkern.fl.fingerprint``: strategy and its
+            arguments, seed, lr, schedule, rounds, local epochs, batch size, momentum,
+            weight decay, dropout, clients per round, clipping, augmentation, initial
+            weights, clients) must match, else a ValueError names the fields that differ.
+            Loaded with ``torch.load(weights_only=True)``.
 
     Returns the ``History``; ``net`` ends with the final parameters (for ``clustered``,
     those of the group of the widest tier) and BN statistics calibrated for every
@@ -519,14 +532,15 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
                 if u is None:
                     dropped.append(cid)
                     continue
+            bytes_up[cl.tier] = bytes_up.get(cl.tier, 0) + (
+                u.values.numel() * u.values.element_size() if isinstance(u.values, torch.Tensor)
+                else agg.num_elements(sw) * elsize)
+            # sample counts against what the server assigned; optional clipping of the change
             u, why = _validate.screen(u, agg, state[g], float(len(cl.indices)), max_update_norm)
             if why is not None:
                 screened.append((u.client, why))
                 log(f"round {r}: rejected update of client {u.client}: {why}")
                 continue
-            bytes_up[cl.tier] = bytes_up.get(cl.tier, 0) + (
-                u.values.numel() * u.values.element_size() if isinstance(u.values, torch.Tensor)
-                else agg.num_elements(sw) * elsize)
             updates_by_group[g].append(u)
         accepted, rejected = [], list(screened)
         notes = []
