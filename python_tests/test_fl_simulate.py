@@ -299,3 +299,25 @@ def test_fjord_bn_statistics_travel_and_average_per_width(data, tmp_path):
                 torch.testing.assert_close(m.running_var[row].double(), var)
     with pytest.raises(ValueError, match="bn must be"):
         FjORD(bn="local")
+
+
+def test_fjord_bad_bn_statistics_are_left_out(data, tmp_path):
+    """A client whose travelled statistics are malformed (NaN, wrong shape, not a dict) is
+    left out of the statistics average; the run goes on and the rows stay finite."""
+    from slimkern.fl.strategy import FjORD
+
+    def spoil(r, u):
+        if u.client == 0:
+            u.stats = {sw: {n: (torch.full_like(m, float("nan")), v) for n, (m, v) in per.items()}
+                       for sw, per in u.stats.items()}
+        elif u.client == 1:
+            u.stats = {sw: {n: (m[:1], v[:1]) for n, (m, v) in per.items()} for sw, per in u.stats.items()}
+        elif u.client == 2:
+            u.stats = "not statistics"
+        return u
+
+    ck = str(tmp_path / "fjord.pt")
+    net, h = _run(data, FjORD(bn="travel"), rounds=1, checkpoint=ck, fault_fn=spoil)
+    assert h.rounds[0].accepted == list(range(6))  # the weights of those clients are fine
+    saved = torch.load(ck, weights_only=True)["bn"]
+    assert saved and all(torch.isfinite(t).all() for per in saved.values() for mv in per.values() for t in mv)
