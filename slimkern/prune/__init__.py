@@ -1,0 +1,18 @@
+"""``slimkern.prune``: physical channel pruning and the methods that choose what to prune.
+
+* ``prune_channels(model, keep)``: kept channel indices per width group -> a smaller plain
+  torch model (the core, shared by DAC and DWNP; DESIGN.md "Pruning").
+* ``channel_groups(net)``: the width groups (residual-tied layers share one) and their layers.
+* ``apply_masks(net, masks)``: the masked model (channel masks on group feature maps), which the
+  pruned model equals for 0/1 masks.
+* ``pruned_profile(net, keep, input_size)``: MACs / params / peak activation of the masked net,
+  equal to ``slimkern.profile(prune_channels(net, keep))`` without building it.
+"""
+from slimkern.prune.channels import prune_channels
+from slimkern.prune.cost import pruned_profile
+from slimkern.prune.groups import Group, channel_groups
+from slimkern.prune.keep import keep_masks, normalize_keep
+from slimkern.prune.masks import apply_masks
+
+__all__ = ["Group", "apply_masks", "channel_groups", "keep_masks", "normalize_keep", "prune_channels",
+           "pruned_profile"]
