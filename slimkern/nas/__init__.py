@@ -1,0 +1,15 @@
+"""``slimkern.nas``: multi-platform optimal width search (OWS / AOWS on a chain MRF).
+
+Wang & Blaschko, "Optimizing Slimmable Networks for Multiple Target Platforms", built on
+AOWS (Berman et al., "AOWS: Adaptive and optimal network width search with latency
+constraints", CVPR 2020). A net is a chain of width groups; a configuration is one channel
+count per group (a per-layer ``Switch.from_channels``); per-platform searches are
+``slimkern.solvers.viterbi_budget`` on unary statistics and pairwise resource costs.
+
+* ``platforms``: ``Platform``, ``WEIGHT_SETTINGS``, CRP market weights.
+"""
+from slimkern.nas.platforms import (COSTS, WEIGHT_SETTINGS, Platform, check_platforms, crp_partition,
+                                    crp_weights, setting_weights)
+
+__all__ = ["COSTS", "Platform", "WEIGHT_SETTINGS", "check_platforms", "crp_partition", "crp_weights",
+           "setting_weights"]
