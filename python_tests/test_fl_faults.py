@@ -221,6 +221,36 @@ def test_every_bad_client_is_rejected_or_dropped_under_every_rule(digits, rule):
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
+def impostor(r, u):
+    """Replies that are not a ClientUpdate of the client that sent them."""
+    if u.client == 0:
+        return {"client": 0, "values": u.values}
+    if u.client == 1:
+        return ClientUpdate([1], u.switch, u.values, u.num_samples)  # an id that is not even hashable
+    if u.client == 2:
+        return ClientUpdate(99, u.switch, u.values, u.num_samples)   # a client that does not exist
+    if u.client == 3:
+        return ClientUpdate(8, u.switch, u.values, u.num_samples)    # another selected client
+    if u.client == 4:
+        return ClientUpdate(4, u.switch, u.values, np.uint64(2 ** 63))
+    if u.client == 5:
+        return ClientUpdate(5, u.switch, u.values, torch.tensor([1.0, 2.0]))
+    return u
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_replies_that_are_not_the_senders_update_are_rejected(digits, rule):
+    train, test = digits
+    clients = ten_clients(train)
+    h = simulate(flaky_net(), train, test, clients, rule, rounds=1, local_epochs=1, lr=0.1, batch_size=32,
+                 seed=3, progress=False, calib_set=test, fault_fn=impostor)
+    r = h.rounds[0]
+    why = dict(r.rejected)
+    assert sorted(why) == [0, 1, 2, 3, 4, 5] and r.accepted == [6, 7, 8, 9], r.rejected
+    assert "not a ClientUpdate" in why[0] and "names client" in why[1] and "names client 99" in why[2]
+    assert "names client 8" in why[3] and "above the bound" in why[4] and "num_samples" in why[5]
+
+
 def test_fedavg_round_is_the_sample_mean_of_the_good_updates(digits):
     """The aggregate after a round with bad clients, element by element, from the updates."""
     (X, Y), test = digits

@@ -532,14 +532,16 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
                 if u is None:
                     dropped.append(cid)
                     continue
+            vals = getattr(u, "values", None)
             bytes_up[cl.tier] = bytes_up.get(cl.tier, 0) + (
-                u.values.numel() * u.values.element_size() if isinstance(u.values, torch.Tensor)
+                vals.numel() * vals.element_size() if isinstance(vals, torch.Tensor)
                 else agg.num_elements(sw) * elsize)
-            # sample counts against what the server assigned; optional clipping of the change
-            u, why = _validate.screen(u, agg, state[g], float(len(cl.indices)), max_update_norm)
+            # a ClientUpdate of this client; sample counts against what the server assigned;
+            # optional clipping of the change
+            u, why = _validate.screen(u, agg, state[g], float(len(cl.indices)), max_update_norm, client=cid)
             if why is not None:
-                screened.append((u.client, why))
-                log(f"round {r}: rejected update of client {u.client}: {why}")
+                screened.append((cid, why))
+                log(f"round {r}: rejected update of client {cid}: {why}")
                 continue
             updates_by_group[g].append(u)
         accepted, rejected = [], list(screened)

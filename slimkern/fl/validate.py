@@ -146,12 +146,21 @@ def prefix_problem(switch, rule: str) -> str | None:
 
 
 def screen(u, agg, old_flat: torch.Tensor, assigned_samples: float | None = None,
-           max_update_norm: float | None = None):
+           max_update_norm: float | None = None, client: int | None = None):
     """Server-side checks that need the server's knowledge, before the rule's own:
     ``(update, reason)`` -- reason None when the update goes on to the aggregation (with its
-    change clipped to ``max_update_norm`` when given), else why it is rejected. The sample
-    count must not exceed ``assigned_samples`` (what the server gave the client) nor
-    ``agg.max_num_samples``."""
+    change clipped to ``max_update_norm`` when given), else why it is rejected. The reply
+    must be a ``ClientUpdate`` of the ``client`` that sent it; the sample count must not
+    exceed ``assigned_samples`` (what the server gave the client) nor ``agg.max_num_samples``."""
+    if not all(hasattr(u, a) for a in ("client", "switch", "values", "num_samples", "mask")):
+        return u, f"the reply is a {type(u).__name__}, not a ClientUpdate"
+    if client is not None:
+        try:
+            same = bool(u.client == client)
+        except Exception:  # noqa: BLE001 - an id that cannot even be compared
+            same = False
+        if not same:
+            return u, f"the reply of client {client} names client {u.client!r}"
     why = sample_count_problem(u.num_samples, getattr(agg, "max_num_samples", MAX_NUM_SAMPLES), assigned_samples)
     if why is not None:
         return u, why
