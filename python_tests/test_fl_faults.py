@@ -371,3 +371,13 @@ def test_cli_reports_any_error_as_one_line(tmp_path, capsys, monkeypatch, exc):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("slimkern "), err
         assert type(exc).__name__ in lines[0] or str(exc) in lines[0]
+
+
+@pytest.mark.parametrize("argv", [["fl", "--rounds", "abc"], ["fl", "--no-such-flag"], ["fl", "--lr"]])
+def test_cli_bad_flags_are_one_line(argv, capsys):
+    from slimkern.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slimkern fl: error:"), err

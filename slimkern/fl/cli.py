@@ -65,6 +65,21 @@ def add_fl_parser(sub) -> argparse.ArgumentParser:
     """Adds ``fl`` to an ``argparse`` subparsers object (``slimkern/cli.py`` calls this)."""
     p = sub.add_parser("fl", help="federated training across heterogeneous devices (simulation)")
     _add_options(p, {"out": "runs/fl"})
+
+    def one_line_error(message: str):  # argparse prints the usage too; one line says it
+        print(f"slimkern fl: error: {' '.join(str(message).split())} (see slimkern fl --help)", file=sys.stderr)
+        sys.exit(2)
+
+    p.error = one_line_error
+    parse_known = p.parse_known_args
+
+    def strict(args=None, namespace=None):  # unknown flags: this parser's one line, not the top level's usage
+        ns, extra = parse_known(args, namespace)
+        if extra:
+            one_line_error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns, extra
+
+    p.parse_known_args = strict
     return p
 
 
