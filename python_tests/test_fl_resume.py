@@ -23,18 +23,18 @@ RULES = ["fedavg", "heterofl", "fedrolex", "fjord", "paradis", "clustered"]
 class DropCNN(SmallCNN):
     """SmallCNN with dropout before the classifier (draws from torch's global generator)."""
 
-    def __init__(self):
+    def __init__(self, p=0.3):
         super().__init__(channels=(8, 16, 16))
-        self.drop = torch.nn.Dropout(0.3)
+        self.drop = torch.nn.Dropout(p)
 
     def forward(self, x):
         return self.classifier(self.drop(torch.flatten(self.pool(self.features(x)), 1)))
 
 
-def drop_net(seed=1):
+def drop_net(seed=1, p=0.3):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return DropCNN()
+        return DropCNN(p)
 
 
 @pytest.fixture(autouse=True)
@@ -148,12 +148,12 @@ def finished(data, tmp_path_factory):
     ("weight_decay", dict(weight_decay=0.0)), ("dropout", dict(dropout=0.1)),
     ("clients_per_round", dict(clients_per_round=3)), ("seed", dict(seed=6)),
     ("strategy", dict(strategy=FedRolex(step=0.5))), ("initial_weights", dict(net_seed=2)),
-    ("max_update_norm", dict(max_update_norm=1.0)),
+    ("max_update_norm", dict(max_update_norm=1.0)), ("model", dict(drop_p=0.5)),
 ])
 def test_checkpoint_of_another_run_names_the_field(data, finished, field, change):
     change = dict(change)
     strategy = change.pop("strategy", FedRolex(step=0.75))
-    net = drop_net(change.pop("net_seed", 1))
+    net = drop_net(change.pop("net_seed", 1), change.pop("drop_p", 0.3))
     kw = {"rounds": 1, **change}
     with pytest.raises(ValueError, match=rf"belongs to another run \({field} differ"):
         run(data, strategy, net=net, checkpoint=finished, resume=True, **kw)

@@ -4,8 +4,9 @@ A checkpoint of ``slimkern.fl.simulate`` stores the *run description*: every inp
 changes the trained weights -- the strategy with its arguments (``repr``), seed, learning
 rate and schedule, rounds (the cosine schedule depends on them), local epochs, batch size,
 momentum, weight decay, client dropout, clients per round, update clipping and sample
-bounds, augmentation, the parameter names and shapes, a hash of the initial weights and a
-digest of the clients (ids, tiers, switches, sample indices). ``check`` compares the
+bounds, augmentation, the parameter names and shapes, the model's structure (module
+classes and dropout rates), a hash of the initial weights and a digest of the clients
+(ids, tiers, switches, sample indices). ``check`` compares the
 stored description with the one of the run being resumed and raises a ValueError that
 names every field that differs.
 
@@ -32,7 +33,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-__all__ = ["weights_hash", "clients_digest", "describe", "differences", "check", "save_checkpoint",
+__all__ = ["weights_hash", "clients_digest", "model_digest", "describe", "differences", "check", "save_checkpoint",
            "load_checkpoint", "client_rng", "FORMAT"]
 
 FORMAT = 2  # checkpoint format: 2 = with a run description ("run")
@@ -52,6 +53,18 @@ def clients_digest(clients) -> str:
         h.update(json.dumps([int(c.id), str(c.tier), str(c.tier_switch), int(idx.size)]).encode())
         h.update(idx.tobytes())
     return h.hexdigest()[:16]
+
+
+def model_digest(net) -> str:
+    """A digest of the model's structure: every module's name and class, and the rate of
+    every dropout layer (weights are hashed separately; switch state is left out)."""
+    desc = []
+    for name, m in net.named_modules():
+        item = [name, f"{type(m).__module__}.{type(m).__qualname__}"]
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            item.append(float(m.p))
+        desc.append(item)
+    return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
 
 
 def _plain(v: Any):

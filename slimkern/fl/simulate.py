@@ -438,7 +438,8 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
         strategy=strat, seed=seed, lr=lr, lr_schedule=lr_schedule, rounds=rounds, local_epochs=local_epochs,
         batch_size=batch_size, momentum=momentum, weight_decay=weight_decay, dropout=dropout,
         clients_per_round=k, max_update_norm=max_update_norm, max_num_samples=max_num_samples, augment=augment,
-        params=[(n, list(p.shape)) for n, p in params.items()], initial_weights=_fp.weights_hash(agg.flatten(params)),
+        params=[(n, list(p.shape)) for n, p in params.items()], model=_fp.model_digest(net),
+        initial_weights=_fp.weights_hash(agg.flatten(params)),
         clients=_fp.clients_digest(clients))
 
     flat0 = agg.flatten(params).clone()
