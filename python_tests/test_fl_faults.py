@@ -251,6 +251,24 @@ def test_replies_that_are_not_the_senders_update_are_rejected(digits, rule):
     assert "names client 8" in why[3] and "above the bound" in why[4] and "num_samples" in why[5]
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_huge_finite_updates_do_not_overflow_the_model(digits, rule):
+    """Two clients send 3e38 everywhere (finite); their float32 weighted sum is inf."""
+    train, test = digits
+
+    def huge(r, u):
+        if u.client in (8, 9):
+            return ClientUpdate(u.client, u.switch, torch.full_like(u.values, 3e38), u.num_samples)
+        return u
+
+    net = flaky_net()
+    h = simulate(net, train, test, ten_clients(train), rule, rounds=1, local_epochs=1, lr=0.1, batch_size=32,
+                 seed=3, progress=False, calib_set=test, fault_fn=huge)
+    assert {8, 9} <= set(h.rounds[0].accepted) and not h.rounds[0].rejected
+    params = torch.cat([p.detach().flatten() for p in net.parameters()])
+    assert torch.isfinite(params).all() and params.abs().max() > 1e37
+
+
 def test_fedavg_round_is_the_sample_mean_of_the_good_updates(digits):
     """The aggregate after a round with bad clients, element by element, from the updates."""
     (X, Y), test = digits
