@@ -7,12 +7,19 @@
   pruned model equals for 0/1 masks.
 * ``pruned_profile(net, keep, input_size)``: MACs / params / peak activation of the masked net,
   equal to ``slimkern.profile(prune_channels(net, keep))`` without building it.
+* DAC (Li & Sanyal): ``DepthwiseGates``, ``entropy_loss``, ``bound_loss``, ``dac_compress``
+  (Algorithm 1 with a guard: one compressed model per budget).
 """
+from slimkern.prune.budget import Budget, parse_budgets
 from slimkern.prune.channels import prune_channels
 from slimkern.prune.cost import pruned_profile
+from slimkern.prune.dac import DACResult, DACState, dac_compress
+from slimkern.prune.dac_losses import bound_loss, entropy_loss
+from slimkern.prune.gates import DepthwiseGates
 from slimkern.prune.groups import Group, channel_groups
 from slimkern.prune.keep import keep_masks, normalize_keep
 from slimkern.prune.masks import apply_masks
 
-__all__ = ["Group", "apply_masks", "channel_groups", "keep_masks", "normalize_keep", "prune_channels",
-           "pruned_profile"]
+__all__ = ["Budget", "DACResult", "DACState", "DepthwiseGates", "Group", "apply_masks", "bound_loss",
+           "channel_groups", "dac_compress", "entropy_loss", "keep_masks", "normalize_keep", "parse_budgets",
+           "prune_channels", "pruned_profile"]

@@ -21,4 +21,9 @@ def pruned_profile(model: nn.Module, keep, input_size=(1, 3, 32, 32)) -> Profile
     net = as_slim_net(model, "pruned_profile")
     groups = channel_groups(net, "pruned_profile")
     keep = normalize_keep(keep, groups, "pruned_profile")
-    return profile(net, keep_switch(keep), input_size=input_size)
+    was = net.training
+    net.eval()  # shapes only; eval keeps BN from refusing 1x1 maps at batch 1 on the meta pass
+    try:
+        return profile(net, keep_switch(keep), input_size=input_size)
+    finally:
+        net.train(was)
