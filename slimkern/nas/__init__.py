@@ -10,12 +10,16 @@ count per group (a per-layer ``Switch.from_channels``); per-platform searches ar
 * ``space``: the chain of width groups and per-group channel choices (``search_space``).
 * ``costs``: pairwise MACs / params / peak-activation tables (``cost_model``).
 * ``unary``: windowed moving averages of attributed losses (``UnaryStats``).
+* ``search``: per-platform Viterbi under budgets (``search``), the AOWS sampler and schedule.
 """
 from slimkern.nas.platforms import (COSTS, WEIGHT_SETTINGS, Platform, check_platforms, crp_partition,
                                     crp_weights, setting_weights)
 from slimkern.nas.space import AOWS_FRACTIONS, SearchSpace, search_space
 from slimkern.nas.costs import CostModel, cost_model
 from slimkern.nas.unary import ATTRIBUTIONS, UnaryStats
+from slimkern.nas.search import (AOWSSampler, PlatformResult, SearchResult, aows_schedule, schedule_temperature,
+                                 search)
 
-__all__ = ["ATTRIBUTIONS", "UnaryStats", "AOWS_FRACTIONS", "CostModel", "SearchSpace", "cost_model", "search_space", "COSTS", "Platform", "WEIGHT_SETTINGS", "check_platforms", "crp_partition", "crp_weights",
+__all__ = ["AOWSSampler", "PlatformResult", "SearchResult", "aows_schedule", "schedule_temperature", "search",
+           "ATTRIBUTIONS", "UnaryStats", "AOWS_FRACTIONS", "CostModel", "SearchSpace", "cost_model", "search_space", "COSTS", "Platform", "WEIGHT_SETTINGS", "check_platforms", "crp_partition", "crp_weights",
            "setting_weights"]
