@@ -9,17 +9,25 @@
   equal to ``slimkern.profile(prune_channels(net, keep))`` without building it.
 * DAC (Li & Sanyal): ``DepthwiseGates``, ``entropy_loss``, ``bound_loss``, ``dac_compress``
   (Algorithm 1 with a guard: one compressed model per budget).
+* DWNP (Gao et al.): ``gumbel_sigmoid`` (straight-through), ``FlopsModel`` (the differentiable
+  ``T(a)``), ``MaskHypernetwork`` (embeddings -> GRU -> per-layer heads), ``dwnp_objective``
+  (eq. 4) with ``resource_regularizer``.
 """
 from slimkern.prune.budget import Budget, parse_budgets
 from slimkern.prune.channels import prune_channels
 from slimkern.prune.cost import pruned_profile
 from slimkern.prune.dac import DACResult, DACState, dac_compress
 from slimkern.prune.dac_losses import bound_loss, entropy_loss
+from slimkern.prune.dwnp_objective import dwnp_objective, resource_regularizer
+from slimkern.prune.flops import FlopsModel
 from slimkern.prune.gates import DepthwiseGates
+from slimkern.prune.gumbel import gumbel_sigmoid
+from slimkern.prune.hypernet import MaskHypernetwork
 from slimkern.prune.groups import Group, channel_groups
 from slimkern.prune.keep import keep_masks, normalize_keep
 from slimkern.prune.masks import apply_masks
 
-__all__ = ["Budget", "DACResult", "DACState", "DepthwiseGates", "Group", "apply_masks", "bound_loss",
-           "channel_groups", "dac_compress", "entropy_loss", "keep_masks", "normalize_keep", "parse_budgets",
-           "prune_channels", "pruned_profile"]
+__all__ = ["Budget", "DACResult", "DACState", "DepthwiseGates", "FlopsModel", "Group", "MaskHypernetwork",
+           "apply_masks", "bound_loss", "channel_groups", "dac_compress", "dwnp_objective", "entropy_loss",
+           "gumbel_sigmoid", "keep_masks", "normalize_keep", "parse_budgets", "prune_channels", "pruned_profile",
+           "resource_regularizer"]
