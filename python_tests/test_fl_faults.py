@@ -348,6 +348,35 @@ def test_update_norm_clipping(digits):
     assert torch.equal(after[rest], before[rest])
 
 
+def test_update_norm_clipping_of_a_masked_update(digits):
+    """A masked update (full-size values + mask) is clipped too: one client moves every
+    element of its [0.5] windows by +1, so its change has norm sqrt(N) and is scaled to c."""
+    from slimkern.nn import parameter_ranges
+    train, test = digits
+    clients = ten_clients(train)
+    net = flaky_net()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    wins = parameter_ranges(net, Switch([0.5]), buffers=False)
+    mask = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in before.items()}
+    for n, ws in wins.items():
+        if n in mask:
+            for w in ws:
+                mask[n][w] = True
+    N = sum(int(m.sum()) for m in mask.values())
+
+    def masked(r, u):
+        vals = {n: torch.where(mask[n], before[n] + 1.0, before[n]) for n in before}
+        return ClientUpdate(u.client, u.switch, vals, u.num_samples, mask=mask)
+
+    c = 0.5
+    h = simulate(net, train, test, clients, "fedavg", rounds=1, clients_per_round=1, local_epochs=1, lr=0.1,
+                 batch_size=32, seed=3, progress=False, calib_set=test, fault_fn=masked, max_update_norm=c)
+    assert len(h.rounds[0].accepted) == 1
+    for n, p in net.named_parameters():
+        want = torch.where(mask[n], before[n] + c / N ** 0.5, before[n])
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-6)
+
+
 def test_make_clients_gives_every_tier_a_client():
     tiers = parse_tiers("a=1.0:0.1,b=0.5:0.1,c=0.25:0.8")
     cl = make_clients(np.arange(40) % 10, tiers, 4, "iid", seed=0)

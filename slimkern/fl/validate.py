@@ -13,8 +13,11 @@ the aggregate itself is checked, not only each update. The pieces:
   one) instead of refusing the whole round.
 * ``prefix_problem``: rules of nested prefix sub-networks (``heterofl``, ``fjord``) reject a
   non-prefix switch.
+* ``screen``: the server-side checks before a rule's own: the reply is a ``ClientUpdate`` of
+  the client that sent it, its sample count is sane and within the client's assignment,
+  and (optionally) its change is clipped.
 * ``clip_update``: optional norm clipping of the update ``delta = w_k - w`` (the elements the
-  client trained, minus the server's values): ``delta <- delta * min(1, c / ||delta||_2)``,
+  client trained, minus the server's values; flat, sliced or masked updates): ``delta <- delta * min(1, c / ||delta||_2)``,
   the clipping step of DP-FedAvg (McMahan et al. 2018, "Learning differentially private
   recurrent language models", Alg. 1) and the norm-bounding defence of Sun et al. 2019
   ("Can you really backdoor federated learning?").
@@ -191,12 +194,13 @@ def _flat_values(agg, u) -> torch.Tensor | None:
 
 def clip_update(agg, old_flat: torch.Tensor, u, max_norm: float):
     """``(update, norm)``: ``u`` with its change clipped to L2 norm ``max_norm`` (the
-    module docstring), as a flat-vector update; ``norm`` is the change's norm before
-    clipping (None when ``u`` cannot be laid out, is masked, or is not finite: the
-    aggregator rejects those). An update within the bound comes back unchanged."""
+    module docstring) -- a flat-vector update, or for a masked update a masked one whose
+    trained elements are clipped; ``norm`` is the change's norm before clipping (None when
+    ``u`` cannot be laid out or is not finite: the aggregator rejects those). An update
+    within the bound comes back unchanged."""
     from slimkern.fl.aggregate import ClientUpdate
     if u.mask is not None:
-        return u, None
+        return _clip_masked(agg, old_flat, u, max_norm)
     vec = _flat_values(agg, u)
     if vec is None:
         return u, None
@@ -209,6 +213,25 @@ def clip_update(agg, old_flat: torch.Tensor, u, max_norm: float):
         return u, norm
     new = (old + delta * (max_norm / norm)).to(vec.dtype)
     return ClientUpdate(u.client, u.switch, new, u.num_samples, stats=u.stats), norm
+
+
+def _clip_masked(agg, old_flat: torch.Tensor, u, max_norm: float):
+    from slimkern.fl.aggregate import ClientUpdate, UpdateRejected
+    try:
+        vals, mask = agg._masked(u)
+    except (UpdateRejected, AttributeError, TypeError, RuntimeError):
+        return u, None
+    old = old_flat.to(torch.float64)
+    delta = torch.where(mask, vals.to(torch.float64) - old, 0.0)
+    norm = float(torch.linalg.vector_norm(delta))
+    if not math.isfinite(norm):
+        return u, None
+    if norm <= max_norm:
+        return u, norm
+    new = (old + delta * (max_norm / norm)).to(vals.dtype)
+    values = {n: t.clone() for n, t in agg.unflatten(new).items()}
+    masks = {n: t.clone() for n, t in agg.unflatten(mask).items()}
+    return ClientUpdate(u.client, u.switch, values, u.num_samples, mask=masks, stats=u.stats), norm
 
 
 def overflowed(agg, params, updates, assigned, log, report, acc_dtype, **kwargs):
