@@ -11,6 +11,7 @@ count per group (a per-layer ``Switch.from_channels``); per-platform searches ar
 * ``costs``: pairwise MACs / params / peak-activation tables (``cost_model``).
 * ``unary``: windowed moving averages of attributed losses (``UnaryStats``).
 * ``search``: per-platform Viterbi under budgets (``search``), the AOWS sampler and schedule.
+* ``train``: the search phase (``WidthSearchTrainer``: OWS / AOWS) and retraining (``ConfigTrainer``).
 """
 from slimkern.nas.platforms import (COSTS, WEIGHT_SETTINGS, Platform, check_platforms, crp_partition,
                                     crp_weights, setting_weights)
@@ -19,7 +20,8 @@ from slimkern.nas.costs import CostModel, cost_model
 from slimkern.nas.unary import ATTRIBUTIONS, UnaryStats
 from slimkern.nas.search import (AOWSSampler, PlatformResult, SearchResult, aows_schedule, schedule_temperature,
                                  search)
+from slimkern.nas.train import ConfigTrainer, WidthSearchTrainer, drop_bn_rows
 
-__all__ = ["AOWSSampler", "PlatformResult", "SearchResult", "aows_schedule", "schedule_temperature", "search",
+__all__ = ["ConfigTrainer", "WidthSearchTrainer", "drop_bn_rows", "AOWSSampler", "PlatformResult", "SearchResult", "aows_schedule", "schedule_temperature", "search",
            "ATTRIBUTIONS", "UnaryStats", "AOWS_FRACTIONS", "CostModel", "SearchSpace", "cost_model", "search_space", "COSTS", "Platform", "WEIGHT_SETTINGS", "check_platforms", "crp_partition", "crp_weights",
            "setting_weights"]
