@@ -120,7 +120,8 @@ def check(ck: dict, now: dict, path: str) -> None:
     if diff:
         what = "; ".join(f"{k}: checkpoint {_short(a)}, now {_short(b)}" for k, a, b in diff)
         names = ", ".join(k for k, _, _ in diff)
-        raise ValueError(f"checkpoint {path} belongs to another run ({names} differ: {what}); "
+        verb = "differs" if len(diff) == 1 else "differ"
+        raise ValueError(f"checkpoint {path} belongs to another run ({names} {verb}: {what}); "
                          "remove it or pass resume=False")
 
 
