@@ -83,3 +83,22 @@ def test_config_trainer_sampling_and_errors():
         ConfigTrainer(net, sws, weights=[1, 2], order_key=len)
     with pytest.raises(ValueError, match="order_key"):
         ConfigTrainer(net, sws)
+
+
+def test_gradient_clipping_bounds_the_step():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+    sws = [sk.Switch([1.0]), sk.Switch([0.5])]
+    moved = {}
+    for clip in (None, 1e-3):
+        torch.manual_seed(0)
+        net = TinyChain()
+        before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+        tr = ConfigTrainer(net, sws, order_key=lambda s: s.total_width, clip_grad_norm=clip, lr=1.0,
+                           weight_decay=0.0, progress=False)
+        tr.train_step(x, y)
+        moved[clip] = float((torch.cat([p.detach().flatten() for p in net.parameters()]) - before).norm())
+    # first Nesterov SGD step moves by lr * (1 + momentum) * |g|, |g| <= clip
+    assert 0 < moved[1e-3] <= 1.9e-3 * (1 + 1e-5) < moved[None]
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        ConfigTrainer(TinyChain(), sws, order_key=len, clip_grad_norm=0)

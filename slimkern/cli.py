@@ -6,8 +6,10 @@ Subcommands::
     slimkern eval   --run runs/x [--switches ...]        re-evaluate a run's checkpoint
     slimkern export --run runs/x --switch "[0.5, 0.5]x"  per-device modules into the run folder
     slimkern info                                        what was built (C++/CUDA/Triton)
-    slimkern demo [fl|paradis]                           fl (default): federated demo (slimkern.fl.cli);
-                                                         paradis: ParaDiS MobileNet-v1 on digits
+    slimkern demo [fl|paradis|nas]                       fl (default): federated demo (slimkern.fl.cli);
+                                                         paradis: ParaDiS MobileNet-v1 on digits;
+                                                         nas: Slim / OWS / AOWS width search on digits
+    slimkern search ows|aows [--config nas.yaml]         multi-platform width search (slimkern.nas.cli)
     slimkern fl     --strategy paradis --tiers "1.0:0.3,0.5:0.4,[0.5,0.5]:0.3" ...   federated simulation
 
 Every option of ``train`` can also be a key of the ``--config`` file (YAML or TOML, dashes or
@@ -82,7 +84,7 @@ def _add_options(p: argparse.ArgumentParser, defaults: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimkern", description="Slimmable and ParaDiS networks: train, "
                                      "evaluate, export.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,info,demo,fl}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,info,demo,fl,search}")
     sub.required = True
     _add_options(sub.add_parser("train", help="train a slimmable / ParaDiS network"), {})
     pe = sub.add_parser("eval", help="calibrate BN and evaluate a run's checkpoint")
@@ -95,13 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--switch", nargs="+", required=True, help="switch(es) to export, e.g. '[0.5, 0.5]x'")
     sub.add_parser("info", help="what was built: C++/CUDA/Triton kernels, versions")
     pd = sub.add_parser("demo", help="run a demo (default: fl, the federated demo)")
-    pd.add_argument("which", nargs="?", default="fl", choices=["fl", "paradis"],
+    pd.add_argument("which", nargs="?", default="fl", choices=["fl", "paradis", "nas"],
                     help="fl: federated paradis vs heterofl vs small-model fedavg on digits; "
-                         "paradis: ParaDiS MobileNet-v1 on digits with an individual baseline")
+                         "paradis: ParaDiS MobileNet-v1 on digits with an individual baseline; "
+                         "nas: Slim / OWS / AOWS multi-platform width search on digits")
     _add_options(pd, DEMO_PARADIS)
     from slimkern.fl.cli import add_fl_parser
 
     add_fl_parser(sub)
+    from slimkern.nas.cli import add_search_parser
+
+    add_search_parser(sub)
     return parser
 
 
@@ -192,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "search" or (args.command == "demo" and args.which == "nas"):
+            from slimkern.nas import cli as nas_cli
+
+            return nas_cli.cmd_search(args) if args.command == "search" else nas_cli.cmd_demo(args)
         if args.command == "fl" or (args.command == "demo" and args.which == "fl"):
             from slimkern.fl import cli as fl_cli
 

@@ -39,6 +39,35 @@ from slimkern.train.trainer import Trainer
 __all__ = ["ConfigTrainer", "WidthSearchTrainer", "drop_bn_rows"]
 
 
+class _Clipped:
+    """``clip_grad_norm``: rescale the gradient to at most this L2 norm before each step (None: off)."""
+
+    clip_grad_norm: float | None = None
+
+    def _set_clip(self, clip):
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not clip > 0):
+            raise ValueError(f"clip_grad_norm must be a number > 0 or None, got {clip!r}")
+        self.clip_grad_norm = None if clip is None else float(clip)
+
+    def train_step(self, x, y):
+        if self.clip_grad_norm is None:
+            return super().train_step(x, y)
+        self.net.train()
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        total, terms = self.loss(x, y)
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"{self.name}: non-finite loss {total.item()} at step {self.global_step}; "
+                                     "lower the lr")
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.clip_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.global_step += 1
+        return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+
+
 def drop_bn_rows(net, switches: Sequence[Switch]) -> int:
     """Removes the BN statistics rows of ``switches`` from every switchable BN of ``net``;
     returns the number of rows removed (per layer, summed)."""
@@ -64,7 +93,7 @@ def drop_bn_rows(net, switches: Sequence[Switch]) -> int:
     return removed
 
 
-class WidthSearchTrainer(Trainer):
+class WidthSearchTrainer(_Clipped, Trainer):
     """The search phase of OWS (``adaptive=False``) or AOWS (``adaptive=True``).
 
     Args:
@@ -78,6 +107,7 @@ class WidthSearchTrainer(Trainer):
         costs: a prebuilt :class:`CostModel` (else built from ``input_size``).
         schedule: AOWS temperature set points (default ``aows_schedule(epochs, warmup)``).
         temperature: distillation temperature.
+        clip_grad_norm: clip the gradient's L2 norm (None: no clipping, as AOWS).
         **kw: :class:`slimkern.train.Trainer` options (lr, schedule, seed, checkpoint, ...).
     """
 
@@ -85,8 +115,9 @@ class WidthSearchTrainer(Trainer):
 
     def __init__(self, net, space: SearchSpace, platforms, epochs: int, *, adaptive: bool = False, warmup: int = 5,
                  input_size=None, window: int = 100000, attribution: str = "aows", costs: CostModel | None = None,
-                 schedule=None, temperature: float = 1.0, **kw):
+                 schedule=None, temperature: float = 1.0, clip_grad_norm: float | None = None, **kw):
         super().__init__(net, **kw)
+        self._set_clip(clip_grad_norm)
         if not isinstance(space, SearchSpace):
             raise TypeError(f"space must be a SearchSpace (slimkern.nas.search_space(net)), got {type(space).__name__}")
         self.space = space
@@ -133,7 +164,8 @@ class WidthSearchTrainer(Trainer):
         with torch.no_grad():
             loss_max = F.cross_entropy(z_max.detach(), y, reduction="none")
             loss_rand = F.cross_entropy(z_rand.detach(), y, reduction="none")
-        self.stats.update(self._last_path, loss_rand, loss_max)
+        if bool(torch.isfinite(loss_max).all()) and bool(torch.isfinite(loss_rand).all()):
+            self.stats.update(self._last_path, loss_rand, loss_max)  # else the step raises FloatingPointError
         return terms
 
     def train_step(self, x, y):
@@ -158,7 +190,7 @@ class WidthSearchTrainer(Trainer):
         self.stats.load_state_dict(state["unary"])
 
 
-class ConfigTrainer(Trainer):
+class ConfigTrainer(_Clipped, Trainer):
     """Slimmable retraining on fixed switches (the retrain phase; module docstring).
 
     Args:
@@ -166,13 +198,16 @@ class ConfigTrainer(Trainer):
         switches: the configurations (per-layer or fraction switches), one per platform.
         weights: sampling weights of the switches (``-W``); None samples uniformly (``-U``).
         temperature: distillation temperature.
+        order_key: ``switch -> size`` (e.g. its MACs) telling the largest and smallest switches.
+        clip_grad_norm: clip the gradient's L2 norm (None: off).
     """
 
     name = "nas-retrain"
 
     def __init__(self, net, switches: Sequence, weights: Sequence[float] | None = None, temperature: float = 1.0,
-                 order_key=None, **kw):
+                 order_key=None, clip_grad_norm: float | None = None, **kw):
         super().__init__(net, **kw)
+        self._set_clip(clip_grad_norm)
         sws = [s if isinstance(s, Switch) else Switch.parse(s) for s in switches]
         if not sws:
             raise ValueError("ConfigTrainer needs at least one switch")

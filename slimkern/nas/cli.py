@@ -1,0 +1,95 @@
+"""``slimkern search ows|aows`` and ``slimkern demo nas``.
+
+::
+
+    slimkern search ows  [--config nas.yaml] [--seeds 0 1 2] [--settings S RS U] [--out runs/ows] ...
+    slimkern search aows [--config nas.yaml] ...
+    slimkern demo nas    [--out runs/demo-nas]
+
+``search <method>`` runs the search phase of OWS or AOWS on digits, the per-platform Viterbi
+search, the retraining of the found configurations and of the Slim baselines (``-U``/``-W``),
+and writes the run folder of :mod:`slimkern.nas.experiment` (``found.json``, ``table2.json``,
+``table2.csv``, ``channels.png``). ``demo nas`` runs Slim, OWS and AOWS on a small setting.
+Every option is also a key of the ``--config`` file (YAML or TOML); flags win over the file.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from slimkern.config import load_config, merge
+
+_HELP = {
+    "image_size": "digits image side in pixels", "channels": "image channels",
+    "model": "a chain net of slimkern.models (mobilenet_v1)", "width_mult": "scales the 1.0x channel counts",
+    "max_width": "widest choice (AOWS: 1.5)", "divisor": "channel choices are multiples of it",
+    "fractions": "width levels per layer (AOWS: linspace(0.2, 1.5, 14))",
+    "budgets": "seven platform budgets as fractions of the 1.0x net's MACs",
+    "settings": "weight settings of Table 1 (S RS U M L RL)", "methods": "slim, ows, aows",
+    "variants": "U (uniform sampling) and/or W (by platform weight) in retraining", "seeds": "training seeds",
+    "search_epochs": "epochs of the search phase", "warmup": "AOWS warm-up epochs (uniform sampling)",
+    "retrain_epochs": "epochs of each retraining", "window": "moving-average window of the unary statistics",
+    "attribution": "aows ((loss_rand - loss_max)/L) or loss (loss_rand/L)",
+    "calibrate_batches": "BN calibration batches per configuration", "threads": "torch CPU threads",
+    "out": "run folder (finished jobs are kept and skipped on a rerun)", "progress": "progress bar",
+}
+
+
+def _add_options(p: argparse.ArgumentParser, defaults: dict) -> None:
+    p.add_argument("--config", default=argparse.SUPPRESS, help="YAML/TOML file whose keys mirror these flags")
+    for key, default in defaults.items():
+        if key == "dataset":
+            continue
+        flag = "--" + key.replace("_", "-")
+        h = f"{_HELP.get(key, '')} (default: {default!r})"
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=h)
+        elif isinstance(default, list):
+            kind = int if key == "seeds" else float if key in ("fractions", "budgets") else str
+            p.add_argument(flag, nargs="+", type=kind, default=argparse.SUPPRESS, help=h)
+        else:
+            p.add_argument(flag, type=type(default), default=argparse.SUPPRESS, help=h)
+
+
+def add_search_parser(sub) -> None:
+    """Adds ``search`` to the ``slimkern`` subcommands."""
+    from slimkern.nas.experiment import DEFAULTS
+
+    ps = sub.add_parser("search", help="multi-platform width search (OWS / AOWS) with retraining and the "
+                                       "Table-2 report")
+    ps.add_argument("method", choices=["ows", "aows"], help="ows: uniform sampling; aows: smoothed-Viterbi sampling")
+    _add_options(ps, DEFAULTS)
+
+
+def resolve(args: argparse.Namespace, preset: dict) -> dict:
+    given = {k: v for k, v in vars(args).items() if k in preset}
+    config, source = {}, "config"
+    if getattr(args, "config", None):
+        config, source = load_config(args.config), f"config {args.config!r}"
+    return merge(preset, config, given, source)
+
+
+def _finish(cfg: dict, result: dict) -> int:
+    from slimkern.nas.experiment import format_table
+
+    print(format_table(result["summary"]))
+    print(f"weighted top-1 (%) over {len(cfg['seeds'])} seed(s), mean ± std; run folder: "
+          f"{os.path.abspath(cfg['out'])}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from slimkern.nas.experiment import DEFAULTS, run_experiment
+
+    cfg = resolve(args, dict(DEFAULTS, methods=["slim", args.method], out=f"runs/{args.method}"))
+    return _finish(cfg, run_experiment(cfg))
+
+
+def cmd_demo(args) -> int:
+    from slimkern.nas.experiment import DEMO, run_experiment
+
+    cfg = dict(DEMO)
+    out = getattr(args, "out", None)
+    if out:
+        cfg["out"] = out
+    return _finish(cfg, run_experiment(cfg))
