@@ -2,7 +2,7 @@
 
 The public face (see DESIGN.md): ``Switch``, ``slimmify``, ``set_switch``, ``use_switch``,
 ``forward_switches``, ``calibrate_bn``, ``export``, ``profile``, ``evaluate``, ``choose_switch``,
-and the namespaces ``ops``, ``solvers``, ``nn``, ``models``, ``data``, ``train``, ``fl``.
+and the namespaces ``ops``, ``solvers``, ``nn``, ``models``, ``data``, ``train``, ``fl``, ``nas``.
 """
 __version__ = "0.1.0"
 
@@ -17,8 +17,10 @@ from slimkern.slimmify import slimmify
 from slimkern.evaluate import evaluate
 from slimkern import data, fl, models, train  # noqa: E402  (namespaces built on the names above)
 from slimkern.fl.budget import choose_switch  # noqa: E402
+from slimkern import nas  # noqa: E402  (width search: slimkern.nas)
 
 __all__ = [
     "Switch", "slimmify", "set_switch", "use_switch", "forward_switches", "calibrate_bn", "export",
     "profile", "evaluate", "ops", "solvers", "nn", "models", "data", "train", "fl", "choose_switch",
+    "nas",
 ]
