@@ -9,6 +9,7 @@ count per group (a per-layer ``Switch.from_channels``); per-platform searches ar
 * ``platforms``: ``Platform``, ``WEIGHT_SETTINGS``, CRP market weights.
 * ``space``: the chain of width groups and per-group channel choices (``search_space``).
 * ``costs``: pairwise MACs / params / peak-activation tables (``cost_model``).
+* ``latency``: timings of random configurations fitted as per-pair terms (``fit_latency``).
 * ``unary``: windowed moving averages of attributed losses (``UnaryStats``).
 * ``search``: per-platform Viterbi under budgets (``search``), the AOWS sampler and schedule.
 * ``train``: the search phase (``WidthSearchTrainer``: OWS / AOWS) and retraining (``ConfigTrainer``).
@@ -17,11 +18,12 @@ from slimkern.nas.platforms import (COSTS, WEIGHT_SETTINGS, Platform, check_plat
                                     crp_weights, setting_weights)
 from slimkern.nas.space import AOWS_FRACTIONS, SearchSpace, search_space
 from slimkern.nas.costs import CostModel, cost_model
+from slimkern.nas.latency import LatencyModel, fit_latency, measure_latency
 from slimkern.nas.unary import ATTRIBUTIONS, UnaryStats
 from slimkern.nas.search import (AOWSSampler, PlatformResult, SearchResult, aows_schedule, schedule_temperature,
                                  search)
 from slimkern.nas.train import ConfigTrainer, WidthSearchTrainer, drop_bn_rows
 
-__all__ = ["ConfigTrainer", "WidthSearchTrainer", "drop_bn_rows", "AOWSSampler", "PlatformResult", "SearchResult", "aows_schedule", "schedule_temperature", "search",
+__all__ = ["LatencyModel", "fit_latency", "measure_latency", "ConfigTrainer", "WidthSearchTrainer", "drop_bn_rows", "AOWSSampler", "PlatformResult", "SearchResult", "aows_schedule", "schedule_temperature", "search",
            "ATTRIBUTIONS", "UnaryStats", "AOWS_FRACTIONS", "CostModel", "SearchSpace", "cost_model", "search_space", "COSTS", "Platform", "WEIGHT_SETTINGS", "check_platforms", "crp_partition", "crp_weights",
            "setting_weights"]

@@ -169,12 +169,25 @@ class CostModel:
         self._tables: dict[str, np.ndarray] = {}
 
     # ---- exact figures ------------------------------------------------------------------
+    latency = None  # a fitted slimkern.nas.LatencyModel (set_latency)
+
+    def set_latency(self, model) -> None:
+        """Uses a fitted :class:`~slimkern.nas.LatencyModel` for ``cost="latency"``."""
+        from slimkern.nas.latency import LatencyModel
+        if not isinstance(model, LatencyModel) or model.space != self.space:
+            raise ValueError("set_latency takes a LatencyModel fitted on this cost model's search space")
+        self.latency = model
+        self._tables.pop("latency", None)
+
     def _check_kind(self, kind):
         if kind == "latency":
-            raise ValueError("latency costs need a fitted latency table, which slimkern.nas does not build yet; "
-                             "use cost='macs', 'params' or 'peak_activation'")
+            if self.latency is None:
+                raise ValueError("latency costs need a fitted latency model: time configurations with "
+                                 "slimkern.nas.measure_latency, fit them with fit_latency and call set_latency; "
+                                 "or use cost='macs', 'params' or 'peak_activation'")
+            return
         if kind not in _KINDS:
-            raise ValueError(f"cost must be one of {_KINDS}, got {kind!r}")
+            raise ValueError(f"cost must be one of {_KINDS + ('latency',)}, got {kind!r}")
 
     def _full_channels(self, channels) -> dict[str, int]:
         if hasattr(channels, "is_per_layer"):
@@ -186,10 +199,13 @@ class CostModel:
             raise ValueError(f"configuration has no channels for groups {missing}")
         return {g: int(channels[g]) for g in self.space.groups}
 
-    def evaluate(self, channels, kind: str = "macs") -> int:
-        """MACs, params or peak activation bytes of a configuration (``{group: channels}``)."""
+    def evaluate(self, channels, kind: str = "macs"):
+        """MACs, params or peak activation bytes (ints), or predicted latency in seconds (a float),
+        of a configuration (``{group: channels}``)."""
         self._check_kind(kind)
         c = self._full_channels(channels)
+        if kind == "latency":
+            return self.latency.predict_channels(c)
         if kind == "peak_activation":
             return int(round(max(sum(coef * (c[g] if g is not None else 1) for g, coef in terms)
                                  for _, terms in self.node_terms)))
@@ -208,6 +224,8 @@ class CostModel:
     def table(self, kind: str = "macs") -> np.ndarray:
         """``[L-1, K, K]`` float64 pair table (``+inf`` where a choice is padding)."""
         self._check_kind(kind)
+        if kind == "latency":
+            return self.latency.table()
         if kind not in self._tables:
             self._tables[kind] = self._peak_table() if kind == "peak_activation" else self._sum_table(kind)
         return self._tables[kind]
