@@ -41,3 +41,19 @@ def test_search_bad_options(tmp_path, capsys):
     bad.write_text("epochs: 3\n")
     assert main(["search", "ows", "--config", str(bad)]) == 2
     assert "unknown option" in capsys.readouterr().err
+
+
+def test_demo_nas_runs_the_small_setting(monkeypatch, tmp_path, capsys):
+    import slimkern.nas.experiment as ex
+
+    seen = {}
+
+    def fake(cfg):
+        seen.update(cfg)
+        return {"summary": [{"setting": "S", "method": "OWS-U", "mean": 90.0, "std": 0.0, "n": 1}], "rows": []}
+
+    monkeypatch.setattr(ex, "run_experiment", fake)
+    assert main(["demo", "nas", "--out", str(tmp_path / "d")]) == 0
+    assert seen["methods"] == ["slim", "ows", "aows"] and seen["seeds"] == [0] and seen["out"] == str(tmp_path / "d")
+    assert seen["settings"] == ["S", "RS", "U"] and seen["search_epochs"] == 3
+    assert "| S | **90.00** ± 0.00 |" in capsys.readouterr().out
