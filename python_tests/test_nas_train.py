@@ -102,3 +102,22 @@ def test_gradient_clipping_bounds_the_step():
     assert 0 < moved[1e-3] <= 1.9e-3 * (1 + 1e-5) < moved[None]
     with pytest.raises(ValueError, match="clip_grad_norm"):
         ConfigTrainer(TinyChain(), sws, order_key=len, clip_grad_norm=0)
+
+
+def test_nonuniform_sandwich_on_a_residual_net():
+    net = sk.models.resnet20(num_classes=10, width_mult=0.25)
+    with pytest.raises(ValueError, match="do not form a chain"):
+        search_space(net)
+    sp = search_space(net, fractions=[0.5, 1.0], divisor=1, require_chain=False)
+    assert not sp.is_chain and "s1b1.mid" in sp.groups and sp.choices[0] == (2, 4)
+    with pytest.raises(ValueError, match="chain search space"):
+        cost_model(net, sp, (1, 3, 8, 8))
+    tr = WidthSearchTrainer(net, sp, [Platform("a", 1.0, 1.0)], epochs=1, lr=0.05, progress=False)
+    with pytest.raises(ValueError, match="AOWS"):
+        WidthSearchTrainer(net, sp, [Platform("a", 1.0, 1.0)], epochs=2, adaptive=True, progress=False)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+    tr.train_step(x, y)
+    n = tr.stats.counts()
+    assert (n.sum(1) == 8).all()  # every group recorded its sampled choice for the 8 images
+    assert set(net.stem[1].switches) == {tr.max_switch, tr.min_switch}

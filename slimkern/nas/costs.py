@@ -304,6 +304,9 @@ def cost_model(net: nn.Module, space: SearchSpace, input_size=(1, 3, 32, 32)) ->
     """The :class:`CostModel` of ``net`` over ``space`` at ``input_size`` (batch included)."""
     if not isinstance(space, SearchSpace):
         raise TypeError(f"space must be a SearchSpace (slimkern.nas.search_space(net)), got {type(space).__name__}")
+    if not space.is_chain:
+        raise ValueError("cost_model needs a chain search space; this one was built with require_chain=False "
+                         "(its groups need not form a chain), so pairwise costs are not defined for it")
     try:
         input_size = tuple(int(s) for s in input_size)
     except TypeError:

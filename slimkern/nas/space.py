@@ -43,9 +43,9 @@ def _slim_groups(m: nn.Module):
     return gin, gout
 
 
-def chain_groups(net: nn.Module) -> tuple[list[str], dict[str, int], dict[str, int]]:
-    """Width groups in forward order with their base and allocated widths; raises ValueError when
-    they do not form a chain."""
+def chain_groups(net: nn.Module, require_chain: bool = True) -> tuple[list[str], dict[str, int], dict[str, int]]:
+    """Width groups in forward order with their base and allocated widths; with ``require_chain``
+    raises ValueError when they do not form a chain."""
     from slimkern._branch import trace
     from slimkern.nn._base import SlimModule
 
@@ -79,6 +79,10 @@ def chain_groups(net: nn.Module) -> tuple[list[str], dict[str, int], dict[str, i
                 base[g], full[g] = int(c), int(f)
         if gin is not None and gout is not None and gin != gout:
             edges.append((gin, gout, node.target))
+    if not order:
+        raise ValueError(f"{type(net).__name__} has no sliced channel groups to search")
+    if not require_chain:
+        return order, base, full
     if len(order) < 2:
         raise ValueError(f"width search needs a chain of at least two channel groups; the net has {order}")
     pos = {g: i for i, g in enumerate(order)}
@@ -97,12 +101,16 @@ def chain_groups(net: nn.Module) -> tuple[list[str], dict[str, int], dict[str, i
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Groups in chain order, their base/allocated widths and sorted channel choices."""
+    """Groups in chain order, their base/allocated widths and sorted channel choices.
+
+    ``is_chain`` is False for a space built with ``require_chain=False`` (any net): it serves
+    non-uniform sandwich training, not the chain search (``cost_model`` refuses it)."""
 
     groups: tuple[str, ...]
     base: tuple[int, ...]
     full: tuple[int, ...]
     choices: tuple[tuple[int, ...], ...]
+    is_chain: bool = True
 
     @property
     def num_layers(self) -> int:
@@ -160,7 +168,7 @@ class SearchSpace:
 
 
 def search_space(net: nn.Module, fractions: Sequence[float] = AOWS_FRACTIONS, divisor: int = 8,
-                 min_channels: int = 1) -> SearchSpace:
+                 min_channels: int = 1, require_chain: bool = True) -> SearchSpace:
     """The chain of width groups of ``net`` and each group's channel choices.
 
     Args:
@@ -170,6 +178,8 @@ def search_space(net: nn.Module, fractions: Sequence[float] = AOWS_FRACTIONS, di
         divisor: choices are multiples of it (AOWS: 8); a group narrower than the divisor keeps
             its rounded levels at ``>= min_channels``.
         min_channels: the smallest choice allowed.
+        require_chain: False lists the groups of any slimkern net (ResNets, MobileNet-v2) for
+            non-uniform sandwich training with random per-group widths; the chain search needs True.
     """
     try:
         fr = [float(f) for f in fractions]
@@ -180,7 +190,7 @@ def search_space(net: nn.Module, fractions: Sequence[float] = AOWS_FRACTIONS, di
     for what, v in (("divisor", divisor), ("min_channels", min_channels)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
             raise ValueError(f"{what} must be a positive int, got {v!r}")
-    order, base, full = chain_groups(net)
+    order, base, full = chain_groups(net, require_chain)
     choices = []
     for g in order:
         cs = set()
@@ -191,4 +201,4 @@ def search_space(net: nn.Module, fractions: Sequence[float] = AOWS_FRACTIONS, di
             cs.add(min(full[g], max(min_channels, c)))
         choices.append(tuple(sorted(cs)))
     return SearchSpace(tuple(order), tuple(base[g] for g in order), tuple(full[g] for g in order),
-                       tuple(choices))
+                       tuple(choices), bool(require_chain))

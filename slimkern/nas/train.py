@@ -93,16 +93,30 @@ def drop_bn_rows(net, switches: Sequence[Switch]) -> int:
     return removed
 
 
+class _UniformSampler:
+    """OWS sampling without a cost model: every group draws a choice uniformly."""
+
+    last_temperature = None
+
+    def __init__(self, space: SearchSpace, generator: torch.Generator):
+        self.space, self.generator = space, generator
+
+    def sample(self, epoch: float):
+        return 0, [int(torch.randint(len(c), (1,), generator=self.generator)) for c in self.space.choices]
+
+
 class WidthSearchTrainer(_Clipped, Trainer):
     """The search phase of OWS (``adaptive=False``) or AOWS (``adaptive=True``).
 
     Args:
-        net: a slimkern net whose width groups form a chain.
+        net: a slimkern net; AOWS needs its width groups to form a chain, OWS (uniform sampling
+            with unary statistics) runs on any net with ``search_space(net, require_chain=False)``.
         space: its :class:`SearchSpace` (``slimkern.nas.search_space``).
         platforms: target platforms (their weights are AOWS's ``nu_k``; budgets fix ``gamma_k``).
         epochs: the planned number of epochs (the temperature schedule ends there).
         adaptive: AOWS sampling after ``warmup`` epochs; False: OWS (uniform).
-        input_size: for the cost model (AOWS needs resource tables), e.g. ``(1, 3, 32, 32)``.
+        input_size: for the cost model (AOWS needs resource tables), e.g. ``(1, 3, 32, 32)``;
+            with neither ``input_size`` nor ``costs``, OWS runs without a cost model.
         window, attribution: of the :class:`UnaryStats`.
         costs: a prebuilt :class:`CostModel` (else built from ``input_size``).
         schedule: AOWS temperature set points (default ``aows_schedule(epochs, warmup)``).
@@ -122,15 +136,18 @@ class WidthSearchTrainer(_Clipped, Trainer):
             raise TypeError(f"space must be a SearchSpace (slimkern.nas.search_space(net)), got {type(space).__name__}")
         self.space = space
         self.platforms = check_platforms(platforms, require_weights=False)
-        if costs is None:
-            if input_size is None:
-                raise ValueError("WidthSearchTrainer needs input_size (e.g. (1, 3, 32, 32)) or a CostModel")
-            costs = cost_model(net, space, input_size)
-        self.costs = costs
         self.stats = UnaryStats(space, window=window, attribution=attribution)
         self.adaptive = bool(adaptive)
-        self.sampler = AOWSSampler(costs, self.stats, self.platforms, epochs, warmup=min(warmup, epochs - 1),
-                                   schedule=schedule, adaptive=adaptive, generator=self.generator)
+        if costs is None and (adaptive or input_size is not None):
+            if input_size is None:
+                raise ValueError("AOWS (adaptive=True) needs input_size (e.g. (1, 3, 32, 32)) or a CostModel")
+            costs = cost_model(net, space, input_size)
+        self.costs = costs
+        if costs is None:  # OWS on any net: uniform per-group sampling needs no costs
+            self.sampler = _UniformSampler(space, self.generator)
+        else:
+            self.sampler = AOWSSampler(costs, self.stats, self.platforms, epochs, warmup=min(warmup, epochs - 1),
+                                       schedule=schedule, adaptive=adaptive, generator=self.generator)
         self.temperature = temperature
         self.max_switch = space.switch(space.max_path())
         self.min_switch = space.switch(space.min_path())
