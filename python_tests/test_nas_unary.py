@@ -24,6 +24,11 @@ def test_aows_attribution_windowed_average_by_hand():
                      [0.0, (0.5 + 1.5 + 0.5) / 3, (1.0 + 0.0) / 2]])
     np.testing.assert_allclose(st.unary(), want, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(st.counts(), [[3, 0, 0], [0, 3, 2]])
+    # window 4: the oldest value (1.0) of (a, 0) is evicted when the second batch arrives
+    w4 = UnaryStats(SPACE, window=4)
+    _two_steps(w4)
+    assert w4.unary()[0, 0] == pytest.approx((0.0 + 0.5 + 1.5 + 0.5) / 4, abs=1e-12)
+    assert w4.counts()[0, 0] == 4
     # a long window keeps everything: (1 + 0 + 0.5 + 1.5 + 0.5) / 5
     big = UnaryStats(SPACE, window=100, fill=-7.0)
     _two_steps(big)
