@@ -23,6 +23,10 @@ def test_chain_and_aows_choices():
     assert sp.choices[i] == (16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96)
     capped = search_space(sk.models.mobilenet_v1(width_mult=0.5), fractions=[0.5, 1.0, 1.5], divisor=8)
     assert capped.choices[i] == (32, 64)  # 1.5x caps at the allocated 1.0x width
+    # half rounds to the nearest multiple: 0.3 * 32 = 9.6 -> 8; below the divisor: round(0.2 * 8) = 2
+    assert search_space(net, fractions=[0.3, 1.0]).choices[sp.groups.index("b1")] == (8, 32)
+    small = search_space(sk.models.mobilenet_v1(width_mult=0.25), fractions=[0.2, 1.0], divisor=8)
+    assert small.choices[0] == (2, 8)
     with pytest.raises(ValueError, match="do not form a chain"):
         search_space(sk.models.resnet20(width_mult=0.25))
     with pytest.raises(ValueError, match="divisor"):
