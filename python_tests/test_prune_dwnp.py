@@ -30,8 +30,13 @@ def test_flops_equals_profile_on_hard_masks(mbv2):
                 for n, grp in groups.items() if n != "head"}
         masks = keep_masks(normalize_keep(keep, groups), groups)
         t = fm.flops(masks)
-        assert int(round(t.item())) == sk.profile(prune_channels(mbv2, keep), input_size=SIZE).macs
-        assert int(round(t.item())) == pruned_profile(mbv2, keep, SIZE).macs
+        prof = sk.profile(prune_channels(mbv2, keep), input_size=SIZE)
+        assert int(round(t.item())) == prof.macs == pruned_profile(mbv2, keep, SIZE).macs
+        assert fm.hard_cost(keep) == (prof.macs, prof.params)
+        assert int(round(fm.params(masks).item())) == prof.params == sum(
+            p.numel() for p in prune_channels(mbv2, keep).parameters())
+        per_layer = {lc.name: lc.macs for lc in prof.branches[0].layers if lc.kind in ("conv2d", "linear")}
+        assert {k: int(round(v)) for k, v in fm.layer_macs(masks).items()} == per_layer
 
 
 def test_flops_gradient_hand_check():
@@ -49,6 +54,9 @@ def test_flops_gradient_hand_check():
     t.backward()
     assert torch.allclose(a.grad, torch.full((6,), float(per_channel)))
     assert fm.total == 6 * per_channel and fm.minimum([g]) == per_channel
+    # params: stem 27 s + BN 2 s + dw 9 s + BN 2 s + fc 10 s + 10 (bias), soft counts too
+    assert fm.params({g: a.detach()}).item() == pytest.approx(3 * (27 + 2 + 9 + 2 + 10) + 10)
+    assert fm.total_params == sum(p.numel() for p in net.parameters())
 
 
 def test_flops_bad_masks(mbv2):

@@ -37,10 +37,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from slimkern.profile import Profile
 from slimkern.prune.budget import Budget, parse_budgets
 from slimkern.prune.channels import prune_channels
 from slimkern.prune.cost import pruned_profile
+from slimkern.prune.flops import FlopsModel
 from slimkern.prune.dac_losses import DEFAULT_LAMBDA_BOUND, DEFAULT_LAMBDA_ENTROPY, bound_loss, entropy_loss
 from slimkern.prune.gates import DepthwiseGates
 from slimkern.prune.groups import as_slim_net, channel_groups
@@ -118,8 +118,8 @@ class DACState:
         return k
 
 
-def _group_macs(prof: Profile, state: DACState) -> dict[str, int]:
-    per_layer = {lc.name: lc.macs for b in prof.branches for lc in b.layers}
+def _group_macs(fm: FlopsModel, state: DACState) -> dict[str, float]:
+    per_layer = fm.layer_macs(state.alive)
     out = {}
     for n in state.gates.names:
         g = state.groups[n]
@@ -174,13 +174,13 @@ def dac_compress(model: nn.Module, budgets, loader: Iterable, *, input_size=(1, 
         raise ValueError(f"dac_compress: finetune_epochs must be an int >= 0, got {finetune_epochs!r}")
     net = copy.deepcopy(as_slim_net(model, "dac_compress"))
     state = DACState(net)
-    full = pruned_profile(net, {}, input_size)
-    parsed = parse_budgets(budgets, full.macs, full.params)
-    smallest = pruned_profile(net, {n: [0] for n in state.gates.names}, input_size)
+    fm = FlopsModel(net, input_size)  # profile's closed forms on the kept counts, cheap per round
+    parsed = parse_budgets(budgets, fm.total, fm.total_params)
+    s_macs, s_params = fm.hard_cost({n: [0] for n in state.gates.names})
     for i, b in enumerate(parsed):
-        if not b.met(smallest.macs, smallest.params):
+        if not b.met(s_macs, s_params):
             raise ValueError(f"dac_compress: budget {i} ({b}) is below the smallest reachable model (every gated "
-                             f"block at one channel: {smallest.macs:,} MACs, {smallest.params:,} params)")
+                             f"block at one channel: {s_macs:,} MACs, {s_params:,} params)")
     say = log or (lambda s: None)
     torch.manual_seed(seed)
     opt = torch.optim.SGD([{"params": list(net.parameters()), "lr": lr},
@@ -206,17 +206,17 @@ def dac_compress(model: nn.Module, budgets, loader: Iterable, *, input_size=(1, 
     history: list[dict] = []
     for i in order:
         b = parsed[i]
-        prof = pruned_profile(net, state.keep(), input_size)
+        macs, params = fm.hard_cost(state.keep())
         start = rounds
-        while not b.met(prof.macs, prof.params):
+        while not b.met(macs, params):
             if rounds - start >= max_rounds:
                 raise RuntimeError(f"dac_compress: budget {i} ({b}) not met after {max_rounds} rounds "
-                                   f"(now {prof.macs:,} MACs, {prof.params:,} params); raise max_rounds")
+                                   f"(now {macs:,} MACs, {params:,} params); raise max_rounds")
             t0 = time.perf_counter()
             loss = train(epochs_per_round)
             removed, how = state.remove_below(threshold), "threshold"
             if removed == 0:
-                costs = _group_macs(prof, state)
+                costs = _group_macs(fm, state)
                 live = [g for g in state.gates.names if int(state.alive[g].sum()) > 1]
                 if not live:  # cannot happen after the reachability check; kept as a clear error
                     raise RuntimeError(f"dac_compress: every gated block is at one channel and budget {i} ({b}) "
@@ -225,14 +225,16 @@ def dac_compress(model: nn.Module, budgets, loader: Iterable, *, input_size=(1, 
                 k = max(1, math.ceil(guard_fraction * int(state.alive[g].sum())))
                 removed, how = state.remove_lowest(g, k), f"guard:{g}"
             rounds += 1
-            prof = pruned_profile(net, state.keep(), input_size)
+            macs, params = fm.hard_cost(state.keep())
             history.append({"round": rounds, "budget": i, "loss": loss, "removed": removed, "by": how,
-                            "macs": prof.macs, "params": prof.params, "seconds": time.perf_counter() - t0})
+                            "macs": macs, "params": params, "seconds": time.perf_counter() - t0})
             say(f"DAC round {rounds} (budget {i}): loss {loss:.4f}, removed {removed} by {how}, "
-                f"{prof.macs:,} MACs, {prof.params:,} params")
+                f"{macs:,} MACs, {params:,} params")
         if finetune_epochs:
             train(finetune_epochs)
         comp = state.compressed()
+        prof = pruned_profile(net, state.keep(), input_size)  # the reported costs: slimkern.profile itself
+        assert (prof.macs, prof.params) == (macs, params), "closed-form cost disagrees with slimkern.profile"
         keep = {g: k.tolist() for g, k in state.keep().items()}
         results[i] = DACResult(b, comp, keep, prof.macs, prof.params, prof.peak_activation_bytes, rounds - start,
                                [h for h in history if h["budget"] == i])

@@ -59,4 +59,4 @@ def dwnp_objective(task_losses, t_server: torch.Tensor, t_devices, p_server: flo
     server = resource_regularizer(t_server, p_server * t_total, kind)
     devices = sum(resource_regularizer(t, p * t_total, kind) for t, p in zip(t_devices, p_devices)) / n
     total = task + lam * (server + devices)
-    return total, {"task": float(task), "server": float(server), "devices": float(devices)}
+    return total, {"task": float(task.detach()), "server": float(server.detach()), "devices": float(devices.detach())}

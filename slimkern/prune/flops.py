@@ -41,27 +41,40 @@ class FlopsModel:
         self.groups = channel_groups(net, "FlopsModel")
         prof = pruned_profile(net, {}, input_size)
         mods = dict(net.named_modules())
-        # per layer: (factor, in group or None, fixed in count, out group or None, fixed out count)
-        self.terms: list[tuple[int, str | None, int, str | None, int]] = []
-        self.constant = 0
+        # per layer: (name, factor, in group or None, fixed in count, out group or None, fixed out count);
+        # MACs = factor * s_in * s_out. Parameter terms: (per-unit, group or None, fixed, ...) alike
+        self.terms: list[tuple[str, int, str | None, int, str | None, int]] = []
+        self.param_terms: list[tuple[int, str | None, int, str | None, int]] = []
         for lc in prof.branches[0].layers:
             m = mods[lc.name]
             if isinstance(m, SlimConv2d):
                 n, cout, ho, wo = lc.output_shape
-                spatial = n * ho * wo * math.prod(m.kernel_size)
+                k = math.prod(m.kernel_size)
+                spatial = n * ho * wo * k
+                go = m.out_group if m.slice_out else None
                 if m.depthwise:
-                    g = m.out_group if m.slice_out else None
-                    self.terms.append((spatial, None, 1, g, m.out_full if g is None else 0))
+                    self.terms.append((lc.name, spatial, None, 1, go, m.out_full))
+                    self.param_terms.append((k + (m.bias is not None), None, 1, go, m.out_full))
                 else:
-                    self.terms.append((spatial, m.in_group if m.slice_in else None, m.in_full,
-                                       m.out_group if m.slice_out else None, m.out_full))
+                    gi = m.in_group if m.slice_in else None
+                    self.terms.append((lc.name, spatial, gi, m.in_full, go, m.out_full))
+                    self.param_terms.append((k, gi, m.in_full, go, m.out_full))
+                    if m.bias is not None:
+                        self.param_terms.append((1, None, 1, go, m.out_full))
             elif isinstance(m, SlimLinear):
                 rows = math.prod(lc.output_shape[:-1])
-                self.terms.append((rows, m.in_group if m.slice_in else None, m.in_full,
-                                   m.out_group if m.slice_out else None, m.out_full))
+                gi, go = (m.in_group if m.slice_in else None), (m.out_group if m.slice_out else None)
+                self.terms.append((lc.name, rows, gi, m.in_full, go, m.out_full))
+                self.param_terms.append((1, gi, m.in_full, go, m.out_full))
+                if m.bias is not None:  # a fused classifier's bias is profile's fusion_params: counted once
+                    self.param_terms.append((1, None, 1, go, m.out_full))
             elif lc.macs:
                 raise ValueError(f"FlopsModel: layer {lc.name!r} ({type(m).__name__}) has MACs but no soft closed form")
+            elif lc.params:  # BN: 2 C (affine)
+                g = getattr(m, "group", None)
+                self.param_terms.append((lc.params // m.num_features, None, 1, g, m.num_features))
         self.total = int(prof.macs)
+        self.total_params = int(prof.params)
         self.input_size = tuple(input_size)
 
     def _count(self, masks, g, fixed):
@@ -85,9 +98,34 @@ class FlopsModel:
                                  f"{self.groups[g].channels} values")
             ref = a
         total = ref.new_zeros(()) if ref is not None else torch.zeros(())
-        for factor, gi, ci, go, co in self.terms:
+        for _, factor, gi, ci, go, co in self.terms:
             total = total + factor * self._count(masks, gi, ci) * self._count(masks, go, co)
         return total
+
+    def _check_masks(self, masks):
+        return self.flops(masks)  # validates; cheap
+
+    def params(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Parameters as a function of the masks (profile's closed forms on soft counts)."""
+        self._check_masks(masks)
+        total = torch.zeros(())
+        for factor, gi, ci, go, co in self.param_terms:
+            total = total + factor * self._count(masks, gi, ci) * self._count(masks, go, co)
+        return total
+
+    def layer_macs(self, masks: dict[str, torch.Tensor]) -> dict[str, float]:
+        """MACs per conv / linear layer under ``masks`` (floats)."""
+        return {name: float(f * self._count(masks, gi, ci) * self._count(masks, go, co))
+                for name, f, gi, ci, go, co in self.terms}
+
+    def hard_cost(self, keep: dict) -> tuple[int, int]:
+        """``(MACs, params)`` of keeping ``keep[g]`` channels (index lists) per group."""
+        masks = {}
+        for g, k in keep.items():
+            m = torch.zeros(self.groups[g].channels)
+            m[torch.as_tensor(k, dtype=torch.long)] = 1
+            masks[g] = m
+        return int(round(float(self.flops(masks)))), int(round(float(self.params(masks))))
 
     def minimum(self, groups) -> int:
         """MACs with each group in ``groups`` kept at one channel (others whole)."""
