@@ -84,7 +84,7 @@ def _add_options(p: argparse.ArgumentParser, defaults: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimkern", description="Slimmable and ParaDiS networks: train, "
                                      "evaluate, export.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,info,demo,fl,search}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,info,demo,fl,search,prune}")
     sub.required = True
     _add_options(sub.add_parser("train", help="train a slimmable / ParaDiS network"), {})
     pe = sub.add_parser("eval", help="calibrate BN and evaluate a run's checkpoint")
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     from slimkern.nas.cli import add_search_parser
 
     add_search_parser(sub)
+    from slimkern.prune.cli import add_prune_parser
+
+    add_prune_parser(sub)
     return parser
 
 
@@ -202,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             from slimkern.nas import cli as nas_cli
 
             return nas_cli.cmd_search(args) if args.command == "search" else nas_cli.cmd_demo(args)
+        if args.command == "prune":
+            from slimkern.prune import cli as prune_cli
+
+            return prune_cli.cmd_prune(args)
         if args.command == "fl" or (args.command == "demo" and args.which == "fl"):
             from slimkern.fl import cli as fl_cli
 

@@ -48,13 +48,14 @@ class ClusterResult:
     peak_activation_bytes: int
     accuracy: list[float] = field(default_factory=list)  # test accuracy after each round (index 0: before FL)
     width: float | None = None
+    keep: dict | None = field(default=None, repr=False)  # kept channels per group
     model: nn.Module | None = field(default=None, repr=False)
 
     def summary(self) -> dict:
         return {"kind": self.kind, "budget": self.budget, "clients": self.clients, "macs": self.macs,
                 "params": self.params, "peak_activation_bytes": self.peak_activation_bytes,
                 "accuracy": self.accuracy, "final_accuracy": self.accuracy[-1] if self.accuracy else None,
-                "width": self.width}
+                "width": self.width, "keep": self.keep}
 
 
 @dataclass
@@ -143,7 +144,8 @@ def dac_federated(model: nn.Module, client_budgets: Sequence[dict], client_sets:
     for k, b, res in zip(unique, budgets, results):
         history += res.history
         say(f"cluster {b}: DAC model {res.macs:,} MACs, {res.params:,} params, clients {members[k]}")
-        c = ClusterResult("dac", b, members[k], res.macs, res.params, res.peak_activation_bytes, model=res.model)
+        c = ClusterResult("dac", b, members[k], res.macs, res.params, res.peak_activation_bytes, keep=res.keep,
+                          model=res.model)
         c.accuracy = _fedavg(res.model, members[k], client_sets, test_loader, rounds, local_epochs, lr, momentum,
                              batch_size, rng, seed)
         clusters.append(c)
@@ -156,7 +158,8 @@ def dac_federated(model: nn.Module, client_budgets: Sequence[dict], client_sets:
             dac_epochs += opts.get("finetune_epochs", 1)
             local_sgd(wm, ref_loader, dac_epochs, opts.get("lr", 0.01), opts.get("momentum", 0.9))
             p = pruned_profile(net, keep, input_size)
-            cw = ClusterResult("width", b, members[k], p.macs, p.params, p.peak_activation_bytes, width=w, model=wm)
+            cw = ClusterResult("width", b, members[k], p.macs, p.params, p.peak_activation_bytes, width=w,
+                               keep={g: list(v) for g, v in keep.items()}, model=wm)
             cw.accuracy = _fedavg(wm, members[k], client_sets, test_loader, rounds, local_epochs, lr, momentum,
                                   batch_size, rng, seed)
             clusters.append(cw)
