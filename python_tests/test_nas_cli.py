@@ -19,7 +19,7 @@ def test_search_ows_run_folder(tmp_path, capsys):
     jobs = {c["job"] for c in found["configurations"]}
     assert jobs == {"search-ows-seed0", "retrain-slim-U-seed0"}
     for c in found["configurations"]:
-        assert 50 < c["budget_percent"] <= 100.0  # every configuration meets its budget (profile's MACs)
+        assert 0 < c["budget_percent"] <= 100.0  # every configuration meets its budget (profile's MACs)
     rows = list(csv.DictReader((out / "table2.csv").read_text().splitlines()))
     assert [(r["setting"], r["method"]) for r in rows] == [("S", "Slim-U"), ("S", "OWS-U")]
     t2 = json.loads((out / "table2.json").read_text())

@@ -30,7 +30,8 @@ _HELP = {
     "search_epochs": "epochs of the search phase", "warmup": "AOWS warm-up epochs (uniform sampling)",
     "retrain_epochs": "epochs of each retraining", "window": "moving-average window of the unary statistics",
     "attribution": "aows ((loss_rand - loss_max)/L) or loss (loss_rand/L)",
-    "calibrate_batches": "BN calibration batches per configuration", "threads": "torch CPU threads",
+    "calibrate_batches": "BN calibration batches per configuration",
+    "clip_grad_norm": "clip each step's gradient norm (0: off); a diverged job reruns at half the lr", "threads": "torch CPU threads",
     "out": "run folder (finished jobs are kept and skipped on a rerun)", "progress": "progress bar",
 }
 

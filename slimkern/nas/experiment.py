@@ -46,7 +46,8 @@ DEFAULTS: dict = {
     "budgets": [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0], "settings": list(WEIGHT_SETTINGS),
     "methods": ["slim", "ows", "aows"], "variants": ["U", "W"], "seeds": [0, 1, 2],
     "search_epochs": 6, "warmup": 2, "retrain_epochs": 8, "batch_size": 64, "lr": 0.1, "weight_decay": 5e-4,
-    "window": 100000, "attribution": "aows", "calibrate_batches": 10, "threads": 1, "out": "runs/nas",
+    "window": 100000, "attribution": "aows", "clip_grad_norm": 5.0, "calibrate_batches": 10, "threads": 1,
+    "out": "runs/nas",
     "progress": True,
 }
 #: ``slimkern demo nas``: one seed, three settings, short schedules (minutes on 2 CPU cores).
@@ -81,6 +82,9 @@ def check_config(cfg: dict) -> dict:
             raise ValueError(f"{k} must be a positive int, got {c[k]!r}")
     if not isinstance(c["warmup"], int) or not 0 <= c["warmup"] < c["search_epochs"]:
         raise ValueError(f"warmup must be an int in [0, search_epochs), got {c['warmup']!r}")
+    if isinstance(c["clip_grad_norm"], bool) or not isinstance(c["clip_grad_norm"], (int, float)) \
+            or not c["clip_grad_norm"] >= 0:
+        raise ValueError(f"clip_grad_norm must be a number >= 0 (0: off), got {c['clip_grad_norm']!r}")
     if not c["seeds"]:
         raise ValueError("seeds: give at least one seed")
     return c
@@ -129,17 +133,18 @@ class _Run:
         w = WEIGHT_SETTINGS[setting]
         return [Platform(f"#{i + 1}", b, w[i]) for i, b in enumerate(self.budgets)]
 
-    def trainer_kw(self, seed):
+    def trainer_kw(self, seed, lr=None):
         c = self.cfg
-        return dict(lr=c["lr"], weight_decay=c["weight_decay"], seed=seed, progress=False)
+        return dict(lr=c["lr"] if lr is None else lr, weight_decay=c["weight_decay"], seed=seed, progress=False,
+                    clip_grad_norm=c["clip_grad_norm"] if c["clip_grad_norm"] > 0 else None)
 
-    def search_configs(self, method, setting, seed) -> tuple[list[Switch], dict]:
+    def search_configs(self, method, setting, seed, lr=None) -> tuple[list[Switch], dict]:
         c = self.cfg
         net = self.make_net(seed)
         plats = self.platforms(setting or "U")
         tr = WidthSearchTrainer(net, self.space, plats, c["search_epochs"], adaptive=(method == "aows"),
                                 warmup=c["warmup"], costs=self.costs, window=c["window"],
-                                attribution=c["attribution"], **self.trainer_kw(seed))
+                                attribution=c["attribution"], **self.trainer_kw(seed, lr))
         t0 = time.perf_counter()
         tr.fit(self.data.train, c["search_epochs"], c["batch_size"])
         res = search(self.costs, tr.stats, plats)
@@ -147,10 +152,10 @@ class _Run:
                                               "search_seconds": res.seconds,
                                               "unary": tr.stats.unary().tolist()}
 
-    def retrain(self, switches, weights, seed) -> list[float]:
+    def retrain(self, switches, weights, seed, lr=None) -> list[float]:
         c, sk = self.cfg, self.sk
         net = self.make_net(seed)
-        tr = ConfigTrainer(net, switches, weights=weights, order_key=self.macs_cached, **self.trainer_kw(seed))
+        tr = ConfigTrainer(net, switches, weights=weights, order_key=self.macs_cached, **self.trainer_kw(seed, lr))
         tr.fit(self.data.train, c["retrain_epochs"], c["batch_size"])
         loader = torch.utils.data.DataLoader(self.data.train, batch_size=c["batch_size"], shuffle=True,
                                              generator=torch.Generator().manual_seed(seed))
@@ -220,24 +225,36 @@ def run_experiment(cfg: dict | None = None) -> dict:
                 done[key] = json.load(fh)
             continue
         t0 = time.perf_counter()
-        if kind == "search":
-            sws, info = run.search_configs(m, s, seed)
-            rec = {"switches": [str(x) for x in sws], **info}
-        else:
-            if m == "slim":
-                sws = run.slim
-            else:
-                src = done[_key("search", m, None, s if m == "aows" else None, seed)]
-                sws = [Switch.parse(x) for x in src["switches"]]
-            weights = list(WEIGHT_SETTINGS[s]) if v == "W" else None
-            accs = run.retrain(sws, weights, seed)
-            rec = {"switches": [str(x) for x in sws], "accuracy": accs}
+        lr = c["lr"]
+        for attempt in range(3):  # a diverged training (non-finite loss) is rerun at half the lr
+            try:
+                rec = _run_job(run, done, kind, m, v, s, seed, lr)
+                break
+            except FloatingPointError as e:
+                if attempt == 2:
+                    raise
+                log.warning("%s diverged at lr %g (%s); rerunning at lr %g", key, lr, e, lr / 2)
+                lr /= 2
+        rec["lr"] = lr
         rec["seconds"] = time.perf_counter() - t0
         _atomic_json(path, rec)
         done[key] = rec
         log.info("%s done in %.1f s", key, rec["seconds"])
     bar.close()
     return _write_reports(c, run, done)
+
+
+def _run_job(run, done, kind, m, v, s, seed, lr) -> dict:
+    if kind == "search":
+        sws, info = run.search_configs(m, s, seed, lr)
+        return {"switches": [str(x) for x in sws], **info}
+    if m == "slim":
+        sws = run.slim
+    else:
+        src = done[_key("search", m, None, s if m == "aows" else None, seed)]
+        sws = [Switch.parse(x) for x in src["switches"]]
+    weights = list(WEIGHT_SETTINGS[s]) if v == "W" else None
+    return {"switches": [str(x) for x in sws], "accuracy": run.retrain(sws, weights, seed, lr)}
 
 
 def _write_reports(c, run, done) -> dict:
