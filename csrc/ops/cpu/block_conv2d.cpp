@@ -4,7 +4,7 @@
 //    read the weight slice and x's channel window in place and write straight into the
 //    output's channel window;
 //  * oneDNN by runs of blocks (block_conv2d_runs.cpp): one (grouped) at::convolution per run;
-//  * depthwise float32 on AVX-512 (depthwise_avx512.cpp): one task per (image, channel)
+//  * depthwise float32 on AVX-512 or AVX2 (depthwise_planes.h): one task per (image, channel)
 //    plane, each plane in L1; stride 2 through the stride-1 planes (stride1_geometry);
 //  * depthwise float64: direct loops over output rows, one task per (image, channel) plane,
 //    on the per-element index math of conv_math.h that the CUDA kernels share (so gradcheck
@@ -22,7 +22,7 @@
 #include "slimkern/conv_math.h"
 #include "block_conv2d_pointwise.h"
 #include "block_conv2d_runs.h"
-#include "depthwise_avx512.h"
+#include "depthwise_planes.h"
 #include "slimkern/cpu_capability.h"
 #include "sgemm_avx512.h"
 
@@ -202,7 +202,7 @@ void invert(const std::vector<int64_t>& oc_key, int64_t n_keys, std::vector<int6
 // ---------------------------------------------------------------------------------------------
 // depthwise
 
-// Tap offsets of the stride-1 AVX-512 planes (depthwise_avx512.h): the forward reads x at
+// Tap offsets of the stride-1 planes (depthwise_planes.h): the forward reads x at
 // (r + kh*dh - ph, c + kw*dw - pw); the input gradient reads grad_out at the negated offsets.
 struct TapOffsets {
   int64_t roff[cpu::kDwMaxTaps], coff[cpu::kDwMaxTaps];
@@ -247,7 +247,7 @@ void scatter_strided(const float* g, int64_t Ho, int64_t Wo, int64_t sh, int64_t
 
 template <typename T>
 void dw_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                const ConvGeom& G, c10::IntArrayRef offs, bool avx512, at::Tensor& out) {
+                const ConvGeom& G, c10::IntArrayRef offs, bool planes, at::Tensor& out) {
   const at::Tensor x = unit_col(x_in);
   std::vector<int64_t> oc_x, oc_w;
   channel_maps(G, offs, oc_x, oc_w);
@@ -261,17 +261,17 @@ void dw_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::opt
   const TapOffsets fwd_taps(G, 1);
   const bool strided = G.sh != 1 || G.sw != 1;
   const ConvGeom G1 = stride1_geometry(G);
-  const cpu::DwPlane pl512 = forward_plane(G1, fwd_taps, x.stride(2));
+  const cpu::DwPlane plv = forward_plane(G1, fwd_taps, x.stride(2));
   const int64_t C = G.C_out_total, KK = G.KH * G.KW, plane = G.Ho * G.Wo;
   at::parallel_for(0, G.N * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> z(avx512 && strided ? G1.Ho * G1.Wo : 0);
+    std::vector<float> z(planes && strided ? G1.Ho * G1.Wo : 0);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t n = idx / C, oc = idx % C;
       const T b = has_bias ? bp[oc_w[oc] * bstride] : T(0);
       const T* xn = xp + n * x.stride(0) + oc_x[oc] * x.stride(1);
       if constexpr (std::is_same_v<T, float>) {
-        if (avx512) {
-          cpu::dw_correlate_avx512(xn, taps.data() + oc * KK, b, false, strided ? z.data() : op + idx * plane, pl512);
+        if (planes) {
+          cpu::dw_correlate(xn, taps.data() + oc * KK, b, false, strided ? z.data() : op + idx * plane, plv);
           if (strided) subsample(z.data(), G1.Wo, G.sh, G.sw, G.Ho, G.Wo, op + idx * plane);
           continue;
         }
@@ -281,7 +281,7 @@ void dw_forward(const at::Tensor& x_in, const at::Tensor& weight, const std::opt
   });
 }
 
-// Weight and bias gradients on the AVX-512 planes. Tasks are image ranges and planes are read
+// Weight and bias gradients on the planes. Tasks are image ranges and planes are read
 // in memory order: one task per weight channel would read planes a whole image apart, which
 // the hardware prefetchers do not follow (1.5x slower at 256 channels on 16x16 maps).
 // Per-thread partial sums, so overlapping blocks never race.
@@ -309,7 +309,7 @@ void dw_weight_grad_by_images(const float* gop, const at::Tensor& x, const ConvG
           scatter_strided(g, G.Ho, G.Wo, G.sh, G.sw, G1.Wo, gz.data());
           g = gz.data();
         }
-        cpu::dw_weight_grad_avx512(g, xp + n * x.stride(0) + oc_x[oc] * x.stride(1), pl, acc, acc + KK);
+        cpu::dw_weight_grad(g, xp + n * x.stride(0) + oc_x[oc] * x.stride(1), pl, acc, acc + KK);
       }
   });
   float* gwp = mask[1] ? gw.data_ptr<float>() : nullptr;
@@ -325,7 +325,7 @@ void dw_weight_grad_by_images(const float* gop, const at::Tensor& x, const ConvG
 // gx is uninitialised on entry (every plane is written); gw / gb are zero-initialised.
 template <typename T>
 void dw_backward(const at::Tensor& go, const at::Tensor& x_in, const at::Tensor& weight, const ConvGeom& G,
-                 c10::IntArrayRef offs, std::array<bool, 3> mask, bool avx512, at::Tensor& gx, at::Tensor& gw,
+                 c10::IntArrayRef offs, std::array<bool, 3> mask, bool planes, at::Tensor& gx, at::Tensor& gw,
                  at::Tensor& gb) {
   const at::Tensor x = unit_col(x_in);
   std::vector<int64_t> oc_x, oc_w;
@@ -346,24 +346,24 @@ void dw_backward(const at::Tensor& go, const at::Tensor& x_in, const at::Tensor&
     // output's size) into a gx plane (H x W).
     const bool strided = G.sh != 1 || G.sw != 1;
     const ConvGeom G1 = stride1_geometry(G);
-    cpu::DwPlane pl512{G1.Ho, G1.Wo, G1.Wo, G.H, G.W, G.KH, G.KW, grad_taps.roff, grad_taps.coff, {}};
-    cpu::dw_column_masks(pl512);
+    cpu::DwPlane plv{G1.Ho, G1.Wo, G1.Wo, G.H, G.W, G.KH, G.KW, grad_taps.roff, grad_taps.coff, {}};
+    cpu::dw_column_masks(plv);
     at::parallel_for(0, G.N * G.Cx, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> gz(avx512 && strided ? G1.Ho * G1.Wo : 0, 0.0f);
+      std::vector<float> gz(planes && strided ? G1.Ho * G1.Wo : 0, 0.0f);
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t n = idx / G.Cx, xc = idx % G.Cx;
         T* gxn = gxp + idx * iplane;
-        if (!avx512 || start[xc] == start[xc + 1]) std::fill(gxn, gxn + iplane, T(0));
+        if (!planes || start[xc] == start[xc + 1]) std::fill(gxn, gxn + iplane, T(0));
         for (int64_t k = start[xc]; k < start[xc + 1]; ++k) {
           const int64_t oc = list[k];
           if constexpr (std::is_same_v<T, float>) {
-            if (avx512) {
+            if (planes) {
               const float* g = gop + (n * C + oc) * oplane;
               if (strided) {
                 scatter_strided(g, G.Ho, G.Wo, G.sh, G.sw, G1.Wo, gz.data());
                 g = gz.data();
               }
-              cpu::dw_correlate_avx512(g, taps.data() + oc * KK, 0.0f, k > start[xc], gxn, pl512);
+              cpu::dw_correlate(g, taps.data() + oc * KK, 0.0f, k > start[xc], gxn, plv);
               continue;
             }
           }
@@ -372,7 +372,7 @@ void dw_backward(const at::Tensor& go, const at::Tensor& x_in, const at::Tensor&
       }
     });
   }
-  if ((mask[1] || mask[2]) && avx512) {
+  if ((mask[1] || mask[2]) && planes) {
     if constexpr (std::is_same_v<T, float>) dw_weight_grad_by_images(gop, x, G, oc_x, oc_w, weight.size(0), mask, gw, gb);
   } else if (mask[1] || mask[2]) {
     // One task per weight channel: overlapping blocks sum into it without races.
@@ -423,17 +423,22 @@ bool is_pointwise(const ConvGeom& G) {
 //    win only while a map has more than twice as many pixels as the widest block has
 //    channels (1.2-2.3x at 32-128 channels on 32x32 maps); with more channels per pixel
 //    oneDNN's single GEMM over all N*H*W pixels wins by 1.1-1.5x;
-//  * depthwise float32 at stride 1 on AVX-512: our planes (depthwise_avx512.h), one task per
+//  * depthwise float32 at stride 1 on AVX-512: our planes (depthwise_planes.h), one task per
 //    (image, channel) plane, 1.1-1.5x faster than oneDNN's depthwise convolution on contiguous
 //    operands forward and 1.0-1.3x forward+backward, 1.2-2.3x faster than slice + F.conv2d +
 //    cat (16-256 channels on 16x16 and 32x32 maps); at stride 2 (stride-1 planes subsampled,
 //    zero-stuffed gradients) 1.3-1.55x faster than oneDNN forward+backward at 128-538
-//    channels from 32x32 and 16x16 maps, 0.85x from 8x8 (left to oneDNN);
+//    channels from 32x32 and 16x16 maps, 0.85x from 8x8 (left to oneDNN). The same planes
+//    built for AVX2 (8 lanes; SLIMKERN_CPU_CAPABILITY=avx2 with oneDNN capped at AVX2 on the
+//    AMD EPYC VM, batch 32, 1 thread, min of 40; ParaDiS [1.0] + [0.5, 0.5] blocks) against
+//    oneDNN's AVX2 depthwise: forward 1.4-7x and backward 2.2-5.5x faster on 32x32 and 16x16
+//    maps at 32-128 channels, about even at stride 2 and on 8x8, 2-3x slower on 4x4: on AVX2
+//    the planes take rows of at least 16 (stride-1) output columns only;
 //  * oneDNN by runs for everything else in float32 (depthwise on maps under 16 wide at stride
 //    2, dense 3x3, 1x1 on 2x2 maps): one depthwise call over all packed blocks is 1.2-1.8x
 //    faster than per-block calls + cat;
 //  * depthwise plane loops for float64 (oneDNN has no float64 kernels).
-enum class Path { kRuns, kDepthwiseLoops, kDepthwiseAvx512, kPointwiseGemm };
+enum class Path { kRuns, kDepthwiseLoops, kDepthwisePlanes, kPointwiseGemm };
 
 bool gemm_pays(const at::Tensor& x, const ConvGeom& G) {
   if (x.scalar_type() == at::kFloat && cpu::have_avx512_sgemm()) return G.H * G.W >= 16;
@@ -443,20 +448,22 @@ bool gemm_pays(const at::Tensor& x, const ConvGeom& G) {
   return G.H * G.W > 2 * widest;
 }
 
-// The AVX-512 planes: float32, taps and rows (of the stride-1 output) within their fixed-size
-// tables (the input gradient writes rows W wide); strides up to kMaxDwStride (the stride-1
-// work grows as the stride squared) on rows of at least one vector (on 8x8 maps oneDNN's
-// strided depthwise is 1.2x faster).
-bool depthwise_avx512_fits(const at::Tensor& x, const ConvGeom& G) {
+// The planes: float32, taps and rows (of the stride-1 output) within their fixed-size tables
+// (the input gradient writes rows W wide); strides up to kMaxDwStride (the stride-1 work grows
+// as the stride squared) on rows of at least 16 columns (on 8x8 maps oneDNN's strided
+// depthwise is 1.2x faster on AVX-512; on AVX2 oneDNN matches or wins below 16 columns).
+bool depthwise_planes_fit(const at::Tensor& x, const ConvGeom& G) {
   const ConvGeom G1 = stride1_geometry(G);
   const bool strided = G.sh != 1 || G.sw != 1;
-  return G.depthwise && x.scalar_type() == at::kFloat && cpu::have_avx512_depthwise() && G.sh <= kMaxDwStride &&
-         G.sw <= kMaxDwStride && (!strided || G1.Wo >= 16) && G.KH <= cpu::kDwMaxTaps && G.KW <= cpu::kDwMaxTaps &&
+  // AVX2's 8-lane planes lose to oneDNN below 16 output columns (2-3x on 4x4 maps, even on 8x8).
+  const bool narrow_ok = !strided && cpu::capability() == cpu::Capability::kAvx512;
+  return G.depthwise && x.scalar_type() == at::kFloat && cpu::have_depthwise_planes() && G.sh <= kMaxDwStride &&
+         G.sw <= kMaxDwStride && (narrow_ok || G1.Wo >= 16) && G.KH <= cpu::kDwMaxTaps && G.KW <= cpu::kDwMaxTaps &&
          std::max(G.W, G1.Wo) <= 16 * cpu::kDwMaxVectors;
 }
 
 Path choose_path(const at::Tensor& x, const ConvGeom& G) {
-  if (depthwise_avx512_fits(x, G)) return Path::kDepthwiseAvx512;
+  if (depthwise_planes_fit(x, G)) return Path::kDepthwisePlanes;
   if (G.depthwise && x.scalar_type() == at::kDouble && G.KW <= kMaxKW) return Path::kDepthwiseLoops;
   if (fast_dtype(x) && is_pointwise(G) && gemm_pays(x, G)) return Path::kPointwiseGemm;
   return Path::kRuns;
@@ -473,7 +480,7 @@ at::Tensor block_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const
   if (path == Path::kPointwiseGemm) return cpu::pointwise_forward(x, weight, bias, G, x_offsets);
   at::Tensor out = at::empty({G.N, G.C_out_total, G.Ho, G.Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_conv2d_cpu", [&] {
-    dw_forward<scalar_t>(x, weight, bias, G, x_offsets, path == Path::kDepthwiseAvx512, out);
+    dw_forward<scalar_t>(x, weight, bias, G, x_offsets, path == Path::kDepthwisePlanes, out);
   });
   return out;
 }
@@ -503,7 +510,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_conv2d_backward_cpu(
     return {gx, gw, gb};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_conv2d_backward_cpu", [&] {
-    dw_backward<scalar_t>(go, x, weight, G, x_offsets, mask, path == Path::kDepthwiseAvx512, gx, gw, gb);
+    dw_backward<scalar_t>(go, x, weight, G, x_offsets, mask, path == Path::kDepthwisePlanes, gx, gw, gb);
   });
   return {gx, gw, gb};
 }
