@@ -32,6 +32,7 @@ def test_prune_dac_run_folder(tmp_path):
     rows = list(csv.DictReader(open(out / "clusters.csv")))
     assert len(rows) == 2 and float(rows[0]["macs"]) < 0.9 * run["full"]["macs"]
     assert os.path.getsize(out / "dac.png") > 1000
+    assert "| DAC |" in (out / "summary.md").read_text()
     for j, c in enumerate(run["clusters"]):
         sd = torch.load(out / "models" / f"seed0_{c['kind']}_{j}.pt", weights_only=True)
         model = _rebuild(c["keep"])
@@ -51,6 +52,7 @@ def test_prune_dwnp_run_folder(tmp_path):
     for r in rows:
         assert abs(float(r["flops_ratio"]) - float(r["target_ratio"])) <= 0.05 * float(r["target_ratio"])
     assert os.path.getsize(out / "dwnp.png") > 1000
+    assert "| device 2 |" in (out / "summary.md").read_text()
     d = run["devices"][1]
     model = _rebuild(d["keep"])
     model.load_state_dict(torch.load(out / "models" / "seed0_p2.pt", weights_only=True))

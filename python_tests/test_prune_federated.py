@@ -59,7 +59,9 @@ def test_dac_federated_clusters_and_budgets():
     clients = [_data(24, s) for s in range(4)]
     budgets = [{"macs_ratio": 0.9}, {"macs_ratio": 0.95}, {"macs_ratio": 0.9}, {"macs_ratio": 0.95}]
     r = dac_federated(_net(), budgets, clients, _data(32, 9), _data(40, 10), input_size=SIZE, rounds=1,
-                      batch_size=12, pretrain_epochs=1, dac_options={"guard_fraction": 0.6, "finetune_epochs": 0})
+                      batch_size=12, pretrain_epochs=1, full_baseline=True,
+                      dac_options={"guard_fraction": 0.6, "finetune_epochs": 0})
+    assert len(r.full["fl_accuracy"]) == 2
     kinds = [(c.kind, c.budget["macs_ratio"], c.clients) for c in r.clusters]
     assert kinds == [("dac", 0.9, [0, 2]), ("width", 0.9, [0, 2]), ("dac", 0.95, [1, 3]), ("width", 0.95, [1, 3])]
     for c in r.clusters:

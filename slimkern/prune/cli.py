@@ -69,6 +69,7 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     d.add_argument("--guard-fraction", type=float, default=0.2)
     d.add_argument("--finetune-epochs", type=int, default=1)
     d.add_argument("--no-width-baselines", action="store_true")
+    d.add_argument("--full-baseline", action="store_true", help="also FedAvg the 1.0x model over all clients")
     w = ps.add_parser("dwnp", help="DWNP: hypernetwork masks, bilevel federated training (Gao et al.)")
     _common(w, "runs/prune-dwnp")
     w.add_argument("--p-server", type=float, default=0.8, help="server FLOPs ratio target")
@@ -116,7 +117,8 @@ def _dac(args, seed, log):
     r = dac_federated(net, budgets, sets, Subset(split.train, ref), split.test, input_size=split.input_size,
                       rounds=args.rounds, local_epochs=args.local_epochs, lr=args.lr, momentum=args.momentum,
                       batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
-                      width_baselines=not args.no_width_baselines, seed=seed, log=log,
+                      width_baselines=not args.no_width_baselines, full_baseline=args.full_baseline,
+                      seed=seed, log=log,
                       dac_options={"threshold": args.threshold, "guard_fraction": args.guard_fraction,
                                    "finetune_epochs": args.finetune_epochs})
     s = r.summary()
@@ -165,6 +167,13 @@ def cmd_prune(args) -> int:
                      f"{args.clients} clients ({args.partition})"}
     write = write_dac_run if args.method == "dac" else write_dwnp_run
     paths = write(args.out, runs, meta)
+    from slimkern.prune.summary import dac_summary, dwnp_summary
+    from slimkern.report import atomic_write_text
+
+    text = (dac_summary if args.method == "dac" else dwnp_summary)({"meta": meta, "runs": runs})
+    atomic_write_text(os.path.join(args.out, "summary.md"), f"# {meta['title']}\n\n{text}")
+    paths.append(os.path.join(args.out, "summary.md"))
+    log(text)
     log(f"run folder: {os.path.abspath(args.out)} ({', '.join(os.path.basename(p) for p in paths)})")
     return 0
 

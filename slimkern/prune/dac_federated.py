@@ -93,7 +93,8 @@ def _fedavg(model: nn.Module, clients: list[int], client_sets, test_loader, roun
 def dac_federated(model: nn.Module, client_budgets: Sequence[dict], client_sets: Sequence[Dataset],
                   reference: Dataset, test: Dataset, *, input_size, rounds: int = 5, local_epochs=1,
                   lr: float = 0.01, momentum: float = 0.5, batch_size: int = 32, pretrain_epochs: int = 3,
-                  pretrain_lr: float = 0.05, width_baselines: bool = True, dac_options: dict | None = None,
+                  pretrain_lr: float = 0.05, width_baselines: bool = True, full_baseline: bool = False,
+                  dac_options: dict | None = None,
                   seed: int = 0, log: Callable[[str], None] | None = None) -> DACFederatedResult:
     """DAC + clustered FedAvg (module docstring).
 
@@ -107,6 +108,8 @@ def dac_federated(model: nn.Module, client_budgets: Sequence[dict], client_sets:
         rounds, local_epochs (int or ``"random"``), lr, momentum, batch_size: the FedAvg loop.
         pretrain_epochs, pretrain_lr: server pre-training on ``reference`` before DAC.
         dac_options: keyword arguments for ``dac_compress`` (threshold, guard_fraction, ...).
+        full_baseline: also run the unpruned 1.0x model through FedAvg over all clients
+            (``full["fl_accuracy"]``, per round): the accuracy the compressed models are held to.
     """
     t0 = time.perf_counter()
     say = log or (lambda s: None)
@@ -137,6 +140,11 @@ def dac_federated(model: nn.Module, client_budgets: Sequence[dict], client_sets:
     full = {"macs": full_prof.macs, "params": full_prof.params, "peak_activation_bytes": full_prof.peak_activation_bytes,
             "accuracy": accuracy(net, test_loader)}
     say(f"pre-trained full model: accuracy {full['accuracy']:.4f}, {full['macs']:,} MACs")
+    if full_baseline:  # the 1.0x model through the same FedAvg, on every client: the reference accuracy
+        full_model = prune_channels(net, {})
+        full["fl_accuracy"] = _fedavg(full_model, list(range(len(client_sets))), client_sets, test_loader, rounds,
+                                      local_epochs, lr, momentum, batch_size, random.Random(seed), seed)
+        say(f"1.0x model, FedAvg over all clients: accuracy {full['fl_accuracy'][-1]:.4f}")
     results = dac_compress(net, budgets, ref_loader, input_size=input_size, seed=seed, log=log,
                            **(dac_options or {}))
     clusters: list[ClusterResult] = []
