@@ -64,7 +64,9 @@ def write_dac_run(out: str, runs: list[dict], meta: dict) -> list[str]:
             pts = [(r[key], r["accuracy"]) for r in rows if r["kind"] == kind]
             if pts:
                 ax.scatter(*zip(*pts), marker=marker, label="DAC" if kind == "dac" else "width multiplier")
-        ax.scatter([f[key] for f in full], [f["accuracy"] for f in full], marker="*", s=90, label="1.0x (server)")
+        fl = all(f.get("fl_accuracy") for f in full)  # the 1.0x model through FedAvg, else only pre-trained
+        ax.scatter([f[key] for f in full], [f["fl_accuracy"][-1] if fl else f["accuracy"] for f in full],
+                   marker="*", s=90, label="1.0x (FedAvg, all clients)" if fl else "1.0x (pre-trained)")
         ax.set_xlabel(label)
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
