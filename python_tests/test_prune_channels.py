@@ -221,3 +221,30 @@ def test_missing_base_statistics_is_a_clear_error():
     net = sk.models.resnet20(width_mult=0.25).eval()  # never trained: no [1.0]x BN row
     with pytest.raises(ValueError, match="no BN statistics"):
         prune_channels(net, {})
+
+
+def test_torchvision_mobilenet_v2_through_slimmify():
+    tv = pytest.importorskip("torchvision")
+    from slimkern.prune import DepthwiseGates
+    torch.manual_seed(4)
+    m = tv.models.mobilenet_v2(num_classes=10, width_mult=0.25).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.3, 0.3)
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+        m.classifier[1].weight.normal_(0, 0.3)
+    net = sk.slimmify(m)
+    groups = channel_groups(net)
+    assert len(DepthwiseGates(net).names) == 17  # one gated depthwise input per inverted-residual block
+    keep = _random_keep(groups, 11)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        with apply_masks(net, keep_masks(normalize_keep(keep, groups), groups)):
+            masked = net(x)
+        out = prune_channels(m, keep)(x)
+        torch.testing.assert_close(out, masked, rtol=1e-4, atol=1e-5)
+        assert (out - m(x)).abs().max() > 1e-2
+        torch.testing.assert_close(prune_channels(m, {})(x), m(x), rtol=1e-4, atol=1e-5)  # the original model
