@@ -65,6 +65,8 @@ def test_flops_bad_masks(mbv2):
         fm.flops({"nope": torch.ones(3)})
     with pytest.raises(ValueError, match="1-D tensor of 8"):
         fm.flops({"stem": torch.ones(7)})
+    with pytest.raises(ValueError, match=r"in \[0, 8\)"):
+        fm.hard_cost({"stem": [8]})
 
 
 def test_hypernetwork_masks_shapes_hard_and_trainable():

@@ -111,3 +111,36 @@ def test_default_dwnp_groups_are_the_untied_ones():
     groups = channel_groups(net)
     assert "s2b1.hidden" in names and "s3" not in names  # s3 is tied by residual adds
     assert all(len(groups[n].producers) == 1 for n in names)
+
+
+def test_hypernetwork_merge_keeps_each_device_embedding_row():
+    from slimkern.prune.dwnp_federated import merge_hypernetwork_states
+    s1 = {"embedding.weight": torch.tensor([[0.0], [1.0], [10.0]]), "gru": torch.tensor([2.0])}
+    s2 = {"embedding.weight": torch.tensor([[4.0], [3.0], [20.0]]), "gru": torch.tensor([6.0])}
+    out = merge_hypernetwork_states([s1, s2])
+    assert out["embedding.weight"].flatten().tolist() == [2.0, 1.0, 20.0]  # row 0 mean, row n from device n
+    assert out["gru"].tolist() == [4.0]
+    with pytest.raises(ValueError, match="expected devices"):
+        merge_hypernetwork_states([s1])
+
+
+def test_project_mask_hits_the_target_and_stays_within_allowed():
+    from slimkern.prune import FlopsModel
+    from slimkern.prune.dwnp_federated import project_mask
+    net = _net().eval()
+    fm = FlopsModel(net, SIZE)
+    groups = ["s2b1.hidden", "s4b2.hidden", "s6b1.hidden"]
+    g = torch.Generator().manual_seed(0)
+    scores = {n: torch.randn(fm.groups[n].channels, generator=g) for n in groups}
+    allowed = {n: (torch.rand(fm.groups[n].channels, generator=g) > 0.3).float() for n in groups}
+    one_each = {n: torch.zeros_like(a).index_fill(0, a.nonzero()[0], 1) for n, a in allowed.items()}
+    lo, hi = fm.flops(one_each), fm.flops(allowed)
+    target = float(lo + 0.5 * (hi - lo))
+    m = project_mask(fm, scores, allowed, target)
+    assert all(bool(((m[n] == 1) <= (allowed[n] == 1)).all()) and m[n].sum() >= 1 for n in groups)
+    assert abs(float(fm.flops(m)) - target) <= 0.02 * float(fm.total)
+    for n in groups:  # kept = the highest scores among the allowed channels
+        kept = scores[n][m[n] == 1]
+        dropped = scores[n][(m[n] == 0) & (allowed[n] == 1)]
+        if len(kept) and len(dropped):
+            assert kept.min() >= dropped.max()

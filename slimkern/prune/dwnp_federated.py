@@ -48,7 +48,7 @@ from slimkern.prune.groups import as_slim_net, channel_groups
 from slimkern.prune.hypernet import MaskHypernetwork
 from slimkern.prune.masks import apply_masks
 
-__all__ = ["DWNPResult", "dwnp_federated", "default_dwnp_groups", "project_mask"]
+__all__ = ["DWNPResult", "dwnp_federated", "default_dwnp_groups", "merge_hypernetwork_states", "project_mask"]
 
 
 @dataclass
@@ -128,6 +128,21 @@ def project_mask(fm: FlopsModel, scores: dict, allowed: dict, target_macs: float
     a, b = mask_at(lo), mask_at(hi)
     ta, tb = float(fm.flops(a)), float(fm.flops(b))
     return a if abs(ta - target_macs) < abs(tb - target_macs) else b
+
+
+def merge_hypernetwork_states(states: Sequence[dict]) -> dict:
+    """Server aggregation of the hypernetwork: the equal-weight mean of ``states[i]`` (device
+    ``i + 1``'s), except embedding row ``n >= 1``, taken from device ``n`` alone (no one else
+    trains it; the mean would shrink its update by ``1/N``); row 0 (the server's) is the mean."""
+    avg = average_states(states, [1.0] * len(states))
+    emb = avg["embedding.weight"].clone()
+    if emb.shape[0] != len(states) + 1:
+        raise ValueError(f"merge_hypernetwork_states: {len(states)} device states for an embedding of "
+                         f"{emb.shape[0]} rows (expected devices + 1)")
+    for i, st in enumerate(states):
+        emb[i + 1] = st["embedding.weight"][i + 1]
+    avg["embedding.weight"] = emb
+    return avg
 
 
 def _check_ratio(p, what):
@@ -236,12 +251,7 @@ def dwnp_federated(model: nn.Module, client_sets: Sequence[Dataset], test: Datas
             w_states.append(local.state_dict())
             hn_states.append(lhn.state_dict())
         net.load_state_dict(average_states(w_states, [1.0] * n_dev))
-        avg = average_states(hn_states, [1.0] * n_dev)
-        emb = avg["embedding.weight"].clone()
-        for i, s in enumerate(hn_states):
-            emb[i + 1] = s["embedding.weight"][i + 1]
-        avg["embedding.weight"] = emb
-        hn.load_state_dict(avg)
+        hn.load_state_dict(merge_hypernetwork_states(hn_states))
         with torch.no_grad():
             a0 = hn.deterministic_masks(0)
             ratios = [float(fm.flops(_mul(a0, hn.deterministic_masks(n)))) / total for n in range(1, n_dev + 1)]

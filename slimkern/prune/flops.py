@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from slimkern.prune.cost import pruned_profile
 from slimkern.prune.groups import as_slim_net, channel_groups
+from slimkern.prune.keep import normalize_keep
 from slimkern.nn.conv import SlimConv2d
 from slimkern.nn.linear import SlimLinear
 
@@ -120,10 +121,11 @@ class FlopsModel:
 
     def hard_cost(self, keep: dict) -> tuple[int, int]:
         """``(MACs, params)`` of keeping ``keep[g]`` channels (index lists) per group."""
+        keep = normalize_keep(keep, self.groups, "FlopsModel.hard_cost")
         masks = {}
         for g, k in keep.items():
             m = torch.zeros(self.groups[g].channels)
-            m[torch.as_tensor(k, dtype=torch.long)] = 1
+            m[k] = 1
             masks[g] = m
         return int(round(float(self.flops(masks)))), int(round(float(self.params(masks))))
 
