@@ -12,12 +12,16 @@
 * DWNP (Gao et al.): ``gumbel_sigmoid`` (straight-through), ``FlopsModel`` (the differentiable
   ``T(a)``), ``MaskHypernetwork`` (embeddings -> GRU -> per-layer heads), ``dwnp_objective``
   (eq. 4) with ``resource_regularizer``.
+* Federated: ``dac_federated`` (DAC + clustered FedAvg), ``dwnp_federated`` (DWNP's bilevel loop);
+  ``slimkern prune dac|dwnp`` runs them on digits and writes a run folder (docs/prune.md).
 """
 from slimkern.prune.budget import Budget, parse_budgets
 from slimkern.prune.channels import prune_channels
 from slimkern.prune.cost import pruned_profile
 from slimkern.prune.dac import DACResult, DACState, dac_compress
+from slimkern.prune.dac_federated import dac_federated
 from slimkern.prune.dac_losses import bound_loss, entropy_loss
+from slimkern.prune.dwnp_federated import dwnp_federated
 from slimkern.prune.dwnp_objective import dwnp_objective, resource_regularizer
 from slimkern.prune.flops import FlopsModel
 from slimkern.prune.gates import DepthwiseGates
@@ -28,6 +32,6 @@ from slimkern.prune.keep import keep_masks, normalize_keep
 from slimkern.prune.masks import apply_masks
 
 __all__ = ["Budget", "DACResult", "DACState", "DepthwiseGates", "FlopsModel", "Group", "MaskHypernetwork",
-           "apply_masks", "bound_loss", "channel_groups", "dac_compress", "dwnp_objective", "entropy_loss",
+           "apply_masks", "bound_loss", "channel_groups", "dac_compress", "dac_federated", "dwnp_federated", "dwnp_objective", "entropy_loss",
            "gumbel_sigmoid", "keep_masks", "normalize_keep", "parse_budgets", "prune_channels", "pruned_profile",
            "resource_regularizer"]
