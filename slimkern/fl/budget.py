@@ -301,14 +301,19 @@ def assign_tiers(tiers, net, input_size, candidates: Sequence[Hashable] | None =
             b = getattr(t, "budget", None)
             if b is None:
                 raise ValueError(f"tier {t.name!r} gives neither a switch nor a budget")
-            if b not in cache:
-                try:
-                    cache[b] = choose_switch(net, b, input_size, candidates)
-                except ValueError as exc:
-                    raise ValueError(f"tier {t.name!r}: {exc}") from None
-            t = dataclasses.replace(t, switch=cache[b])
+            t = dataclasses.replace(t, switch=_chosen(cache, b, t.name, net, input_size, candidates))
         out.append(t)
     return out
+
+
+def _chosen(cache: dict, budget, tier, net, input_size, candidates):
+    """choose_switch once per distinct budget; its error names the tier."""
+    if budget not in cache:
+        try:
+            cache[budget] = choose_switch(net, budget, input_size, candidates)
+        except ValueError as exc:
+            raise ValueError(f"tier {tier!r}: {exc}") from None
+    return cache[budget]
 
 
 def resolve_clients(clients, net, input_size, candidates: Sequence[Hashable] | None = None, log=None) -> list:
@@ -324,13 +329,8 @@ def resolve_clients(clients, net, input_size, candidates: Sequence[Hashable] | N
             b = getattr(c, "budget", None)
             if b is None:
                 raise ValueError(f"client {c.id} (tier {c.tier!r}) has neither a switch nor a budget")
-            if b not in chosen:
-                try:
-                    chosen[b] = choose_switch(net, b, input_size, candidates)
-                except ValueError as exc:
-                    raise ValueError(f"tier {c.tier!r}: {exc}") from None
-                if log is not None:
-                    log(f"tier {c.tier}: {b} -> switch {chosen[b]}")
-            c = dataclasses.replace(c, tier_switch=chosen[b])
+            if b not in chosen and log is not None:
+                log(f"tier {c.tier}: {b} -> switch {_chosen(chosen, b, c.tier, net, input_size, candidates)}")
+            c = dataclasses.replace(c, tier_switch=_chosen(chosen, b, c.tier, net, input_size, candidates))
         out.append(c)
     return out
