@@ -2,7 +2,7 @@
 
 The public face (see DESIGN.md): ``Switch``, ``slimmify``, ``set_switch``, ``use_switch``,
 ``forward_switches``, ``calibrate_bn``, ``export``, ``profile``, ``evaluate``, ``choose_switch``,
-and the namespaces ``ops``, ``solvers``, ``nn``, ``models``, ``data``, ``train``, ``fl``, ``nas``.
+and the namespaces ``ops``, ``solvers``, ``nn``, ``models``, ``data``, ``train``, ``fl``, ``nas``, ``prune``.
 """
 __version__ = "0.1.0"
 
@@ -18,9 +18,10 @@ from slimkern.evaluate import evaluate
 from slimkern import data, fl, models, train  # noqa: E402  (namespaces built on the names above)
 from slimkern.fl.budget import choose_switch  # noqa: E402
 from slimkern import nas  # noqa: E402  (width search: slimkern.nas)
+from slimkern import prune  # noqa: E402  (channel pruning, DAC, DWNP: slimkern.prune)
 
 __all__ = [
     "Switch", "slimmify", "set_switch", "use_switch", "forward_switches", "calibrate_bn", "export",
     "profile", "evaluate", "ops", "solvers", "nn", "models", "data", "train", "fl", "choose_switch",
-    "nas",
+    "nas", "prune",
 ]
