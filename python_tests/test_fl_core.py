@@ -1,0 +1,119 @@
+"""The federated core (issue 14, part 0): the server round object, the client function and
+the rule registry give the same runs as the single-function ``simulate`` they replaced.
+
+``PINNED`` holds SHA-256 digests of the final ``state_dict`` (parameters and BN buffers)
+and of the round records (wall times left out) computed with the pre-refactor code
+(commit 31d3cad) on the runs below: any change in what a run computes changes a digest.
+"""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from slimkern.fl import make_clients, parse_tiers, simulate
+from slimkern.fl.augment import RandomAffine
+from slimkern.fl.models import small_cnn
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data():
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    X = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    X = (X - 0.3) / 0.4
+    Y = torch.tensor(d.target)
+    g = np.random.default_rng(0).permutation(len(Y))
+    tr, te = g[:300], g[1500:1600]
+    return (X[tr], Y[tr]), (X[te], Y[te])
+
+
+def _poison(r, u):
+    if r == 1 and u.client == 2:
+        u.values = u.values * float("nan")
+    return u
+
+
+def _strategy(name):
+    from slimkern.fl.strategy import FedRolex, FjORD, HeteroFL
+    return {"fjord_travel_kd": lambda: FjORD(kd=True, bn="travel"),
+            "heterofl_dynamic": lambda: HeteroFL(dynamic=True),
+            "fedrolex_step": lambda: FedRolex(step=0.25)}.get(name, lambda: name)()
+
+
+CASES = {
+    "paradis": dict(),
+    "heterofl": dict(dropout=0.3),
+    "heterofl_dynamic": dict(max_update_norm=2.0),
+    "fedrolex": dict(fault=True),
+    "fedrolex_step": dict(),
+    "fjord": dict(),
+    "fjord_travel_kd": dict(),
+    "fedavg": dict(augment=True),
+    "clustered": dict(clients_per_round=4),
+}
+
+
+def _bytes(v) -> bytes:
+    if isinstance(v, torch.Tensor):
+        return v.detach().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b""
+    return repr(v).encode()
+
+
+def digests(data, name):
+    kw = dict(CASES[name])
+    train, test = data
+    tiers = parse_tiers("full=1.0:0.34,small=0.5:0.33,two=[0.5,0.5]:0.33")
+    clients = make_clients(train[1].numpy(), tiers, 6, "dirichlet", alpha=0.5, seed=0)
+    net = small_cnn(channels=(8, 12, 12), seed=1)
+    fault = kw.pop("fault", False)
+    aug = kw.pop("augment", False)
+    kw.setdefault("clients_per_round", 5)
+    h = simulate(net, train, test, clients, _strategy(name), rounds=2, local_epochs=1, lr=0.1, batch_size=16,
+                 seed=3, progress=False, fault_fn=_poison if fault else None,
+                 augment=RandomAffine(10, 1, 0.1) if aug else None, calib_batches=2, **kw)
+    hs = hashlib.sha256()
+    for prefix, sd in [("", net.state_dict())] + sorted(h.models.items()):
+        for k, v in sorted(sd.items()):
+            hs.update((prefix + k).encode())
+            hs.update(_bytes(v))
+    recs = h.to_dict()
+    for r in recs["rounds"]:
+        for k in ("wall_time", "metrics", "server_time"):
+            r.pop(k, None)
+    hr = hashlib.sha256(json.dumps(recs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hs.hexdigest()[:16], hr
+
+
+PINNED = {
+    'clustered': ('50e43b9c98fdccba', '68b845284e595694'),
+    'fedavg': ('a8792eeb35cf78bd', '96acd8c41efd52d5'),
+    'fedrolex': ('521439a1178b624b', 'bb7f2012ccca2314'),
+    'fedrolex_step': ('5bb0e2cda51c5a9e', '12255bff534764f8'),
+    'fjord': ('03ebb1ca4da6c4df', '554ad4f770cfcb8b'),
+    'fjord_travel_kd': ('420c8c95da6257e4', '6359b0244c430634'),
+    'heterofl': ('9ada3fdd7030f1a2', '12fbc2e38e3755c3'),
+    'heterofl_dynamic': ('0a0dd0ed669bb698', '66c9753ccd2b5902'),
+    'paradis': ('7f79a6528e1a2c97', 'd8d5de0c9aa05d1a'),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pinned_digests(data, name):
+    assert digests(data, name) == PINNED[name]
+
+
+if __name__ == "__main__":  # python python_tests/test_fl_core.py: print the digests of this code
+    from sklearn.datasets import load_digits  # noqa: F401
+    torch.set_num_threads(1)
+    d = data.__wrapped__()
+    print({n: digests(d, n) for n in sorted(CASES)})
