@@ -8,6 +8,7 @@ small CPU-sized nets). All switches (``Switch([0.5, 0.5])``, ``[4x0.25]``, per-l
 from slimkern.models.mobilenet_v1 import MobileNetV1
 from slimkern.models.mobilenet_v2 import MobileNetV2
 from slimkern.models.resnet import CifarResNet, resnet18, resnet20
+from slimkern.models.wdsr import WDSR, wdsr
 
 
 def mobilenet_v1(num_classes: int = 10, in_channels: int = 3, max_width: float = 1.0, width_mult: float = 1.0,
@@ -20,7 +21,8 @@ def mobilenet_v2(num_classes: int = 10, in_channels: int = 3, max_width: float =
     return MobileNetV2(num_classes, in_channels, max_width, width_mult, **kw)
 
 
-MODELS = {"mobilenet_v1": mobilenet_v1, "mobilenet_v2": mobilenet_v2, "resnet20": resnet20, "resnet18": resnet18}
+MODELS = {"mobilenet_v1": mobilenet_v1, "mobilenet_v2": mobilenet_v2, "resnet20": resnet20, "resnet18": resnet18,
+          "wdsr": wdsr}
 
 
 def build(name: str, num_classes: int = 10, in_channels: int = 3, max_width: float = 1.0, width_mult: float = 1.0,
@@ -33,4 +35,4 @@ def build(name: str, num_classes: int = 10, in_channels: int = 3, max_width: flo
 
 
 __all__ = ["CifarResNet", "MODELS", "MobileNetV1", "MobileNetV2", "build", "mobilenet_v1", "mobilenet_v2",
-           "resnet18", "resnet20"]
+           "resnet18", "resnet20", "WDSR", "wdsr"]

@@ -1,0 +1,145 @@
+"""Slim WDSR against a plain WDSR of torch layers (nn.Conv2d under parametrizations.weight_norm)."""
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils.parametrizations import weight_norm
+
+import slimkern
+from slimkern.models import build
+from slimkern.models.wdsr import WDSR
+
+
+def _wn(m, out_rng, in_rng, norm_over=None):
+    """torch weight-normed conv holding the slim conv's g[out], v[out, in] (bias once if given).
+    ``norm_over``: the (contiguous) input range the norm should cover, when wider than ``in_rng``."""
+    (o0, o1), (i0, i1) = out_rng, in_rng
+    c = weight_norm(nn.Conv2d(i1 - i0, o1 - o0, m.kernel_size, padding=m.padding, bias=True), dim=0)
+    with torch.no_grad():
+        c.parametrizations.weight.original1.copy_(m.weight_v[o0:o1, i0:i1])
+        c.parametrizations.weight.original0.copy_(m.weight_g[o0:o1].view(-1, 1, 1, 1))
+        c.bias.copy_(m.bias[o0:o1])
+    return c
+
+
+class PlainWDSRTrunk(nn.Module):
+    """head + wide-activation blocks of one branch, from plain torch layers."""
+
+    def __init__(self, net: WDSR, feat, mids):
+        super().__init__()
+        self.head = _wn(net.head, feat, (0, 3))
+        self.c1 = nn.ModuleList(_wn(b.conv1, mid, feat) for b, mid in zip(net.body, mids))
+        self.c2 = nn.ModuleList(_wn(b.conv2, feat, mid) for b, mid in zip(net.body, mids))
+
+    def forward(self, x):
+        h = self.head(x)
+        for c1, c2 in zip(self.c1, self.c2):
+            h = h + c2(torch.relu(c1(h)))
+        return h
+
+
+def plain_forward(net: WDSR, sw, x):
+    """The hand-built fused WDSR of switch ``sw``: one plain trunk per branch on its channels,
+    features concatenated into one weight-normed tail conv (= the sum of partial outputs),
+    plus the image skip, pixel shuffle."""
+    sw = slimkern.Switch(sw) if isinstance(sw, list) else sw
+    feats = net.head.out_ranges(sw)
+    mids = [b.conv1.out_ranges(sw) for b in net.body]
+    mean = net.rgb_mean
+    xm = x - mean
+    hs = [PlainWDSRTrunk(net, f, [m[i] for m in mids])(xm) for i, f in enumerate(feats)]
+    h = torch.cat(hs, 1)
+    lo, hi = feats[0][0], feats[-1][1]
+    tail = _wn(net.tail, (0, net.out_feats), (lo, hi))
+    skip = _wn(net.skip, (0, net.out_feats), (0, 3))
+    return nn.functional.pixel_shuffle(tail(h) + skip(xm), net.scale) + mean
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    n = build("wdsr", max_width=1.25, width_mult=0.25, n_blocks=2)  # 16 features, 64 wide
+    with torch.no_grad():  # g away from ||v|| so the norm matters
+        for p in n.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return n
+
+
+def test_build_geometry(net):
+    assert net.feats == 16 and net.head.out_full == 20 and net.body[0].conv1.out_full == 80
+    assert net.tail.out_full == 12 and net.skip.out_full == 12
+    x = torch.rand(2, 3, 6, 7)
+    assert net(x).shape == (2, 3, 12, 14)
+
+
+def test_full_switch_equals_plain_wdsr(net):
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(net(x), plain_forward(net, [1.0], x), rtol=1e-5, atol=1e-5)
+
+
+def test_default_paper_size_equals_plain_wdsr():
+    torch.manual_seed(1)
+    n = build("wdsr")  # 64 features, 8 blocks, expansion 4
+    assert n.feats == 64 and len(n.body) == 8 and n.body[0].conv1.out_channels == 256
+    x = torch.rand(1, 3, 6, 6)
+    torch.testing.assert_close(n(x), plain_forward(n, [1.0], x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("sw", [[0.5, 0.5], [0.25] * 4, [0.5, 0.25, 0.25], [1.25], [0.5]])
+def test_switches_equal_hand_built_sub_networks(net, sw):
+    x = torch.rand(2, 3, 7, 6)
+    with slimkern.use_switch(net, slimkern.Switch(sw)):
+        y = net(x)
+    torch.testing.assert_close(y, plain_forward(net, sw, x), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_pass_equals_each_switch_with_grads(net):
+    sws = [slimkern.Switch([1.0]), slimkern.Switch([0.5, 0.5]), slimkern.Switch([0.25] * 4)]
+    x = torch.rand(2, 3, 6, 6)
+    net.zero_grad(set_to_none=True)
+    outs = slimkern.forward_switches(net, x, sws)
+    sum(o.square().mean() for o in outs).backward()
+    packed = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad(set_to_none=True)
+    for sw, y in zip(sws, outs):
+        with slimkern.use_switch(net, sw):
+            z = net(x)
+        torch.testing.assert_close(y, z, rtol=1e-5, atol=1e-6)
+        z.square().mean().backward()
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(packed[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_features_of_the_fused_tail(net):
+    x = torch.rand(1, 3, 5, 5)
+    outs, feats = slimkern.forward_switches(net, x, [[1.0], [0.5, 0.5]], return_features=True)
+    assert feats[0].shape == (1, 20, 5, 5) and feats[1][:, 16:].abs().sum() == 0
+
+
+def test_branch_macs_equal_hook_count_on_the_plain_network(net):
+    """Closed-form MACs vs counting every nn.Conv2d of the hand-built network with hooks."""
+    h, w = 7, 6
+    for sw in ([1.0], [0.5, 0.5], [0.25] * 4):
+        counted = []
+
+        def hook(mod, inp, out):
+            counted.append(out.numel() * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1])
+
+        handles = nn.modules.module.register_module_forward_hook(
+            lambda mod, i, o: hook(mod, i, o) if isinstance(mod, nn.Conv2d) else None)
+        try:
+            plain_forward(net, sw, torch.rand(1, 3, h, w))
+        finally:
+            handles.remove()
+        m = net.branch_macs(slimkern.Switch(sw), h, w)
+        assert m["total"] == sum(counted)
+        assert m["fusion"] == h * w * 12 * 3 * 25
+        assert len(set(m["branches"])) == 1 and m["max_device"] == m["branches"][0] + m["fusion"]
+
+
+def test_arguments_are_validated():
+    with pytest.raises(ValueError, match="n_blocks"):
+        build("wdsr", n_blocks=0)
+    with pytest.raises(ValueError, match="rgb_mean"):
+        WDSR(in_channels=1)
+    with pytest.raises(ValueError, match="positive ints"):
+        build("wdsr", width_mult=0.25, n_blocks=1).branch_macs("[1.0]x", 0, 4)
