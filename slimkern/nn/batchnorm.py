@@ -60,6 +60,7 @@ class _SwitchableBatchNorm(SlimModule, nn.Module):
         self.register_buffer("num_batches_tracked",
                              torch.zeros(0, dtype=torch.long, device=device))
         self.switches: list[Switch] = []
+        self.process_group = None  # torch.distributed group whose batch statistics training uses
 
     @classmethod
     def from_dense(cls, bn: nn.modules.batchnorm._BatchNorm, *, max_width: float = 1.0, divisor: int = 1,
@@ -197,6 +198,13 @@ class _SwitchableBatchNorm(SlimModule, nn.Module):
                               RuntimeWarning, stacklevel=2)
             factors = [0.0] * len(rows)
         fn = op("switchable_batch_norm")
+        group = getattr(self, "process_group", None)
+        if self.training and group is not None:  # set by slimkern.train.synchronised_batch_norm
+            from functools import partial
+
+            from slimkern.train.sync_batch_norm import sync_switchable_batch_norm
+
+            fn = partial(sync_switchable_batch_norm, group=group)
         if len(set(factors)) == 1:
             return fn(x, self.weight, self.bias, self.running_mean, self.running_var, t["blocks"],
                       t["stat_rows"], self.training, factors[0], self.eps, self.activation)

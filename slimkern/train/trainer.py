@@ -14,6 +14,7 @@ gives bit-identical weights to a run that was never interrupted (on the same mac
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -54,7 +55,9 @@ class Trainer:
             deterministic kernels).
         checkpoint: path of the checkpoint written atomically after every epoch.
         progress: show a progress bar per epoch.
-        device: where to train (default: the net's device).
+        device: where to train (default: the net's device, or the rank's device when distributed).
+        distributed: a :class:`slimkern.train.distributed.DataParallel` to train data-parallel
+            (sharded batches, synchronised BN, averaged gradients, rank-0 checkpoints).
     """
 
     needs_features = False
@@ -64,11 +67,14 @@ class Trainer:
                  nesterov: bool = True, schedule: str = "cosine", milestones: Sequence[float] = (),
                  gamma: float = 0.1, warmup_epochs: float = 0.0, label_smoothing: float = 0.0, seed: int = 0,
                  deterministic: bool = True, checkpoint: str | os.PathLike | None = None, progress: bool = True,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, distributed=None):
         if not isinstance(net, nn.Module):
             raise TypeError(f"{type(self).__name__}: net must be an nn.Module, got {type(net).__name__}")
         set_seed(seed, deterministic)
         self.net = net
+        self.distributed = distributed
+        if device is None and distributed is not None:
+            device = distributed.device
         self.device = torch.device(device) if device is not None else next(net.parameters()).device
         self.net.to(self.device)
         self.optimizer = make_optimizer(net, lr, momentum, weight_decay, nesterov)
@@ -114,19 +120,25 @@ class Trainer:
         self.net.train()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        total, terms = self.loss(x, y)
+        with self.distributed.forward_context(self.net) if self.distributed is not None else contextlib.nullcontext():
+            total, terms = self.loss(x, y)
         if not torch.isfinite(total):
             raise FloatingPointError(f"{self.name}: non-finite loss {total.item()} at step {self.global_step} "
                                      f"(terms: { {k: float(v.detach()) for k, v in terms.items()} }); lower the lr")
         total.backward()
+        out = {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+        if self.distributed is not None:  # one all-reduce: gradients (and logged terms) averaged over ranks
+            out = self.distributed.average_gradients(self.net, out)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.global_step += 1
-        return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+        return out
 
     # ----- the loop ----------------------------------------------------------------------
     def make_loader(self, data, batch_size: int) -> DataLoader:
+        if self.distributed is not None:
+            return self.distributed.loader(data, batch_size, self.data_generator)
         if isinstance(data, DataLoader):
             return data
         if not isinstance(data, Dataset):
@@ -158,6 +170,8 @@ class Trainer:
                 log.info("resumed from %s at epoch %d", self.checkpoint, self.epoch)
             else:
                 log.info("no checkpoint at %s: starting from scratch", self.checkpoint)
+        if self.distributed is not None:  # every rank continues from rank 0's state
+            self.distributed.sync_trainer(self)
         while self.epoch < epochs:
             record = self._run_epoch(loader, epochs)
             self.epoch += 1
@@ -213,6 +227,8 @@ class Trainer:
         self.history = list(state["history"])
 
     def save(self, path: str | os.PathLike) -> None:
+        if self.distributed is not None and not self.distributed.prepare_checkpoint(self.net):
+            return  # collective consistency check on every rank; rank 0 alone writes
         atomic_save(self.state_dict(), path)
 
     def load(self, path: str | os.PathLike) -> None:
