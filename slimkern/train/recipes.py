@@ -86,6 +86,9 @@ class SandwichTrainer(Trainer):
 
         return [slimkern.Switch.width(self.max_width), slimkern.Switch.width(self.min_width)]
 
+    def teacher_term(self) -> str:
+        return "ce_max"
+
 
 class ParaDiSTrainer(Trainer):
     r"""ParaDiS training, Algorithm 1 of Ozerov, Lambert & Kumaraswamy, "ParaDiS: Parallelly
@@ -169,6 +172,10 @@ class ParaDiSTrainer(Trainer):
     def trained_switches(self) -> list:
         return list(self.switches)
 
+    def teacher_term(self) -> str:
+        # The widest switch always learns from the labels (it is [1.0] when there is no wide teacher).
+        return f"ce {self.teacher}"
+
 
 class IndividualTrainer(Trainer):
     """The baseline the papers compare with: one switch trained alone with cross-entropy
@@ -189,3 +196,6 @@ class IndividualTrainer(Trainer):
 
     def trained_switches(self) -> list:
         return [self.switch]
+
+    def teacher_term(self) -> str:
+        return f"ce {self.switch}"

@@ -18,12 +18,14 @@ import contextlib
 import logging
 import os
 import time
+import warnings
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from slimkern.train.collapse import CollapseGuard
 from slimkern.train.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state, set_seed
 from slimkern.train.optim import lr_factor, make_optimizer, make_scheduler
 
@@ -58,6 +60,9 @@ class Trainer:
         device: where to train (default: the net's device, or the rank's device when distributed).
         distributed: a :class:`slimkern.train.distributed.DataParallel` to train data-parallel
             (sharded batches, synchronised BN, averaged gradients, rank-0 checkpoints).
+        clip_grad_norm: clip the global gradient norm to this value before each step (None: off).
+        fail_on_collapse: raise :class:`~slimkern.train.collapse.TrainingCollapsed` instead of
+            warning when the teacher's loss sits at chance for an epoch (``teacher_term``).
     """
 
     needs_features = False
@@ -67,7 +72,8 @@ class Trainer:
                  nesterov: bool = True, schedule: str = "cosine", milestones: Sequence[float] = (),
                  gamma: float = 0.1, warmup_epochs: float = 0.0, label_smoothing: float = 0.0, seed: int = 0,
                  deterministic: bool = True, checkpoint: str | os.PathLike | None = None, progress: bool = True,
-                 device: str | torch.device | None = None, distributed=None):
+                 device: str | torch.device | None = None, distributed=None,
+                 clip_grad_norm: float | None = None, fail_on_collapse: bool = False):
         if not isinstance(net, nn.Module):
             raise TypeError(f"{type(self).__name__}: net must be an nn.Module, got {type(net).__name__}")
         set_seed(seed, deterministic)
@@ -90,6 +96,11 @@ class Trainer:
         self.global_step = 0
         self.history: list[dict] = []
         lr_factor(schedule, 0, 1, 1, self.milestones, gamma, warmup_epochs)  # validates the schedule now
+        if clip_grad_norm is not None and not clip_grad_norm > 0:
+            raise ValueError(f"{type(self).__name__}: clip_grad_norm must be > 0 or None, got {clip_grad_norm!r}")
+        self.clip_grad_norm = clip_grad_norm
+        self.collapse_guard = CollapseGuard(fail=fail_on_collapse)
+        self._num_classes: int | None = None
 
     # ----- what a recipe defines -------------------------------------------------------
     def step_switches(self) -> list:
@@ -104,6 +115,10 @@ class Trainer:
         """The switches this recipe trains (evaluation marks them ``trained=True``)."""
         raise NotImplementedError
 
+    def teacher_term(self) -> str | None:
+        """The loss term holding the teacher's cross-entropy (the collapse guard watches it); None: no guard."""
+        return None
+
     # ----- one step ----------------------------------------------------------------------
     def ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
@@ -113,6 +128,7 @@ class Trainer:
         switches = self.step_switches()
         logits, feats = run_switches(self.net, x, switches, self.needs_features)
         terms = self.compute_losses(switches, logits, feats, y)
+        self._num_classes = int(logits[0].shape[-1])
         total = torch.stack(list(terms.values())).sum()
         return total, terms
 
@@ -129,6 +145,10 @@ class Trainer:
         out = {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
         if self.distributed is not None:  # one all-reduce: gradients (and logged terms) averaged over ranks
             out = self.distributed.average_gradients(self.net, out)
+        if self.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_([p for p in self.net.parameters() if p.grad is not None], self.clip_grad_norm)
+        if self.teacher_term() in out:
+            self.collapse_guard.observe(out[self.teacher_term()], self._num_classes)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
@@ -174,6 +194,11 @@ class Trainer:
             self.distributed.sync_trainer(self)
         while self.epoch < epochs:
             record = self._run_epoch(loader, epochs)
+            collapsed = self.collapse_guard.end_epoch(self.epoch + 1, self.teacher_term())
+            if collapsed:
+                log.warning(collapsed)
+                warnings.warn(collapsed, RuntimeWarning, stacklevel=2)
+                record["collapsed"] = 1.0
             self.epoch += 1
             self.history.append(record)
             if self.checkpoint is not None:
