@@ -23,6 +23,7 @@ import os
 import sys
 
 from slimkern.config import ConfigError, load_config, merge
+from slimkern.train.collapse import TrainingCollapsed
 
 # The ParaDiS demo: sized so training + calibration + evaluation + the individual baseline
 # finish in a few minutes on a 2-core CPU (see docs/train.md for the measurements).
@@ -56,6 +57,10 @@ _HELP = {
     "keep_freed_memory": "glibc: recycle freed activation buffers instead of unmapping them "
                          "(no page faults per step; see slimkern.train.keep_freed_memory)",
     "calibrate_batches": "BN calibration batches per switch",
+    "seeds": "run once per seed (e.g. 0,1,2,3,4) into <out>/seed<k> and report top-1 mean ± std per switch",
+    "clip_grad_norm": "clip the global gradient norm before each step (0: off)",
+    "warmup_epochs": "linear learning-rate warm-up (epochs)",
+    "fail_on_collapse": "stop with an error when the teacher's loss sits at chance (ln K) for an epoch",
     "out": "run folder", "resume": "continue from the run folder's checkpoint",
     "progress": "progress bars", "export": "switches to export as per-device modules after training",
 }
@@ -218,9 +223,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve(args, DEMO_PARADIS if args.command == "demo" else None)
         con = _console()
         title = "ParaDiS demo: MobileNet-v1 on digits" if args.command == "demo" else None
+        if cfg["seeds"]:
+            from slimkern.paradis.seeds import run_seeds
+
+            run_seeds(cfg, cfg["seeds"], console=con, title=title)
+            con.print(f"run folder: {os.path.abspath(cfg['out'])} (summary.json, summary.csv, seed<k>/)")
+            return 0
         report = runner.run(cfg, console=con, title=title)
         con.print(f"run folder: {os.path.abspath(cfg['out'])}  ({report.meta['total_seconds']:.1f} s)")
         return 0
+    except TrainingCollapsed as exc:
+        print(f"slimkern {args.command}: error: {exc}", file=sys.stderr)
+        return 3
     except (ConfigError, FileNotFoundError, ValueError, TypeError) as exc:
         print(f"slimkern {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -33,9 +33,12 @@ DEFAULTS: dict = {
     # optimisation
     "epochs": 10, "batch_size": 64, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True,
     "schedule": "cosine", "milestones": [], "gamma": 0.1, "warmup_epochs": 0.0, "individual_epochs": 0,
+    "clip_grad_norm": 0.0, "fail_on_collapse": False,
     # run
-    "seed": 0, "deterministic": True, "threads": 0, "calibrate_batches": 20, "eval_batch_size": 256,
+    "seed": 0, "seeds": [], "deterministic": True, "threads": 0, "calibrate_batches": 20, "eval_batch_size": 256,
     "out": "runs/run", "resume": False, "progress": True, "export": [], "keep_freed_memory": True,
+    # data-parallel training (slimkern.train.distributed): ranks, BN statistics, backend
+    "nproc": 1, "sync_bn": True, "dist_backend": "auto",
 }
 
 MODEL_NAMES = ("mobilenet_v1", "mobilenet_v2", "resnet20", "resnet18")
@@ -67,7 +70,9 @@ def check(cfg: dict) -> None:
         raise ValueError(f"unknown recipe {cfg['recipe']!r}; choose one of {RECIPES}")
     if cfg["dataset"] != "digits" and not cfg["data_root"]:
         raise ValueError(f"dataset {cfg['dataset']!r} needs --data-root (slimkern never downloads)")
-    for key in ("epochs", "batch_size"):
+    if cfg["dist_backend"] not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"dist_backend must be auto, gloo or nccl, got {cfg['dist_backend']!r}")
+    for key in ("epochs", "batch_size", "nproc"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
     for key in ("switches", "eval_switches", "individual", "export"):
@@ -99,17 +104,20 @@ def build_model(cfg: dict, split, max_width: float | None = None):
                             width_mult=cfg["width_mult"])
 
 
-def _trainer_kwargs(cfg: dict, checkpoint: str) -> dict:
-    return dict(lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"],
+def _trainer_kwargs(cfg: dict, checkpoint: str, distributed=None) -> dict:
+    main = distributed is None or distributed.is_main
+    return dict(distributed=distributed,
+                lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"],
                 schedule=cfg["schedule"], milestones=cfg["milestones"], gamma=cfg["gamma"],
                 warmup_epochs=cfg["warmup_epochs"], label_smoothing=cfg["label_smoothing"], seed=cfg["seed"],
-                deterministic=cfg["deterministic"], checkpoint=checkpoint, progress=cfg["progress"])
+                deterministic=cfg["deterministic"], checkpoint=checkpoint, progress=cfg["progress"] and main,
+                clip_grad_norm=cfg["clip_grad_norm"] or None, fail_on_collapse=cfg["fail_on_collapse"])
 
 
-def make_trainer(cfg: dict, net, checkpoint: str):
+def make_trainer(cfg: dict, net, checkpoint: str, distributed=None):
     from slimkern import train as T
 
-    kw = _trainer_kwargs(cfg, checkpoint)
+    kw = _trainer_kwargs(cfg, checkpoint, distributed)
     sws = [parse_switch(s) for s in cfg["switches"]]
     if cfg["recipe"] == "paradis":
         return T.ParaDiSTrainer(net, sws, beta=cfg["beta"], kd=cfg["kd"], temperature=cfg["temperature"], **kw)
@@ -143,22 +151,32 @@ def _switch_dirname(sw) -> str:
 
 
 def run(cfg: dict, console=None, title: str | None = None):
-    """Train, calibrate, evaluate, report and export as ``cfg`` says; returns the Report."""
+    """Train, calibrate, evaluate, report and export as ``cfg`` says; returns the Report.
+
+    Launched as one rank of a data-parallel job (``slimkern train --nproc N``, torchrun), every
+    rank trains (``slimkern.train.distributed``; ``batch_size`` is per rank) and rank 0 alone
+    writes the run folder, calibrates, evaluates and exports; the other ranks return None."""
     import slimkern
     from torch.utils.data import DataLoader
 
+    from slimkern.train import distributed as D
+
     check(cfg)
+    dp = D.init_from_env(cfg["dist_backend"], sync_bn=cfg["sync_bn"])
+    if dp is not None and cfg["nproc"] > 1 and dp.world_size != cfg["nproc"]:
+        raise ValueError(f"--nproc {cfg['nproc']} but the launcher started {dp.world_size} processes")
+    main = dp is None or dp.is_main
     if cfg["keep_freed_memory"]:
         from slimkern.train.memory import keep_freed_memory
 
         log.info("glibc keeps freed memory for reuse: %s", keep_freed_memory())
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
-    out = setup_run_folder(cfg)
+    out = setup_run_folder(cfg) if main else os.path.abspath(cfg["out"])
     t_start = time.perf_counter()
     split = load_data(cfg)
     net = build_model(cfg, split)
-    trainer = make_trainer(cfg, net, os.path.join(out, "checkpoint.pt"))
+    trainer = make_trainer(cfg, net, os.path.join(out, "checkpoint.pt"), dp)
     log.info("training %s (%s) on %s for %d epochs: switches %s", cfg["model"], cfg["recipe"], cfg["dataset"],
              cfg["epochs"], [str(s) for s in trainer.trained_switches()])
     trainer.fit(split.train, cfg["epochs"], batch_size=cfg["batch_size"], resume=cfg["resume"])
@@ -168,19 +186,23 @@ def run(cfg: dict, console=None, title: str | None = None):
     eval_sws = list(dict.fromkeys(trained + [parse_switch(s) for s in cfg["eval_switches"]]))
     calib = DataLoader(split.train, batch_size=cfg["batch_size"], shuffle=True,
                        generator=torch.Generator().manual_seed(cfg["seed"] + 7))
-    slimkern.calibrate_bn(net, calib, eval_sws, num_batches=cfg["calibrate_batches"])
+    if main:
+        slimkern.calibrate_bn(net, calib, eval_sws, num_batches=cfg["calibrate_batches"])
 
     individual = {}
     for s in cfg["individual"]:
         sw = parse_switch(s)
         inet = build_model(cfg, split, max_width=max(1.0, sw.max_fraction))
         ikw = dict(cfg, recipe="individual", switches=[str(sw)])
-        it = make_trainer(ikw, inet, os.path.join(out, f"individual-{_switch_dirname(sw)}.pt"))
+        it = make_trainer(ikw, inet, os.path.join(out, f"individual-{_switch_dirname(sw)}.pt"), dp)
         log.info("training the individual %s baseline", sw)
         it.fit(split.train, cfg["individual_epochs"] or cfg["epochs"], batch_size=cfg["batch_size"],
                resume=cfg["resume"])
-        slimkern.calibrate_bn(inet, calib, [sw], num_batches=cfg["calibrate_batches"])
+        if main:
+            slimkern.calibrate_bn(inet, calib, [sw], num_batches=cfg["calibrate_batches"])
         individual[sw] = inet
+    if not main:
+        return None
 
     test = DataLoader(split.test, batch_size=cfg["eval_batch_size"], shuffle=False)
     report = slimkern.evaluate(net, test, eval_sws, trained=trained, individual=individual,
