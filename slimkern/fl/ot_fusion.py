@@ -86,7 +86,7 @@ def transport_plan(M: torch.Tensor, method: str = "emd", reg: float = 1e-2, max_
             raise ImportError("method='emd' needs POT (pip install pot); or use method='sinkhorn'") from exc
         return torch.from_numpy(np.asarray(ot.emd(a.numpy(), b.numpy(), M.numpy(), numItermax=1_000_000)))
     from slimkern.solvers import sinkhorn
-    return sinkhorn(a, b, M, float(reg), method="log", max_iter=max_iter, tol=1e-9)
+    return sinkhorn(a, b, M, float(reg), method="log", max_iter=max_iter, tol=1e-7)
 
 
 def _col(T: torch.Tensor) -> torch.Tensor:
