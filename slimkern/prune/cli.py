@@ -50,10 +50,40 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--batch-size", type=int, default=32)
 
 
+_SCENARIOS = {"iid": ("iid", 1), "iid-random-epochs": ("iid", "random"), "2-class": ("shards", 1)}
+
+
+def _dac_server_args(p: argparse.ArgumentParser, out: str) -> None:
+    """The options of DAC's server side (model, data, Algorithm 1), shared by dac-sweep and dac-gates;
+    defaults are the small setting (digits at their native 8x8, MobileNet-v2 x0.35)."""
+    p.add_argument("--out", default=out, help="run folder")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--width-mult", type=float, default=0.35, help="MobileNet-v2 width of the 1.0x model")
+    p.add_argument("--last-channels", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--budgets", type=_budget, nargs="+", default=[{"macs_ratio": 0.5}, {"macs_ratio": 0.8}])
+    p.add_argument("--reference-fraction", type=float, default=0.2, help="server reference data (of train)")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.5)
+    p.add_argument("--pretrain-epochs", type=int, default=5)
+    p.add_argument("--threshold", type=float, default=0.1)
+    p.add_argument("--guard-fraction", type=float, default=0.2)
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--gate-lr", type=float, default=None, help="learning rate of the gates (default: --lr)")
+
+
+def _dac_options(args) -> dict:
+    opts = {"threshold": args.threshold, "guard_fraction": args.guard_fraction, "finetune_epochs": args.finetune_epochs}
+    if getattr(args, "gate_lr", None) is not None:
+        opts["gate_lr"] = args.gate_lr
+    return opts
+
+
 def add_prune_parser(sub) -> argparse.ArgumentParser:
     """Adds ``prune`` (with ``dac`` and ``dwnp``) to an ``argparse`` subparsers object."""
     p = sub.add_parser("prune", help="channel pruning to per-device budgets: DAC and DWNP (federated simulation)")
-    ps = p.add_subparsers(dest="method", metavar="{dac,dwnp}")
+    ps = p.add_subparsers(dest="method", metavar="{dac,dac-sweep,dac-gates,dwnp}")
     ps.required = True
     d = ps.add_parser("dac", help="DAC: Algorithm 1 per budget, then clustered FedAvg (Li & Sanyal)")
     _common(d, "runs/prune-dac")
@@ -70,6 +100,18 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     d.add_argument("--finetune-epochs", type=int, default=1)
     d.add_argument("--no-width-baselines", action="store_true")
     d.add_argument("--full-baseline", action="store_true", help="also FedAvg the 1.0x model over all clients")
+    d.add_argument("--gate-lr", type=float, default=None, help="learning rate of the gates (default: --lr)")
+    sw = ps.add_parser("dac-sweep", help="DAC Figures 4-5: clustered FedAvg vs number of clients, per scenario")
+    _dac_server_args(sw, "runs/prune-dac-sweep")
+    sw.add_argument("--client-counts", type=int, nargs="+", default=[2, 4, 8, 16])
+    sw.add_argument("--scenarios", nargs="+", default=list(_SCENARIOS), choices=list(_SCENARIOS),
+                    help="iid: IID, 1 local epoch; iid-random-epochs: IID, {3,4,5} per client and round; "
+                         "2-class: 2 classes per client (more when N < 5)")
+    sw.add_argument("--rounds", type=int, default=4)
+    sw.add_argument("--width-baselines", action="store_true", help="also the equal-cost width-multiplier models")
+    g = ps.add_parser("dac-gates", help="why the 0.1 gate threshold fires or not: Algorithm 1 per gate lr")
+    _dac_server_args(g, "runs/prune-dac-gates")
+    g.add_argument("--gate-lrs", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
     w = ps.add_parser("dwnp", help="DWNP: hypernetwork masks, bilevel federated training (Gao et al.)")
     _common(w, "runs/prune-dwnp")
     w.add_argument("--p-server", type=float, default=0.8, help="server FLOPs ratio target")
@@ -119,8 +161,7 @@ def _dac(args, seed, log):
                       batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
                       width_baselines=not args.no_width_baselines, full_baseline=args.full_baseline,
                       seed=seed, log=log,
-                      dac_options={"threshold": args.threshold, "guard_fraction": args.guard_fraction,
-                                   "finetune_epochs": args.finetune_epochs})
+                      dac_options=_dac_options(args))
     s = r.summary()
     s["seed"] = seed
     s["models"] = {f"{c.kind}_{j}": c.model.state_dict() for j, c in enumerate(r.clusters)}
@@ -152,10 +193,71 @@ def _dwnp(args, seed, log):
     return s
 
 
+def _server_data(args, seed):
+    import torch
+
+    from slimkern.data import digits
+    from slimkern.models import mobilenet_v2
+
+    split = digits(image_size=args.image_size, seed=seed)
+    torch.manual_seed(seed)
+    net = mobilenet_v2(split.num_classes, split.in_channels, width_mult=args.width_mult,
+                       last_channels=args.last_channels)
+    return split, net
+
+
+def _sweep(args, seed, log):
+    from slimkern.prune.dac_sweep import dac_client_sweep
+
+    split, net = _server_data(args, seed)
+    return dac_client_sweep(net, args.budgets, split.train, split.train.tensors[1].numpy(), split.test,
+                            input_size=split.input_size, clients=args.client_counts,
+                            scenarios={k: _SCENARIOS[k] for k in args.scenarios},
+                            reference_fraction=args.reference_fraction, rounds=args.rounds, lr=args.lr,
+                            momentum=args.momentum, batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
+                            width_baselines=args.width_baselines, dac_options=_dac_options(args), seed=seed, log=log)
+
+
+def _gates(args, seed, log):
+    from slimkern.prune.dac_gate_study import dac_gate_study
+
+    split, net = _server_data(args, seed)
+    return dac_gate_study(net, args.budgets, split.train, split.test, input_size=split.input_size,
+                          gate_lrs=args.gate_lrs, reference_fraction=args.reference_fraction,
+                          batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
+                          dac_options={**_dac_options(args), "lr": args.lr}, seed=seed, log=log)
+
+
+def _cmd_study(args, log) -> int:
+    from slimkern.prune.run_folder import write_gate_run, write_sweep_run
+    from slimkern.prune.summary import gate_summary, sweep_summary
+    from slimkern.report import atomic_write_text
+
+    t0 = time.perf_counter()
+    sweep = args.method == "dac-sweep"
+    runs = []
+    for seed in args.seeds:
+        log(f"--- seed {seed}")
+        runs.append((_sweep if sweep else _gates)(args, seed, log))
+    what = "client sweep" if sweep else "gate study"
+    meta = {"method": args.method, "args": {k: v for k, v in vars(args).items() if k not in ("func",)},
+            "seconds": time.perf_counter() - t0, "threshold": args.threshold,
+            "title": f"DAC {what}: MobileNet-v2 x{args.width_mult} on digits {args.image_size}px"}
+    paths = (write_sweep_run if sweep else write_gate_run)(args.out, runs, meta)
+    text = (sweep_summary if sweep else gate_summary)({"meta": meta, "runs": runs})
+    atomic_write_text(os.path.join(args.out, "summary.md"), f"# {meta['title']}\n\n{text}")
+    log(text)
+    log(f"run folder: {os.path.abspath(args.out)} "
+        f"({', '.join(os.path.basename(p) for p in paths + [os.path.join(args.out, 'summary.md')])})")
+    return 0
+
+
 def cmd_prune(args) -> int:
     from slimkern.prune.run_folder import write_dac_run, write_dwnp_run
 
     log = lambda s: print(s, flush=True)  # noqa: E731
+    if args.method in ("dac-sweep", "dac-gates"):
+        return _cmd_study(args, log)
     t0 = time.perf_counter()
     runs = []
     for seed in args.seeds:

@@ -214,6 +214,10 @@ def dac_compress(model: nn.Module, budgets, loader: Iterable, *, input_size=(1, 
                                    f"(now {macs:,} MACs, {params:,} params); raise max_rounds")
             t0 = time.perf_counter()
             loss = train(epochs_per_round)
+            with torch.no_grad():  # where the live gates stand when the threshold rule is applied
+                live_w = torch.cat([w.detach() for w in state.live_gates()])
+                gate_stats = {"gate_min": float(live_w.min()), "gate_mean": float(live_w.mean()),
+                              "gate_max": float(live_w.max()), "gate_spread": float(live_w.std(unbiased=False))}
             removed, how = state.remove_below(threshold), "threshold"
             if removed == 0:
                 costs = _group_macs(fm, state)
@@ -227,7 +231,7 @@ def dac_compress(model: nn.Module, budgets, loader: Iterable, *, input_size=(1, 
             rounds += 1
             macs, params = fm.hard_cost(state.keep())
             history.append({"round": rounds, "budget": i, "loss": loss, "removed": removed, "by": how,
-                            "macs": macs, "params": params, "seconds": time.perf_counter() - t0})
+                            "macs": macs, "params": params, **gate_stats, "seconds": time.perf_counter() - t0})
             say(f"DAC round {rounds} (budget {i}): loss {loss:.4f}, removed {removed} by {how}, "
                 f"{macs:,} MACs, {params:,} params")
         if finetune_epochs:

@@ -35,7 +35,7 @@ from slimkern.prune.fedavg import accuracy, average_states, local_sgd
 from slimkern.prune.groups import as_slim_net
 from slimkern.prune.width_baseline import width_for_budget
 
-__all__ = ["ClusterResult", "DACFederatedResult", "dac_federated"]
+__all__ = ["ClusterResult", "DACFederatedResult", "DACServerModels", "dac_federated", "dac_server"]
 
 
 @dataclass
@@ -90,6 +90,72 @@ def _fedavg(model: nn.Module, clients: list[int], client_sets, test_loader, roun
     return acc
 
 
+def _budget_keys(client_budgets: Sequence[dict]) -> list[tuple]:
+    for i, b in enumerate(client_budgets):
+        if not isinstance(b, dict) or not b:
+            raise TypeError(f"dac_federated: client {i}'s budget must be a non-empty dict like {{'macs_ratio': 0.5}}, "
+                            f"got {b!r}")
+    return [tuple(sorted(b.items())) for b in client_budgets]
+
+
+@dataclass
+class DACServerModels:
+    """What the server sends out: per budget the DAC model (and its equal-cost width-multiplier
+    baseline), the pre-trained net they were carved from, and Algorithm 1's round history."""
+
+    full: dict
+    models: list[ClusterResult]
+    history: list[dict]
+    net: nn.Module = field(repr=False)
+
+    def full_model(self) -> nn.Module:
+        """A fresh plain copy of the pre-trained 1.0x model."""
+        return prune_channels(self.net, {})
+
+
+def dac_server(model: nn.Module, budgets: Sequence[dict], reference: Dataset, test: Dataset, *, input_size,
+               batch_size: int = 32, pretrain_epochs: int = 3, pretrain_lr: float = 0.05,
+               width_baselines: bool = True, dac_options: dict | None = None, seed: int = 0,
+               log: Callable[[str], None] | None = None) -> DACServerModels:
+    """The server's half of DAC's federated scheme: pre-train ``model`` (a copy) on the reference
+    data, run Algorithm 1 once for the distinct ``budgets`` and, with ``width_baselines``, carve
+    and train the equal-cost width-multiplier models. The returned models have empty ``clients``
+    and ``accuracy``; ``dac_federated`` and ``dac_client_sweep`` run the clusters' FedAvg on them."""
+    say = log or (lambda s: None)
+    budgets = [dict(k) for k in dict.fromkeys(_budget_keys(budgets))]
+    torch.manual_seed(seed)
+    net = copy.deepcopy(as_slim_net(model, "dac_federated"))
+    test_loader = _loader(test, 256, 0, shuffle=False)
+    ref_loader = _loader(reference, batch_size, seed + 1)
+    full_prof = profile(net.eval(), input_size=input_size)
+    parsed = parse_budgets(budgets, full_prof.macs, full_prof.params)  # validates before any training
+    local_sgd(net, ref_loader, pretrain_epochs, pretrain_lr, 0.9)
+    full = {"macs": full_prof.macs, "params": full_prof.params, "peak_activation_bytes": full_prof.peak_activation_bytes,
+            "accuracy": accuracy(net, test_loader)}
+    say(f"pre-trained full model: accuracy {full['accuracy']:.4f}, {full['macs']:,} MACs")
+    results = dac_compress(net, budgets, ref_loader, input_size=input_size, seed=seed, log=log,
+                           **(dac_options or {}))
+    models: list[ClusterResult] = []
+    history: list[dict] = []
+    opts = dac_options or {}
+    for b, pb, res in zip(budgets, parsed, results):
+        history += res.history
+        say(f"budget {b}: DAC model {res.macs:,} MACs, {res.params:,} params")
+        models.append(ClusterResult("dac", b, [], res.macs, res.params, res.peak_activation_bytes, keep=res.keep,
+                                    model=res.model))
+        if width_baselines:
+            w, keep = width_for_budget(net, pb, input_size)
+            wm = prune_channels(net, keep)
+            # the same server-side training DAC's model had on the reference data (its rounds so far)
+            dac_epochs = (res.history[-1]["round"] if res.history else 0) * opts.get("epochs_per_round", 1)
+            dac_epochs += opts.get("finetune_epochs", 1)
+            local_sgd(wm, ref_loader, dac_epochs, opts.get("lr", 0.01), opts.get("momentum", 0.9))
+            p = pruned_profile(net, keep, input_size)
+            models.append(ClusterResult("width", b, [], p.macs, p.params, p.peak_activation_bytes, width=w,
+                                        keep={g: list(v) for g, v in keep.items()}, model=wm))
+    return DACServerModels(full, models, history, net)
+
+
 def dac_federated(model: nn.Module, client_budgets: Sequence[dict], client_sets: Sequence[Dataset],
                   reference: Dataset, test: Dataset, *, input_size, rounds: int = 5, local_epochs=1,
                   lr: float = 0.01, momentum: float = 0.5, batch_size: int = 32, pretrain_epochs: int = 3,
@@ -121,57 +187,26 @@ def dac_federated(model: nn.Module, client_budgets: Sequence[dict], client_sets:
         raise ValueError(f"dac_federated: local_epochs must be an int >= 1 or 'random', got {local_epochs!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"dac_federated: rounds must be an int >= 0, got {rounds!r}")
-    torch.manual_seed(seed)
     rng = random.Random(seed)
-    net = copy.deepcopy(as_slim_net(model, "dac_federated"))
     test_loader = _loader(test, 256, 0, shuffle=False)
-    ref_loader = _loader(reference, batch_size, seed + 1)
-    full_prof = profile(net.eval(), input_size=input_size)
-    for i, b in enumerate(client_budgets):
-        if not isinstance(b, dict) or not b:
-            raise TypeError(f"dac_federated: client {i}'s budget must be a non-empty dict like {{'macs_ratio': 0.5}}, "
-                            f"got {b!r}")
-    keys = [tuple(sorted(b.items())) for b in client_budgets]
+    keys = _budget_keys(client_budgets)
     unique = list(dict.fromkeys(keys))
     members = {k: [i for i, kk in enumerate(keys) if kk == k] for k in unique}
-    budgets = [dict(k) for k in unique]
-    parsed = parse_budgets(budgets, full_prof.macs, full_prof.params)  # validates before any training
-    local_sgd(net, ref_loader, pretrain_epochs, pretrain_lr, 0.9)
-    full = {"macs": full_prof.macs, "params": full_prof.params, "peak_activation_bytes": full_prof.peak_activation_bytes,
-            "accuracy": accuracy(net, test_loader)}
-    say(f"pre-trained full model: accuracy {full['accuracy']:.4f}, {full['macs']:,} MACs")
+    server = dac_server(model, [dict(k) for k in unique], reference, test, input_size=input_size,
+                        batch_size=batch_size, pretrain_epochs=pretrain_epochs, pretrain_lr=pretrain_lr,
+                        width_baselines=width_baselines, dac_options=dac_options, seed=seed, log=log)
+    full = server.full
     if full_baseline:  # the 1.0x model through the same FedAvg, on every client: the reference accuracy
-        full_model = prune_channels(net, {})
-        full["fl_accuracy"] = _fedavg(full_model, list(range(len(client_sets))), client_sets, test_loader, rounds,
-                                      local_epochs, lr, momentum, batch_size, random.Random(seed), seed)
+        full["fl_accuracy"] = _fedavg(server.full_model(), list(range(len(client_sets))), client_sets, test_loader,
+                                      rounds, local_epochs, lr, momentum, batch_size, random.Random(seed), seed)
         say(f"1.0x model, FedAvg over all clients: accuracy {full['fl_accuracy'][-1]:.4f}")
-    results = dac_compress(net, budgets, ref_loader, input_size=input_size, seed=seed, log=log,
-                           **(dac_options or {}))
     clusters: list[ClusterResult] = []
-    history: list[dict] = []
-    for k, b, res in zip(unique, budgets, results):
-        history += res.history
-        say(f"cluster {b}: DAC model {res.macs:,} MACs, {res.params:,} params, clients {members[k]}")
-        c = ClusterResult("dac", b, members[k], res.macs, res.params, res.peak_activation_bytes, keep=res.keep,
-                          model=res.model)
-        c.accuracy = _fedavg(res.model, members[k], client_sets, test_loader, rounds, local_epochs, lr, momentum,
+    for c in server.models:
+        c.clients = members[tuple(sorted(c.budget.items()))]
+        c.accuracy = _fedavg(c.model, c.clients, client_sets, test_loader, rounds, local_epochs, lr, momentum,
                              batch_size, rng, seed)
         clusters.append(c)
-        if width_baselines:
-            w, keep = width_for_budget(net, parsed[unique.index(k)], input_size)
-            wm = prune_channels(net, keep)
-            # the same server-side training DAC's model had on the reference data (its rounds so far)
-            opts = dac_options or {}
-            dac_epochs = (res.history[-1]["round"] if res.history else 0) * opts.get("epochs_per_round", 1)
-            dac_epochs += opts.get("finetune_epochs", 1)
-            local_sgd(wm, ref_loader, dac_epochs, opts.get("lr", 0.01), opts.get("momentum", 0.9))
-            p = pruned_profile(net, keep, input_size)
-            cw = ClusterResult("width", b, members[k], p.macs, p.params, p.peak_activation_bytes, width=w,
-                               keep={g: list(v) for g, v in keep.items()}, model=wm)
-            cw.accuracy = _fedavg(wm, members[k], client_sets, test_loader, rounds, local_epochs, lr, momentum,
-                                  batch_size, rng, seed)
-            clusters.append(cw)
-            say(f"  DAC accuracy {c.accuracy[-1]:.4f} vs width {w:.3f} ({p.macs:,} MACs) {cw.accuracy[-1]:.4f}")
+        say(f"cluster {c.budget}: {c.kind} model {c.macs:,} MACs, clients {c.clients}: accuracy {c.accuracy[-1]:.4f}")
     for c in clusters:
         c.model.eval()
-    return DACFederatedResult(full, clusters, time.perf_counter() - t0, history)
+    return DACFederatedResult(full, clusters, time.perf_counter() - t0, server.history)

@@ -15,7 +15,7 @@ import os
 from slimkern.report import atomic_write_text
 from slimkern.train.checkpoint import atomic_save
 
-__all__ = ["write_dac_run", "write_dwnp_run"]
+__all__ = ["write_dac_run", "write_dwnp_run", "write_gate_run", "write_sweep_run"]
 
 
 def _csv(rows: list[dict], fields: list[str]) -> str:
@@ -124,3 +124,100 @@ def write_dwnp_run(out: str, runs: list[dict], meta: dict) -> list[str]:
     _savefig(fig, os.path.join(out, "dwnp.png"))
     plt.close(fig)
     return paths + [os.path.join(out, "dwnp.png")]
+
+
+def write_sweep_run(out: str, runs: list[dict], meta: dict) -> list[str]:
+    """``runs``: one ``dac_client_sweep`` result per seed. Writes report.json, sweep.csv (one row
+    per seed, scenario, number of clients and model) and sweep.png: per scenario, accuracy vs
+    params at each number of clients (Figure 4 analogue, top) and accuracy vs number of clients
+    per model (Figure 5 analogue, bottom), mean over seeds with the seed spread as error bars."""
+    os.makedirs(out, exist_ok=True)
+    rows = [{**r, "budget": json.dumps(r["budget"]) if r["budget"] else "", "members": " ".join(map(str, r["members"]))}
+            for run in runs for r in run["rows"]]
+    atomic_write_text(os.path.join(out, "report.json"), json.dumps({"meta": meta, "runs": runs}, indent=2))
+    fields = ["seed", "scenario", "partition", "local_epochs", "clients", "classes_per_client", "model", "budget",
+              "members", "macs", "params", "peak_activation_bytes", "accuracy"]
+    atomic_write_text(os.path.join(out, "sweep.csv"), _csv(rows, fields))
+    paths = [os.path.join(out, p) for p in ("report.json", "sweep.csv")]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return paths
+    scen = list(dict.fromkeys(r["scenario"] for r in rows))
+    clients = sorted({r["clients"] for r in rows})
+    models = list(dict.fromkeys((r["model"], r["budget"]) for r in rows))
+    fig, axes = plt.subplots(2, len(scen), figsize=(4.6 * len(scen), 7.4), squeeze=False)
+    for j, sc in enumerate(scen):
+        sr = [r for r in rows if r["scenario"] == sc]
+        for i, n in enumerate(clients):
+            pts = []
+            for m in models:
+                acc = [r["accuracy"] for r in sr if r["clients"] == n and (r["model"], r["budget"]) == m]
+                par = [r["params"] for r in sr if r["clients"] == n and (r["model"], r["budget"]) == m]
+                if acc:
+                    pts.append((np.mean(par), np.mean(acc), np.std(acc, ddof=1) if len(acc) > 1 else 0.0))
+            pts.sort()
+            if pts:
+                x, y, e = zip(*pts)
+                axes[0, j].errorbar(x, y, yerr=e, marker="o", capsize=3, label=f"N={n}", color=f"C{i}")
+        axes[0, j].set_xlabel("parameters")
+        axes[0, j].set_title(sc)
+        for k, m in enumerate(models):
+            lab = "1.0x (all clients)" if m[0] == "full" else f"{m[0].upper() if m[0] == 'dac' else m[0]} {m[1]}"
+            ys = [[r["accuracy"] for r in sr if r["clients"] == n and (r["model"], r["budget"]) == m] for n in clients]
+            if all(ys):
+                axes[1, j].errorbar(clients, [np.mean(y) for y in ys],
+                                    yerr=[np.std(y, ddof=1) if len(y) > 1 else 0.0 for y in ys], marker="os^vD"[k % 5],
+                                    capsize=3, label=lab, color=f"C{k}")
+        axes[1, j].set_xscale("log", base=2)
+        axes[1, j].set_xticks(clients, [str(n) for n in clients])
+        axes[1, j].set_xlabel("number of clients")
+        for ax in axes[:, j]:
+            ax.set_ylabel("test accuracy")
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    axes[1, 0].legend(fontsize=7)
+    fig.suptitle(meta.get("title", "DAC client sweep"))
+    _savefig(fig, os.path.join(out, "sweep.png"))
+    plt.close(fig)
+    return paths + [os.path.join(out, "sweep.png")]
+
+
+def write_gate_run(out: str, runs: list[dict], meta: dict) -> list[str]:
+    """``runs``: one ``dac_gate_study`` result per seed. Writes report.json, gates.csv (one row
+    per seed, gate learning rate and Algorithm-1 round: live-gate min / mean / max, what removed
+    how many channels) and gates.png (smallest live gate per round, with the threshold)."""
+    os.makedirs(out, exist_ok=True)
+    rows = [{"seed": run["seed"], "gate_lr": r["gate_lr"], **{k: h[k] for k in ("round", "budget", "by", "removed",
+                                                                              "gate_min", "gate_mean", "gate_max",
+                                                                              "macs", "params")}}
+            for run in runs for r in run["runs"] for h in r["history"]]
+    atomic_write_text(os.path.join(out, "report.json"), json.dumps({"meta": meta, "runs": runs}, indent=2))
+    atomic_write_text(os.path.join(out, "gates.csv"), _csv(rows, list(rows[0]) if rows else ["seed"]))
+    paths = [os.path.join(out, p) for p in ("report.json", "gates.csv")]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover
+        return paths
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    lrs = list(dict.fromkeys(r["gate_lr"] for r in rows))
+    for k, g in enumerate(lrs):
+        for s in dict.fromkeys(r["seed"] for r in rows):
+            pr = [r for r in rows if r["gate_lr"] == g and r["seed"] == s]
+            ax.plot([r["round"] for r in pr], [r["gate_min"] for r in pr], color=f"C{k}", alpha=0.8,
+                    label=f"gate lr {g:g}" if s == rows[0]["seed"] else None)
+    thr = meta.get("threshold", 0.1)
+    ax.axhline(thr, color="k", ls="--", lw=1, label=f"threshold {thr:g}")
+    ax.set_xlabel("Algorithm 1 round")
+    ax.set_ylabel("smallest live gate before removal")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(meta.get("title", "DAC gates"), fontsize=9)
+    _savefig(fig, os.path.join(out, "gates.png"))
+    plt.close(fig)
+    return paths + [os.path.join(out, "gates.png")]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 
-__all__ = ["dac_summary", "dwnp_summary"]
+__all__ = ["dac_summary", "dwnp_summary", "gate_summary", "sweep_summary"]
 
 
 def _ms(xs, scale=1.0, digits=2) -> str:
@@ -62,4 +62,55 @@ def dwnp_summary(report: dict) -> str:
                      f"{_ms([1 - p['ratio'] for _, p in ps], 100, 1)} |")
     lines.append("")
     lines.append(f"shared weights, unmasked: {_ms([r['shared_accuracy'] for r in runs], 100)} %")
+    return "\n".join(lines) + "\n"
+
+
+def _model_label(row: dict) -> str:
+    if row["model"] == "full":
+        return "1.0x"
+    b = ", ".join(f"{k}={v:g}" for k, v in sorted(row["budget"].items()))
+    return f"{'DAC' if row['model'] == 'dac' else 'width'} {b}"
+
+
+def sweep_summary(report: dict) -> str:
+    """DAC client sweep (Figures 4-5): per scenario a table of accuracy (mean ± std over seeds)
+    with one row per model and one column per number of clients, and the models' params."""
+    runs = report["runs"]
+    rows = [r for run in runs for r in run["rows"]]
+    lines = [f"seeds: {[r['seed'] for r in runs]}", ""]
+    clients = sorted({r["clients"] for r in rows})
+    models = list(dict.fromkeys(_model_label(r) for r in rows))
+    for sc in dict.fromkeys(r["scenario"] for r in rows):
+        srows = [r for r in rows if r["scenario"] == sc]
+        cpc = {r["clients"]: r["classes_per_client"] for r in srows if r["classes_per_client"]}
+        note = f" (classes per client: {', '.join(f'N={n}: {c}' for n, c in sorted(cpc.items()))})" if cpc else ""
+        lines += [f"### {sc}: partition {srows[0]['partition']}, local epochs {srows[0]['local_epochs']}{note}", "",
+                  "| model | params | " + " | ".join(f"N={n} accuracy %" for n in clients) + " |",
+                  "|---|---|" + "---|" * len(clients)]
+        for m in models:
+            mr = [r for r in srows if _model_label(r) == m]
+            if not mr:
+                continue
+            cells = [_ms([r["accuracy"] for r in mr if r["clients"] == n], 100) for n in clients]
+            lines.append(f"| {m} | {_ms([r['params'] for r in mr], 1, 0)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def gate_summary(report: dict) -> str:
+    """DAC gate study: per gate learning rate, the channels removed by the threshold rule and by
+    the guard, the smallest live gate at the end, and each budget's accuracy before FL."""
+    runs = report["runs"]
+    lines = [f"seeds: {[r['seed'] for r in runs]}; pre-trained accuracy "
+             f"{_ms([r['pretrained_accuracy'] for r in runs], 100)} %", ""]
+    budgets = [json.dumps(b["budget"], sort_keys=True) for b in runs[0]["runs"][0]["budgets"]]
+    lines += ["| gate lr | rounds | rounds the threshold fired | channels by threshold | channels by guard "
+              "| smallest live gate at the end | " + " | ".join(f"accuracy % {b}" for b in budgets) + " |",
+              "|---|---|---|---|---|---|" + "---|" * len(budgets)]
+    for i, g in enumerate(r["gate_lr"] for r in runs[0]["runs"]):
+        rs = [run["runs"][i] for run in runs]
+        accs = [_ms([r["budgets"][j]["accuracy"] for r in rs], 100) for j in range(len(budgets))]
+        lines.append(f"| {g:g} | {_ms([r['rounds'] for r in rs], 1, 1)} | {_ms([r['threshold_rounds'] for r in rs], 1, 1)}"
+                     f" | {_ms([r['threshold_channels'] for r in rs], 1, 1)} | {_ms([r['guard_channels'] for r in rs], 1, 1)}"
+                     f" | {_ms([r['final_gate_min'] for r in rs], 1, 3)} | " + " | ".join(accs) + " |")
     return "\n".join(lines) + "\n"
