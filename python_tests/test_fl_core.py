@@ -117,3 +117,85 @@ if __name__ == "__main__":  # python python_tests/test_fl_core.py: print the dig
     torch.set_num_threads(1)
     d = data.__wrapped__()
     print({n: digests(d, n) for n in sorted(CASES)})
+
+
+def _setup(data, n=6):
+    train, test = data
+    tiers = parse_tiers("full=1.0:0.34,small=0.5:0.33,two=[0.5,0.5]:0.33")
+    return train, test, make_clients(train[1].numpy(), tiers, n, "dirichlet", alpha=0.5, seed=0)
+
+
+def test_identity_server_step_keeps_the_pinned_run_and_sees_the_accepted_replies(data):
+    from slimkern.fl.aggregate import ClientUpdate
+    train, test, clients = _setup(data)
+    seen = []
+
+    def step(model, replies, r):
+        seen.append((r, sorted(u.client for u in replies), [type(u) for u in replies]))
+        assert all(isinstance(u.values, torch.Tensor) and u.num_examples == u.num_samples for u in replies)
+        return {"n": len(replies)}
+
+    net = small_cnn(channels=(8, 12, 12), seed=1)
+    h = simulate(net, train, test, clients, "heterofl", rounds=2, lr=0.1, batch_size=16, seed=3, progress=False,
+                 calib_batches=2, clients_per_round=5, dropout=0.3, server_step=step)
+    assert [r for r, _, _ in seen] == [0, 1]
+    for (r, ids, types), rec in zip(seen, h.rounds):
+        assert ids == rec.accepted and all(t is ClientUpdate for t in types)
+        assert rec.metrics == {"n": float(len(rec.accepted))} and 0 < rec.server_time < rec.wall_time
+    # reading the parameters back after an identity step changes nothing
+    hs = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        hs.update(k.encode())
+        hs.update(_bytes(v))
+    assert hs.hexdigest()[:16] == PINNED["heterofl"][0]
+
+
+def test_server_step_changes_reach_the_server_state(data):
+    train, test, clients = _setup(data)
+
+    def zero_bias(model, replies, r):
+        with torch.no_grad():
+            model.classifier.bias.zero_()
+        return {}
+
+    net = small_cnn(channels=(8, 12, 12), seed=1)
+    simulate(net, train, test, clients, "paradis", rounds=1, lr=0.1, batch_size=16, seed=3, progress=False,
+             calib_batches=2, server_step=zero_bias)
+    assert torch.equal(net.classifier.bias.detach(), torch.zeros(10))
+    with pytest.raises(TypeError, match=r"server_step must return a dict\[str, float\]"):
+        simulate(small_cnn(channels=(8, 12, 12), seed=1), train, test, clients, "paradis", rounds=1,
+                 progress=False, calib_batches=2, server_step=lambda m, rep, r: {"x": "high"})
+
+
+@pytest.mark.parametrize("rule", ["paradis", "fedrolex"])
+def test_reply_model_runs_like_the_clients_own_copy(data, rule):
+    """The client's trained working copy and ``reply_model(server model, reply)`` give the
+    same logits at the client's switch (train-mode BN: batch statistics)."""
+    import copy
+    from slimkern.fl import Server, reply_model, train_task
+    from slimkern.fl.strategy import FedRolex
+    from slimkern.nn import use_switch
+    train, test, clients = _setup(data)
+    net = small_cnn(channels=(8, 12, 12), seed=1)
+    strat = FedRolex(label_split=False) if rule == "fedrolex" else rule
+    server = Server(net, strat, clients, train_labels=train[1], input_shape=train[0].shape[1:], seed=3, rounds=4)
+    plan = server.begin_round(3)  # round 3: FedRolex's windows are rolled
+    x = test[0][:32]
+    for cid, task in plan.tasks.items():
+        work = copy.deepcopy(net)
+        u = train_task(work, task, *train, server.by_id[cid].indices)
+        m = reply_model(net, u)
+        work.train(), m.train()
+        with torch.no_grad(), use_switch(work, task.switch):
+            want = work(x)
+        with torch.no_grad():
+            got = m(x)  # reply_model leaves it set to the client's switch
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert not torch.equal(got, _logits(net, x, task.switch))  # it trained
+
+
+def _logits(net, x, sw):
+    from slimkern.nn import use_switch
+    net.train()
+    with torch.no_grad(), use_switch(net, sw):
+        return net(x)

@@ -1,6 +1,7 @@
 """Server-side aggregation of sliced client updates into the shared full parameters.
 
-Every rule here is one formula over *index windows*: a client that trained switch ``s``
+Every rule (``slimkern.fl.rules``, one class a file, its formula in ``combine``; the
+functions ``fedavg``, ``heterofl``, ... of this module are those ``combine``) is one formula over *index windows*: a client that trained switch ``s``
 touched, in each full parameter ``W``, the windows ``parameter_ranges(net, s)[name]``
 (one per branch; a ParaDiS branch of a conv is the diagonal block ``W[out_b, in_b]``).
 With ``n_k`` the sample count of client ``k`` and ``T_k`` the set of elements it trained,
@@ -11,7 +12,7 @@ With ``n_k`` the sample count of client ``k`` and ``T_k`` the set of elements it
 with ``w_k = n_k`` (``weighting="samples"``, FedAvg, FjORD, ParaDiS) or ``w_k = 1``
 (``weighting="clients"``, the per-element count mean of HeteroFL's and FedRolex's
 reference code). The rules differ in *which* elements the clients train (and so in what
-the simulation asks of them) and in their default weighting; each function below checks
+the simulation asks of them) and in their default weighting; each rule's ``combine`` checks
 its own precondition. A window may be a tuple of index tensors (FedRolex's index sets,
 label split: ``slimkern.fl.rolex``); ``W[window]`` is then the dense gather.
 
@@ -44,7 +45,7 @@ from slimkern.fl import validate as _validate
 __all__ = [
     "ClientUpdate", "Layout", "Aggregator", "AggregationReport", "UpdateRejected",
     "fedavg", "heterofl", "fedrolex", "fjord", "paradis", "clustered",
-    "rolling_window", "aggregate_loop",
+    "average", "rolling_window", "aggregate_loop",
 ]
 
 Window = tuple  # tuple of slices, one per leading dimension indexed
@@ -76,6 +77,11 @@ class ClientUpdate:
     # per-width BN running statistics (``FjORD(bn="travel")``, ``slimkern.fl.fjord_bn``);
     # the Aggregator does not average them
     stats: Any = None
+
+    @property
+    def num_examples(self) -> float:
+        """Flower's name of ``num_samples``."""
+        return self.num_samples
 
 
 @dataclass
@@ -440,26 +446,13 @@ class Aggregator:
         return {n: t.clone() for n, t in self.unflatten(new).items()}, report
 
 
-# -- one-shot rule functions ---------------------------------------------------------------
+# -- the shared average; the rules' own formulas live in slimkern.fl.rules ----------------
 
-def _branches(switch) -> list[tuple[float, float]] | None:
-    br = getattr(switch, "branches", None)
-    if br is None:
-        return None
-    out = []
-    for b in br:
-        if isinstance(b, (tuple, list)) and len(b) == 2:
-            out.append((float(b[0]), float(b[1])))
-        elif hasattr(b, "start") and hasattr(b, "stop"):
-            out.append((float(b.start), float(b.stop)))
-        else:
-            return None
-    return out
-
-
-def _run(params, updates, windows, assigned, log, pre=(), weighting="samples"):
-    """The average over ``updates``; ``pre`` are rejections a rule made before it
-    (``(client, reason)``, already logged), listed first in the report."""
+def average(params, updates, windows, assigned=None, log=None, pre=(), weighting="samples"):
+    """The element-wise weighted mean of ``updates`` over their windows (module docstring):
+    ``windows`` is an ``Aggregator`` or a ``switch -> windows`` callable / dict; ``pre`` are
+    rejections a rule made before it (``(client, reason)``, already logged), listed first in
+    the report. Returns ``(params, AggregationReport)``."""
     agg = windows if isinstance(windows, Aggregator) else Aggregator.for_params(params, windows)
     new, rep = agg.aggregate(params, updates, assigned=assigned, log=log, weighting=weighting)
     if pre:
@@ -467,105 +460,16 @@ def _run(params, updates, windows, assigned, log, pre=(), weighting="samples"):
     return new, rep
 
 
-def fedavg(params, updates, windows, assigned=None, log=None, weighting="samples"):
-    """FedAvg (McMahan et al. 2017, "Communication-efficient learning of deep networks from
-    decentralized data"): every client trains the same switch; the new weights are the
-    sample-weighted mean ``sum_k n_k W_k / sum_k n_k`` over that switch's windows (elements
-    outside the switch keep their value). An update of another switch than the round's (the
-    assigned one, else the most common) is rejected with the reason (``validate.one_switch``)."""
-    updates, pre = _validate.one_switch(updates, assigned, "fedavg", log)
-    return _run(params, updates, windows, assigned, log, pre, weighting)
+# the one-shot rule functions ``fedavg(params, updates, windows, assigned, log, weighting)``,
+# ...: each is the ``combine`` of its rule class (one formula, one place)
+_RULE_FUNCTIONS = ("fedavg", "heterofl", "fedrolex", "fjord", "paradis", "clustered")
 
 
-def heterofl(params, updates, windows, assigned=None, log=None, weighting="clients"):
-    """HeteroFL (Diao, Ding & Tarokh, ICLR 2021, "HeteroFL: Computation and communication
-    efficient federated learning for heterogeneous clients"): client k trains the width-p_k
-    prefix sub-network ``W[:p_k C_out, :p_k C_in]``; each element is averaged over the
-    clients whose prefix contains it; elements nobody trained keep their value.
-
-    Weighting follows the reference code (diaoenmao/HeteroFL ``fed.py``, ``combine``: the
-    client values are summed and ``count += 1`` per element, then divided; Flower's
-    ``baselines/heterofl`` does the same): ``weighting="clients"`` (default) is the plain
-    mean ``W[e] = (1/|K_e|) sum_{k in K_e} W_k[e]`` over the clients ``K_e`` holding ``e``;
-    ``weighting="samples"`` weights by sample counts, ``sum n_k W_k[e] / sum n_k``. With
-    label split (``slimkern.fl.heterofl_local``) a client does not hold the classifier rows of
-    labels it has no data for, so those rows average over the clients that do. Prefix
-    switches are checked when the switch exposes ``branches``: an update of a non-prefix
-    switch is rejected with the reason."""
-    updates, pre = _validate.reject_where(updates, lambda u: _validate.prefix_problem(u.switch, "heterofl"), log)
-    return _run(params, updates, windows, assigned, log, pre, weighting)
-
-
-def fedrolex(params, updates, windows, assigned=None, log=None, weighting="clients"):
-    """FedRolex (Alam, Liu, Yan & Zhang, NeurIPS 2022, "FedRolex: Model-heterogeneous
-    federated learning with rolling sub-model extraction"), as its reference code trains it
-    (AIoT-MLSys-Lab/FedRolex ``resnet_server.py``; details in ``slimkern.fl.rolex``): in
-    round ``r`` a client keeping ``L`` of a layer's ``C`` channels trains the dense
-    sub-matrix ``W[idx_out][:, idx_in]`` with ``idx = roll(arange(C), r mod C)[:L]`` per
-    layer (one channel per round; a window that wraps is still one dense sub-matrix). Its
-    update is keyed by a ``slimkern.fl.rolex.SubModel`` whose windows are those index sets
-    (``rolex.windows_fn``). Each element is averaged over the clients that held it:
-    ``weighting="clients"`` (default; the reference's ``combine`` uses ``K = 1`` for conv
-    weights and per-element counts that cancel for the rest), or ``"samples"``."""
-    return _run(params, updates, windows, assigned, log, weighting=weighting)
-
-
-def fjord(params, updates, windows, assigned=None, log=None, weighting="samples"):
-    """FjORD (Horvath et al., NeurIPS 2021, "FjORD: Fair and accurate federated learning
-    under heterogeneous targets with ordered dropout"): a client of maximum width p_max
-    samples a width ``p ~ U{widths <= p_max}`` per local step (ordered dropout keeps the
-    first ``p`` fraction of channels) and returns its p_max prefix; the server averages
-    nested: each element over the clients whose p_max prefix holds it, weighted by samples.
-    The sampling happens in local training (``slimkern.fl.simulate``); here the update's
-    switch is the client's p_max prefix. Flower's ``baselines/fjord`` (``fjord_average``)
-    weights by examples, so ``weighting="samples"`` is the default here."""
-    return heterofl(params, updates, windows, assigned, log, weighting=weighting)
-
-
-def paradis(params, updates, windows, assigned=None, log=None, weighting="samples"):
-    """ParaDiS federated (after Ozerov et al., "ParaDiS: Parallelly distributable slimmable
-    neural networks"): a client trains its switch -- one branch, or several disjoint
-    channel ranges run on several devices and fused at the logits -- and the server
-    aggregates by channel ranges: every window of every branch (for a conv, the diagonal
-    block ``W[out_b, in_b]``; for the classifier, the column block ``W[:, in_b]`` and the
-    bias once) is averaged element-wise over the clients that trained it."""
-    return _run(params, updates, windows, assigned, log, weighting=weighting)
-
-
-def clustered(params_by_group: Mapping[Hashable, Mapping[str, torch.Tensor]], updates, windows,
-              assigned=None, log=None, group_of: Callable[[ClientUpdate], Hashable] | None = None):
-    """Budget-clustered FedAvg (the clustering baseline of the DAC paper; cf. Briggs et al.
-    2020, "Federated learning with hierarchical clustering of local updates"): clients are
-    grouped by budget (by default by their switch), every group owns a separate copy of
-    the parameters, and FedAvg runs inside each group on that group's architecture.
-    Returns ``({group: params}, {group: report})``; a group nobody updated is unchanged.
-    An update whose group has no parameters (or whose group cannot be told) is rejected; it
-    is listed in the first group's report."""
-    group_of = group_of or (lambda u: u.switch)
-    by_group: dict[Hashable, list[ClientUpdate]] = {}
-    stray: list[tuple[int, str]] = []
-    for u in updates:
-        try:
-            g = group_of(u)
-            known = g in params_by_group
-        except Exception as exc:  # noqa: BLE001 - a bad update never stops the round
-            g, known = None, False
-            why = f"its group cannot be told: {type(exc).__name__}: {exc}"
-        else:
-            why = f"no model for its group {g}"
-        if known:
-            by_group.setdefault(g, []).append(u)
-        else:
-            stray.append((u.client, why))
-            if log is not None:
-                log(f"rejected update of client {u.client}: {why}")
-    out, reports = {}, {}
-    for g, p in params_by_group.items():
-        new, rep = fedavg(p, by_group.get(g, []), windows, assigned, log)
-        if stray:
-            rep.rejected[:0], stray = stray, []
-        out[g], reports[g] = new, rep
-    return out, reports
+def __getattr__(name: str):
+    if name in _RULE_FUNCTIONS:
+        from slimkern.fl.rules import RULES
+        return RULES[name].combine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def rolling_window(width: float, round_index: int, step: float, max_width: float = 1.0
