@@ -48,13 +48,13 @@ def test_teachers_equal_to_the_student_leave_it_unchanged():
     before = _logits(student, x)
     teachers = [Teacher(copy.deepcopy(student)) for _ in range(3)]
     # eval-mode student BN: the loss is exactly at its minimum, zero gradient, Adam does not move
-    dd = FedDF(unl, steps=30, batch_size=16, eval_every=10, patience=100, student_bn="eval")
+    dd = FedDF(unl, steps=30, batch_size=16, eval_every=10, patience=100, student_bn="eval", calibrate="none")
     rep = dd.distill(student, teachers)
     assert rep.steps == 30
     torch.testing.assert_close(_logits(student, x), before, atol=1e-6, rtol=0)
     # the anchor's train-mode BN: batch statistics differ from the teachers' running ones, but the
     # kept snapshot predicts the same classes
-    dd = FedDF(unl, steps=30, batch_size=16, eval_every=10, patience=100)
+    dd = FedDF(unl, steps=30, batch_size=16, eval_every=10, patience=100, calibrate="none")
     dd.distill(student, teachers)
     assert torch.equal(_logits(student, x).argmax(1), before.argmax(1))
     # a different teacher does move it (the check above can fail)
@@ -97,7 +97,7 @@ def test_server_macs_counted_by_hand_and_drop_worst():
     unl, val = torch.randn(50, 1, 8, 8), torch.randn(10, 1, 8, 8)
     dd = FedDF(unl, val=val, steps=7, batch_size=8, eval_every=3, patience=100)
     rep = dd.distill(lin(), [Teacher(lin()), Teacher(lin())])
-    # teachers: 2 x (50 + 10) forwards; student: 3 x 7 x 8 (fwd+bwd) + 10 x (1 + evaluations at 3, 6, 7)
+    # plain models: no BN calibration; teachers: 2 x (50 + 10) forwards; student: 3 x 7 x 8 (fwd+bwd) + 10 x (1 + evaluations at 3, 6, 7)
     assert rep.server_macs == 640 * (2 * 60 + 3 * 7 * 8 + 10 * 4)
     y = torch.zeros(10, dtype=torch.long)
     good = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))

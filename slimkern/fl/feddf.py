@@ -129,6 +129,12 @@ class FedDF:
             ``"eval"``.
         augment: ``(x, generator) -> x`` applied to every unlabeled batch (teachers then
             run per batch on the augmented images).
+        calibrate: BN statistics never travel, so the server recomputes them on the unlabeled
+            data (``slimkern.calibrate_bn``, slim nets only) before distilling: ``"teachers"``
+            (default: each teacher at its switch), ``"both"`` (the student's switches too, so
+            the undistilled student is scored fairly), ``"none"``.
+        switches: the student's switches when used as ``server_step`` (default: the distinct
+            switches the round's clients trained).
         seed: batch order and augmentation.
     """
 
@@ -136,7 +142,8 @@ class FedDF:
                  betas=(0.9, 0.999), schedule: str = "cosine", clip_norm: float | None = 5.0,
                  temperature: float = 1.0, eval_every: int = 50, patience: int = 200, weighted: bool = False,
                  drop_worst: int = 0, student_bn: str = "train", val_fraction: float = 0.2,
-                 augment: Callable | None = None, seed: int = 0):
+                 augment: Callable | None = None, calibrate: str = "teachers", switches: Sequence | None = None,
+                 seed: int = 0):
         if isinstance(unlabeled, (tuple, list)) and len(unlabeled) == 2:
             unlabeled = unlabeled[0]
         if not isinstance(unlabeled, torch.Tensor) or unlabeled.dim() < 2 or len(unlabeled) < 2:
@@ -156,6 +163,8 @@ class FedDF:
             raise ValueError(f"FedDF: schedule must be 'cosine' or 'constant', got {schedule!r}")
         if student_bn not in ("train", "eval"):
             raise ValueError(f"FedDF: student_bn must be 'train' or 'eval', got {student_bn!r}")
+        if calibrate not in ("teachers", "both", "none"):
+            raise ValueError(f"FedDF: calibrate must be 'teachers', 'both' or 'none', got {calibrate!r}")
         if not 0 < val_fraction < 1:
             raise ValueError(f"FedDF: val_fraction must be in (0, 1), got {val_fraction!r}")
         self.val_labels = None
@@ -177,6 +186,7 @@ class FedDF:
         self.schedule, self.clip_norm, self.temperature = schedule, clip_norm, float(temperature)
         self.eval_every, self.patience, self.weighted, self.drop_worst = eval_every, patience, weighted, drop_worst
         self.student_bn, self.augment, self.seed = student_bn, augment, seed
+        self.calibrate, self.switches = calibrate, None if switches is None else list(switches)
         self.reports: list[DistillReport] = []
 
     def __repr__(self):
@@ -184,7 +194,7 @@ class FedDF:
                 f"batch_size={self.batch_size}, lr={self.lr}, schedule={self.schedule!r}, clip_norm={self.clip_norm}, "
                 f"temperature={self.temperature}, eval_every={self.eval_every}, patience={self.patience}, "
                 f"weighted={self.weighted}, drop_worst={self.drop_worst}, student_bn={self.student_bn!r}, "
-                f"seed={self.seed})")
+                f"calibrate={self.calibrate!r}, seed={self.seed})")
 
     # -- checks ---------------------------------------------------------------------------
     def _check(self, student, teachers, switches):
@@ -217,6 +227,24 @@ class FedDF:
                 raise ValueError(f"FedDF: teacher {i} gives logits {tuple(out.shape[1:])}, the student "
                                  f"{tuple(ref[0].shape[1:])}")
 
+    # -- the server_step of simulate ------------------------------------------------------
+    def __call__(self, model: nn.Module, replies: Sequence, round_index: int) -> dict:
+        """``simulate(..., server_step=FedDF(...))``: teachers = the round's replies (each
+        client's trained slice in a copy of ``model``, ``slimkern.fl.reply_model``, run at its
+        switch, weighted by its samples when ``weighted``); student = ``model`` at
+        ``self.switches`` or the switches the clients trained, all in one packed pass."""
+        from slimkern.fl.rolex import train_switch
+        from slimkern.fl.server import reply_model
+        if not replies:  # nobody returned: nothing to distil, the round's note says so
+            return {"feddf_teachers": 0.0}
+        teachers = [Teacher(reply_model(model, r), train_switch(r.switch), float(r.num_samples)) for r in replies]
+        sws = self.switches or sorted({train_switch(r.switch) for r in replies}, key=str)
+        rep = self.distill(model, teachers, sws, round_index)
+        return {"feddf_teachers": float(rep.teachers), "feddf_steps": float(rep.steps),
+                "feddf_best_step": float(rep.best_step), "feddf_val_before": rep.initial_score,
+                "feddf_val_after": rep.best_score,
+                "feddf_server_macs": float("nan") if rep.server_macs is None else float(rep.server_macs)}
+
     # -- scoring --------------------------------------------------------------------------
     def _score(self, student, switches, target_val) -> float:
         outs = [torch.cat(o) for o in zip(*[_student_logits_eval(student, switches, self.val[i:i + 256])
@@ -245,6 +273,15 @@ class FedDF:
                 macs["known"] = False
             else:
                 macs["total"] += int(n_samples) * int(per_sample)
+
+        if self.calibrate != "none":
+            n_cal = min(len(self.unlabeled), 8 * 64)
+            for t, m in zip(teachers, t_macs):
+                if _calibrate(t.model, [t.switch], self.unlabeled[:n_cal]):
+                    spend(n_cal, m)
+            if self.calibrate == "both" and _calibrate(student, list(switches or [None]), self.unlabeled[:n_cal]):
+                for m in s_macs:
+                    spend(n_cal, m)
 
         # teachers scored on the validation split; drop the worst ones
         if self.drop_worst:
@@ -338,13 +375,27 @@ class FedDF:
         return rep
 
 
+def _calibrate(model, switches, x) -> bool:
+    """Switchable-BN statistics of ``switches`` (None: the model's current one) on ``x``;
+    False when the model has no switchable BN (plain models keep their own statistics)."""
+    from slimkern.nn import calibrate_bn, current_switches
+    from slimkern.nn.batchnorm import _SwitchableBatchNorm
+    if not any(isinstance(m, _SwitchableBatchNorm) for m in model.modules()):
+        return False
+    sws = []
+    for s in switches:
+        sws.extend(current_switches(model) if s is None else [s])
+    calibrate_bn(model, [(x[i:i + 64],) for i in range(0, len(x), 64)], sorted(set(sws), key=str))
+    return True
+
+
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) -> torch.Tensor:
     """``T^2 KL(softmax(t/T) || softmax(s/T))``, averaged over the batch."""
     return F.kl_div(F.log_softmax(student_logits / T, 1), F.log_softmax(teacher_logits / T, 1),
                     reduction="batchmean", log_target=True) * T * T
 
 
-def _student_logits_eval(student, switches, x):
+def _student_logits_eval(student, switches, x):  # noqa: D103 - eval-mode logits, flag restored
     was = student.training
     student.eval()
     try:
