@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import operator
 from typing import Sequence
 
 import torch
@@ -16,34 +17,52 @@ from slimkern import _library
 
 BACKENDS = ("auto", "cpp", "triton", "torch")
 
+# The kernels index with int64; a geometry value this large has no meaning and its arithmetic
+# (``H + 2 * padding``, ``offset + size``) could overflow there.
+GEOMETRY_MAX = 2**31 - 1
+
+
+def as_index(v, what: str) -> int:
+    """An integer (Python, numpy or 0-d integer tensor) as ``int``; floats (even ``6.0``),
+    bools and strings are refused, as ``operator.index`` does, so nothing is truncated."""
+    if isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
+        raise TypeError(f"{what} must be an integer, got the bool {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{what} must be an integer, got {v!r} ({type(v).__name__})") from None
+
+
+def int_tensor_list(t: torch.Tensor, what: str) -> list:
+    """An integer tensor's values as a nested list; float, complex and bool tensors are refused."""
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{what} must be an integer tensor, got dtype {t.dtype}")
+    return t.tolist()
+
 
 def normalize_blocks(blocks, in_extent: int, out_extent: int, *, depthwise: bool = False) -> list[int]:
     """A ``[G, 4]`` table (int tensor or list of 4-tuples) -> flat list of ``G*4`` ints, checked
     against the weight's ``in_extent`` input and ``out_extent`` output channels."""
+    if hasattr(blocks, "__array__") and not isinstance(blocks, torch.Tensor):  # numpy
+        blocks = torch.as_tensor(blocks)
     if isinstance(blocks, torch.Tensor):
-        if blocks.is_floating_point() or blocks.is_complex() or blocks.dtype == torch.bool:
-            raise TypeError(f"blocks must be an integer tensor, got dtype {blocks.dtype}")
         if blocks.dim() != 2 or blocks.shape[1] != 4:
+            int_tensor_list(blocks, "blocks")
             raise ValueError(f"blocks must have shape [G, 4] (in_start, in_stop, out_start, out_stop), "
                              f"got {tuple(blocks.shape)}")
-        rows = blocks.tolist()
+        rows = int_tensor_list(blocks, "blocks")
     elif isinstance(blocks, (list, tuple)):
         rows = []
         for g, row in enumerate(blocks):
-            if isinstance(row, torch.Tensor):
-                row = row.tolist()
+            if isinstance(row, torch.Tensor) or hasattr(row, "__array__"):
+                row = int_tensor_list(torch.as_tensor(row), f"blocks[{g}]")
             if not isinstance(row, (list, tuple)) or len(row) != 4:
                 raise ValueError(f"blocks[{g}] must be a 4-tuple (in_start, in_stop, out_start, out_stop), "
                                  f"got {row!r}")
             rows.append(row)
     else:
         raise TypeError(f"blocks must be a [G, 4] int tensor or a list of 4-tuples, got {type(blocks).__name__}")
-    int_rows = []
-    for g, row in enumerate(rows):
-        try:
-            int_rows.append(tuple(int(v) for v in row))
-        except (TypeError, ValueError):
-            raise TypeError(f"blocks[{g}] must hold integers, got {row!r}") from None
+    int_rows = [tuple(as_index(v, f"blocks[{g}] entry") for v in row) for g, row in enumerate(rows)]
     return check_block_rows(int_rows, in_extent, out_extent, depthwise=depthwise)
 
 
@@ -81,11 +100,9 @@ def normalize_x_offsets(x_offsets, blocks_flat: Sequence[int], x_channels: int) 
             offs.append(acc)
             acc += blocks_flat[4 * g + 1] - blocks_flat[4 * g]
     else:
-        if isinstance(x_offsets, torch.Tensor):
-            if x_offsets.is_floating_point():
-                raise TypeError(f"x_offsets must be integers, got dtype {x_offsets.dtype}")
-            x_offsets = x_offsets.reshape(-1).tolist()
-        offs = [int(v) for v in x_offsets]
+        if isinstance(x_offsets, torch.Tensor) or hasattr(x_offsets, "__array__"):
+            x_offsets = int_tensor_list(torch.as_tensor(x_offsets).reshape(-1), "x_offsets")
+        offs = [as_index(v, f"x_offsets[{g}]") for g, v in enumerate(x_offsets)]
     check_x_offsets(offs, blocks_flat, x_channels)
     return offs
 
@@ -115,6 +132,8 @@ def pair(value, name: str, *, minimum: int) -> list[int]:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if min(out) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if max(out) > GEOMETRY_MAX:
+        raise ValueError(f"{name} must be at most {GEOMETRY_MAX}, got {value!r}")
     return out
 
 
