@@ -319,18 +319,22 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 def launch(command: Sequence[str], nproc: int, *, master_addr: str = "127.0.0.1", master_port: int | None = None,
-           env: dict | None = None, grace_s: float = 5.0, poll_s: float = 0.05) -> int:
+           env: dict | None = None, timeout_s: float | None = None, grace_s: float = 5.0,
+           poll_s: float = 0.05) -> int:
     """Run ``nproc`` copies of ``command`` as ranks 0..N-1 of one job on this machine, the way
     ``torchrun --standalone`` does, and wait. Returns 0 when every rank exits 0, else the first
     failing rank's exit code (a signal ``k`` gives ``128 + k``); the moment one rank fails, the
     others get SIGTERM and, after ``grace_s``, SIGKILL. SIGINT/SIGTERM to the launcher are passed
-    on. ``master_port`` None picks a free port on ``master_addr``.
+    on. ``master_port`` None picks a free port on ``master_addr``. With ``timeout_s``, a job
+    still running after that many seconds is stopped the same way and 124 is returned.
     """
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"launch: nproc must be a positive int, got {nproc!r}")
     command = [os.fspath(c) for c in command]
     if not command:
         raise ValueError("launch: empty command")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"launch: timeout_s must be > 0 or None, got {timeout_s!r}")
     port = master_port if master_port is not None else _free_port(master_addr)
     base = dict(os.environ if env is None else env)
     base.update(MASTER_ADDR=master_addr, MASTER_PORT=str(port), WORLD_SIZE=str(nproc),
@@ -351,7 +355,11 @@ def launch(command: Sequence[str], nproc: int, *, master_addr: str = "127.0.0.1"
             procs.append(subprocess.Popen(command, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
                                           preexec_fn=_die_with_parent))
         failed = None
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while failed is None:
+            if deadline is not None and time.monotonic() > deadline:
+                log.error("the job ran past %s s; stopping it", timeout_s)
+                return 124
             codes = [p.poll() for p in procs]
             failed = next((c for c in codes if c not in (None, 0)), None)
             if failed is None and all(c == 0 for c in codes):

@@ -66,3 +66,8 @@ class RankShardSampler(Sampler[int]):
             order = torch.arange(self.num_samples)
         used = self.per_rank * self.world_size
         yield from order[self.rank:used:self.world_size].tolist()
+        if self.shuffle:
+            # RandomSampler draws a second permutation (``randperm(n)[:n % n]``) once its first
+            # one is exhausted, which a DataLoader always asks for at the end of an epoch; so
+            # do we, and the generator advances the same way epoch after epoch.
+            torch.randperm(self.num_samples, generator=self.generator)

@@ -17,8 +17,8 @@ other ranks'. Here every packed channel ``p`` (block ``g``, full channel ``c``, 
 (two passes, as the single-process kernel, rather than :math:`E[x^2]-E[x]^2`, which cancels
 badly in float32). The running rows are updated with :math:`\mu_p` and the unbiased
 :math:`\sigma^2_p M/(M-1)`, identically on every rank, so the rows stay equal across ranks
-without any broadcast. The all-reduces are the differentiable ones of
-``torch.distributed.nn.functional``: the backward all-reduces the gradients of the sums, so
+without any broadcast. The all-reduces are differentiable (:class:`_AllReduceSum`): the
+backward all-reduces the gradients of the sums, so
 rank ``r``'s input gradient is that of :math:`\sum_{r'} \mathcal{L}_{r'}` — the gradient of the
 batch-``B`` loss once the parameter gradients are averaged (Ioffe & Szegedy 2015's BN backward
 over the whole batch; ``torch.nn.SyncBatchNorm`` does the same for plain BN).
@@ -30,6 +30,7 @@ statistics, so they are not used while synchronised). Evaluation mode is unchang
 from __future__ import annotations
 
 import contextlib
+import importlib
 from typing import Iterator
 
 import torch
@@ -49,10 +50,11 @@ def sync_switchable_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bia
     for this call, as the module does. In eval mode this is the op itself.
     """
     import torch.distributed as dist
-    from torch.distributed.nn import functional as dfn
 
     from slimkern.nn._ops import op
-    from slimkern.ops import switchable_batch_norm as sbn
+
+    # the module (slimkern.ops re-exports the function under the same name)
+    sbn = importlib.import_module("slimkern.ops.switchable_batch_norm")
 
     if not training:
         return op("switchable_batch_norm")(x, weight, bias, running_mean, running_var, blocks, stat_rows, False,
@@ -71,11 +73,11 @@ def sync_switchable_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bia
     shape = [1, -1] + [1] * (x.dim() - 2)
     count = x.new_full((1,), float(x.numel() // x.shape[1]))
     # [sum_p ..., count]: the count rides along so ranks with different batch sizes still agree.
-    summed = dfn.all_reduce(torch.cat([x.sum(dims), count]), group=group)
+    summed = _AllReduceSum.apply(torch.cat([x.sum(dims), count]), group)
     total = summed[-1].detach()
     mean = summed[:-1] / total
     centred = x - mean.view(shape)
-    var = dfn.all_reduce((centred * centred).sum(dims), group=group) / total
+    var = _AllReduceSum.apply((centred * centred).sum(dims), group) / total
     y = centred * torch.rsqrt(var + eps).view(shape)
     # packed channel -> full channel, for the shared affine parameters
     index = torch.cat([torch.arange(flat[2 * g], flat[2 * g + 1], device=x.device) for g in range(len(rows))])
@@ -90,6 +92,29 @@ def sync_switchable_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bia
     sbn._update_stats_torch(running_mean, running_var, None, mean.detach(), var.detach(), flat, rows, m,
                             momentum if momentum is not None else _cumulative(num_batches_tracked, rows))
     return y
+
+
+class _AllReduceSum(torch.autograd.Function):
+    r""":math:`s = \sum_r t_r` on every rank; backward :math:`\partial t_r = \sum_{r'} \partial s_{r'}`,
+    since every rank's loss depends on :math:`s` (as ``torch.distributed.nn.functional.all_reduce``,
+    which torch deprecates without a differentiable successor)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def _cumulative(num_batches_tracked: torch.Tensor, rows: list[int]) -> float:
