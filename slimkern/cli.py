@@ -63,6 +63,11 @@ _HELP = {
     "fail_on_collapse": "stop with an error when the teacher's loss sits at chance (ln K) for an epoch",
     "out": "run folder", "resume": "continue from the run folder's checkpoint",
     "progress": "progress bars", "export": "switches to export as per-device modules after training",
+    "nproc": "data-parallel processes on this machine (gloo on CPU, nccl on GPU); --batch-size is per "
+             "process. Under torchrun leave it at 1",
+    "sync_bn": "data-parallel: BN batch statistics over all processes (exact N x batch equivalence); "
+               "off: per-process statistics, running rows averaged at checkpoints",
+    "dist_backend": "data-parallel backend: auto, gloo or nccl",
 }
 
 
@@ -221,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         from slimkern import runner
 
         cfg = resolve(args, DEMO_PARADIS if args.command == "demo" else None)
+        from slimkern.train import distributed
+
+        if cfg["nproc"] > 1 and not distributed.launched():  # start the ranks; each runs this command
+            runner.check(cfg)
+            return distributed.launch([sys.executable, "-m", "slimkern", *(sys.argv[1:] if argv is None else argv)],
+                                      cfg["nproc"])
         con = _console()
         title = "ParaDiS demo: MobileNet-v1 on digits" if args.command == "demo" else None
         if cfg["seeds"]:
@@ -229,7 +240,12 @@ def main(argv: list[str] | None = None) -> int:
             run_seeds(cfg, cfg["seeds"], console=con, title=title)
             con.print(f"run folder: {os.path.abspath(cfg['out'])} (summary.json, summary.csv, seed<k>/)")
             return 0
-        report = runner.run(cfg, console=con, title=title)
+        try:
+            report = runner.run(cfg, console=con, title=title)
+        finally:
+            distributed.shutdown()
+        if report is None:  # a data-parallel rank other than 0
+            return 0
         con.print(f"run folder: {os.path.abspath(cfg['out'])}  ({report.meta['total_seconds']:.1f} s)")
         return 0
     except TrainingCollapsed as exc:
