@@ -32,8 +32,10 @@ DEFAULTS: dict = {
     "label_smoothing": 0.0,
     # optimisation
     "epochs": 10, "batch_size": 64, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": True,
-    "schedule": "cosine", "milestones": [], "gamma": 0.1, "warmup_epochs": 0.0, "individual_epochs": 0,
-    "clip_grad_norm": 0.0, "fail_on_collapse": False,
+    "schedule": "cosine", "milestones": [], "gamma": 0.1, "individual_epochs": 0,
+    # A 1-epoch warm-up and clipping at 5 keep the first steps (gradient norms of 100-400 at init,
+    # summed over every switch's loss) from killing the net's ReLUs (docs/paradis.md, "collapse").
+    "warmup_epochs": 1.0, "clip_grad_norm": 5.0, "fail_on_collapse": False,
     # run
     "seed": 0, "seeds": [], "deterministic": True, "threads": 0, "calibrate_batches": 20, "eval_batch_size": 256,
     "out": "runs/run", "resume": False, "progress": True, "export": [], "keep_freed_memory": True,
