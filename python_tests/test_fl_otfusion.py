@@ -250,3 +250,80 @@ def test_bad_input_errors():
         ot_fuse([c1, c2])
     with pytest.raises(ValueError, match="ground"):
         ot_fuse([c1, c1], ground="gradients")
+
+
+# --------------------------------------------------------------------------- the otfusion rule
+
+
+def _rule_setup(seed=7):
+    from slimkern.fl.client import client_aggregator
+    from slimkern.fl.rules.otfusion import OTFusion
+    g = torch.Generator().manual_seed(seed)
+    small = _randomize_bn(small_cnn(10, 1, (4, 8, 6), seed=seed), g, (1, 8, 8))
+    wide = _widen(small, _randomize_bn(small_cnn(10, 1, (8, 16, 12), seed=seed + 1), g, (1, 8, 8)))
+    agg = client_aggregator(wide)
+    params = {n: p.detach().clone() for n, p in wide.named_parameters()}
+    return OTFusion(model=wide), agg, params, small, wide, g
+
+
+def _update(agg, cid, net_params, sw, n=10.0):
+    from slimkern.fl.aggregate import ClientUpdate
+    return ClientUpdate(cid, sw, agg.extract(net_params, sw), n)
+
+
+def test_rule_aligns_a_narrow_client_into_the_global_basis_and_undoes_permutations():
+    import slimkern as sk
+    rule, agg, params, small, wide, g = _rule_setup()
+    half, full = sk.Switch.width(0.5), sk.Switch.width(1.0)
+    # the narrow client holds the small model in the prefix windows of its [0.5] switch
+    holder = small_cnn(10, 1, (8, 16, 12))
+    hp = {n: p.detach().clone() for n, p in holder.named_parameters()}
+    for (n, p), (_, q) in zip(hp.items(), small.named_parameters()):
+        p[tuple(slice(0, s) for s in q.shape)] = q.detach()
+    new, rep = rule.aggregate(agg, params, [_update(agg, 1, hp, half)], {1: half}, None)
+    assert rep.accepted == [1] and not rep.rejected
+    for n in params:  # the global is the Net2Net widening of the small model: alignment reproduces it
+        torch.testing.assert_close(new[n], params[n], atol=1e-6, rtol=0)
+    # a full client sending a permuted copy of the global: OT undoes it, entry-wise FedAvg would not
+    q, _ = _permute(wide, g)
+    qp = {n: p.detach() for n, p in q.named_parameters()}
+    new, rep = rule.aggregate(agg, params, [_update(agg, 2, qp, full)], {2: full}, None)
+    for n in params:
+        torch.testing.assert_close(new[n], params[n], atol=1e-6, rtol=0)
+    assert any((qp[n] - params[n]).abs().max() > 1e-3 for n in params)
+
+
+def test_rule_rejects_bad_replies_with_reasons():
+    import slimkern as sk
+    from slimkern.fl.aggregate import ClientUpdate
+    rule, agg, params, small, wide, g = _rule_setup()
+    full = sk.Switch.width(1.0)
+    good = _update(agg, 1, params, full)
+    nan = ClientUpdate(2, full, torch.full_like(good.values, float("nan")), 5.0)
+    short = ClientUpdate(3, full, good.values[:-1], 5.0)
+    offset = ClientUpdate(4, sk.Switch.ranges([(0.5, 1.0)]), torch.zeros(3), 5.0)
+    logged = []
+    new, rep = rule.aggregate(agg, params, [good, nan, short, offset],
+                              {1: full, 2: full, 3: full, 4: offset.switch}, logged.append)
+    assert rep.accepted == [1]
+    reasons = dict(rep.rejected)
+    assert set(reasons) == {2, 3, 4} and "finite" in reasons[2] and "values sent" in reasons[3]
+    assert len(logged) == 3
+    for n in params:
+        torch.testing.assert_close(new[n], params[n], atol=1e-6, rtol=0)
+    from slimkern.fl.rules.otfusion import OTFusion
+    with pytest.raises(ValueError, match="width groups"):
+        OTFusion().aggregate(agg, params, [good], {1: full}, None)
+    with pytest.raises(ValueError, match="method"):
+        OTFusion(method="exact")
+
+
+def test_rule_runs_in_simulate_by_name():
+    from slimkern.fl import make_clients, parse_tiers, simulate
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(120, 1, 8, 8, generator=g), torch.arange(120) % 4
+    clients = make_clients(Y.numpy(), parse_tiers("1.0:0.5,0.5:0.5"), 4, "iid", seed=0)
+    hist = simulate(small_cnn(4, 1, (8, 16, 8), seed=0), (X, Y), (X[:40], Y[:40]), clients, "otfusion", rounds=2,
+                    local_epochs=1, batch_size=16, progress=False, calib_set=(X[:40], Y[:40]))
+    assert len(hist.rounds) == 2 and sorted(hist.rounds[-1].accepted) == [0, 1, 2, 3]
+    assert set(hist.last_accuracy()) == {"[1.0]x", "[0.5]x"}
