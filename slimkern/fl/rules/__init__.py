@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "fjord": "fjord:FjORD",
     "paradis": "paradis:ParaDiSFL",
     "clustered": "clustered:Clustered",
+    "otfusion": "otfusion:OTFusion",
 }
 
 
