@@ -9,7 +9,8 @@ count per group (a per-layer ``Switch.from_channels``); per-platform searches ar
 * ``platforms``: ``Platform``, ``WEIGHT_SETTINGS``, CRP market weights.
 * ``space``: the chain of width groups and per-group channel choices (``search_space``).
 * ``costs``: pairwise MACs / params / peak-activation tables (``cost_model``).
-* ``latency``: timings of random configurations fitted as per-pair terms (``fit_latency``).
+* ``latency``: timings of random configurations fitted as per-pair terms (``fit_latency``: bilinear;
+  ``fit_latency_table``: AOWS's full tables with a monotonicity penalty, ``biased_paths`` to time).
 * ``unary``: windowed moving averages of attributed losses (``UnaryStats``).
 * ``search``: per-platform Viterbi under budgets (``search``), the AOWS sampler and schedule.
 * ``train``: the search phase (``WidthSearchTrainer``: OWS / AOWS) and retraining (``ConfigTrainer``).
@@ -18,12 +19,13 @@ from slimkern.nas.platforms import (COSTS, WEIGHT_SETTINGS, Platform, check_plat
                                     crp_weights, setting_weights)
 from slimkern.nas.space import AOWS_FRACTIONS, SearchSpace, search_space
 from slimkern.nas.costs import CostModel, cost_model
-from slimkern.nas.latency import LatencyModel, fit_latency, measure_latency
+from slimkern.nas.latency import BilinearLatency, LatencyModel, fit_latency, measure_latency
+from slimkern.nas.latency_table import LatencyTable, biased_paths, fit_latency_table, pair_counts
 from slimkern.nas.unary import ATTRIBUTIONS, UnaryStats
 from slimkern.nas.search import (AOWSSampler, PlatformResult, SearchResult, aows_schedule, schedule_temperature,
                                  search)
 from slimkern.nas.train import ConfigTrainer, WidthSearchTrainer, drop_bn_rows
 
-__all__ = ["LatencyModel", "fit_latency", "measure_latency", "ConfigTrainer", "WidthSearchTrainer", "drop_bn_rows", "AOWSSampler", "PlatformResult", "SearchResult", "aows_schedule", "schedule_temperature", "search",
+__all__ = ["BilinearLatency", "LatencyModel", "LatencyTable", "biased_paths", "fit_latency", "fit_latency_table", "pair_counts", "measure_latency", "ConfigTrainer", "WidthSearchTrainer", "drop_bn_rows", "AOWSSampler", "PlatformResult", "SearchResult", "aows_schedule", "schedule_temperature", "search",
            "ATTRIBUTIONS", "UnaryStats", "AOWS_FRACTIONS", "CostModel", "SearchSpace", "cost_model", "search_space", "COSTS", "Platform", "WEIGHT_SETTINGS", "check_platforms", "crp_partition", "crp_weights",
            "setting_weights"]

@@ -28,7 +28,7 @@ import torch
 
 from slimkern.nas.space import SearchSpace
 
-__all__ = ["LatencyModel", "fit_latency", "measure_latency"]
+__all__ = ["BilinearLatency", "LatencyModel", "fit_latency", "measure_latency"]
 
 
 def measure_latency(net, space: SearchSpace, paths, input_size, repeats: int = 5, warmup: int = 2,
@@ -67,8 +67,28 @@ def measure_latency(net, space: SearchSpace, paths, input_size, repeats: int = 5
     return np.asarray(out)
 
 
-@dataclass
 class LatencyModel:
+    """A fitted latency model of a search space: ``predict(paths)`` (seconds),
+    ``predict_channels({group: channels})`` and ``table()``, the ``[L-1, K, K]`` chain table with
+    ``sum_l table[l, c_l, c_{l+1}]`` the predicted seconds (``+inf`` on padded choices).
+    Two fits: :func:`fit_latency` (bilinear terms, :class:`BilinearLatency`) and
+    :func:`slimkern.nas.fit_latency_table` (AOWS's full tables, :class:`LatencyTable`)."""
+
+    space: SearchSpace
+    validation_error: float | None = None
+
+    def predict(self, paths) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def predict_channels(self, channels: dict) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def table(self) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class BilinearLatency(LatencyModel):
     """Fitted per-pair bilinear latency terms (module docstring); ``table()`` is the chain table."""
 
     space: SearchSpace
@@ -114,7 +134,7 @@ def _features(space: SearchSpace, paths) -> np.ndarray:
     return np.asarray(rows)
 
 
-def fit_latency(space: SearchSpace, paths, seconds, validation_fraction: float = 0.2, seed: int = 0) -> LatencyModel:
+def fit_latency(space: SearchSpace, paths, seconds, validation_fraction: float = 0.2, seed: int = 0) -> BilinearLatency:
     """Non-negative least squares fit of the per-pair terms to measured ``seconds``; a
     ``validation_fraction`` of the configurations is held out and the model's mean relative error
     on them is stored in ``validation_error`` (then the model is refitted on all)."""
@@ -148,4 +168,4 @@ def fit_latency(space: SearchSpace, paths, seconds, validation_fraction: float =
         err = float(np.mean(np.abs(X[val] @ coef - y[val]) / y[val]))
     coef = solve(X, y)
     n = L - 1
-    return LatencyModel(space, coef[1:1 + n], coef[1 + n:1 + 2 * n], coef[1 + 2 * n:], float(coef[0]), err)
+    return BilinearLatency(space, coef[1:1 + n], coef[1 + n:1 + 2 * n], coef[1 + 2 * n:], float(coef[0]), err)
