@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve(args, DEMO_PARADIS if args.command == "demo" else None)
         from slimkern.train import distributed
 
+        if cfg["seeds"] and (cfg["nproc"] > 1 or distributed.launched()):
+            raise ValueError("--seeds runs seeds one after another in one process; with --nproc or torchrun "
+                             "start one data-parallel job per seed (--seed k) instead")
         if cfg["nproc"] > 1 and not distributed.launched():  # start the ranks; each runs this command
             runner.check(cfg)
             return distributed.launch([sys.executable, "-m", "slimkern", *(sys.argv[1:] if argv is None else argv)],
