@@ -41,6 +41,9 @@ _HELP = {
     "aug_translate": "client-side augmentation: max shift in pixels", "aug_scale": "client-side augmentation: "
     "max relative scaling", "calib_fraction": "share of the training split kept "
     "on the server for BN calibration", "calib_batches": "BN calibration batches",
+    "server_distill": "server step after each aggregation: none or feddf (FedDF ensemble distillation on "
+                      "the server split: 60%% unlabeled, 40%% validation; slimkern.fl.feddf)",
+    "distill_steps": "FedDF server steps per round (at most; early stopping)",
     "eval_every": "evaluate every N rounds (and after the last)", "seed": "seed", "threads": "torch CPU threads",
     "out": "run folder",
 }

@@ -46,6 +46,7 @@ DEMO_FL: dict = {
     "channels": [32, 64, 12], "aug_rotate": 10.0, "aug_translate": 1.0, "aug_scale": 0.1,
     "calib_fraction": 0.1, "calib_batches": 8, "eval_every": 5,
     "seed": 0, "threads": 1, "out": "runs/demo-fl",
+    "server_distill": "none", "distill_steps": 200,
 }
 
 
@@ -161,15 +162,23 @@ def run_fl_demo(cfg: dict | None = None, progress: bool = True, console=None, re
         # the blank background of the standardised images (raw pixel 0) fills shifted-in borders
         augment = RandomAffine(cfg["aug_rotate"], cfg["aug_translate"], cfg["aug_scale"], fill=float(train[0].min()))
     results: dict[str, dict] = {}
+    if cfg["server_distill"] not in ("none", "feddf"):
+        raise ValueError(f"server_distill must be 'none' or 'feddf', got {cfg['server_distill']!r}")
     for strat in cfg["strategies"]:
         t0 = time.perf_counter()
+        server_step = None
+        if cfg["server_distill"] == "feddf":  # FedDF after every aggregation (slimkern.fl.feddf)
+            from slimkern.fl.feddf import FedDF
+            n_unl = (len(calib[0]) * 3) // 5  # the server split: 60% unlabeled (augmented), 40% validation
+            server_step = FedDF(calib[0][:n_unl], (calib[0][n_unl:], calib[1][n_unl:]), steps=cfg["distill_steps"],
+                                augment=augment, calibrate="both", seed=cfg["seed"])
         net = small_cnn(10, 1, tuple(cfg["channels"]), seed=cfg["seed"])
         hist = simulate(net, train, test, clients, strat, rounds=cfg["rounds"], local_epochs=cfg["local_epochs"],
                         lr=cfg["lr"], batch_size=cfg["batch_size"], clients_per_round=cfg["clients_per_round"] or None,
                         seed=cfg["seed"], progress=progress, calib_set=calib, lr_schedule=cfg["lr_schedule"],
                         eval_every=cfg["eval_every"], calib_batches=cfg["calib_batches"], augment=augment,
                         checkpoint=os.path.join(out, f"checkpoint-{strat}.pt"), resume=resume,
-                        log=lambda m, s=strat: log(f"[{s}] {m}"))
+                        server_step=server_step, log=lambda m, s=strat: log(f"[{s}] {m}"))
         acc = hist.last_accuracy()
         nbytes = hist.total_bytes()
         tier_rows = [{"tier": t.name, "switch": hist.tiers[t.name], "top1": acc[t.name],
