@@ -39,7 +39,7 @@ FREE_F1 = ["[0.5, 0.25, 0.25]x", "[0.5, 0.25, 0.125, 0.125]x", "[0.5, 4x0.125]x"
 
 DEFAULTS: dict = {
     "seeds": [0, 1, 2], "variants": list(VARIANTS), "model": "resnet20", "width_mult": 0.5, "image_size": 8,
-    "epochs": 8, "batch_size": 32, "lr": 0.1, "warmup_epochs": 1.0, "threads": 1, "out": "runs/scaling",
+    "epochs": 8, "batch_size": 64, "lr": 0.1, "warmup_epochs": 1.0, "threads": 1, "out": "runs/scaling",
 }
 
 
