@@ -1,6 +1,6 @@
 // CPU kernels of slimkern::block_conv2d and its backward. Three engines, chosen per call
 // (choose_path below says when and why):
-//  * per-image GEMMs for 1x1 (block_conv2d_pointwise.cpp, on sgemm_avx512.cpp for float32):
+//  * per-image GEMMs for 1x1 (block_conv2d_pointwise.cpp, on sgemm.h for float32):
 //    read the weight slice and x's channel window in place and write straight into the
 //    output's channel window;
 //  * oneDNN by runs of blocks (block_conv2d_runs.cpp): one (grouped) at::convolution per run;
@@ -24,7 +24,7 @@
 #include "block_conv2d_runs.h"
 #include "depthwise_planes.h"
 #include "slimkern/cpu_capability.h"
-#include "sgemm_avx512.h"
+#include "sgemm.h"
 
 namespace slimkern {
 namespace {
@@ -414,7 +414,7 @@ bool is_pointwise(const ConvGeom& G) {
 
 // Engine per call. Measured interleaved (wall time, 2 threads, batch 64, median of 7-11):
 //  * per-image GEMMs (block_conv2d_pointwise.cpp) for 1x1. float32 on AVX-512 runs our own
-//    kernel (sgemm_avx512.h), 1.1-1.7x faster than oneDNN's own 1x1 convolution on
+//    kernel (sgemm.h), 1.1-1.7x faster than oneDNN's own 1x1 convolution on
 //    contiguous operands and 1.4-4x faster than slice + F.conv2d + cat, forward+backward, from
 //    4x4 to 32x32 maps at 64-512 channels (AMD EPYC VM; on the Intel Xeon VM 1.1-2.1x and
 //    1.2-3.3x at 32-512 channels, benchmarks/results/block_ops.json); below 16 pixels per
@@ -441,7 +441,7 @@ bool is_pointwise(const ConvGeom& G) {
 enum class Path { kRuns, kDepthwiseLoops, kDepthwisePlanes, kPointwiseGemm };
 
 bool gemm_pays(const at::Tensor& x, const ConvGeom& G) {
-  if (x.scalar_type() == at::kFloat && cpu::have_avx512_sgemm()) return G.H * G.W >= 16;
+  if (x.scalar_type() == at::kFloat && cpu::have_simd_sgemm()) return G.H * G.W >= 16;
   if (!cpu::have_blas_gemm() || x.numel() >= INT32_MAX) return false;  // BLAS takes 32-bit sizes and strides
   int64_t widest = 0;
   for (const auto& b : G.blocks) widest = std::max({widest, b.in_size(), b.out_size()});

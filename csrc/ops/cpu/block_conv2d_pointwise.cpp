@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "block_conv2d_runs.h"
-#include "sgemm_avx512.h"
+#include "sgemm.h"
 
 // Fortran BLAS, exported by libtorch_cpu (MKL); weak so a build without them still loads.
 extern "C" {
@@ -39,12 +39,12 @@ void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const
 //   forward      out (Co x P) = W (Co x Ci) . x (Ci x P)            [+ out: the bias]
 //   grad input   gx  (Ci x P) = W^T (Ci x Co) . go (Co x P)          [+ gx: overlapping windows]
 //   grad weight  gw  (Co x Ci) += go (Co x P) . x^T (P x Ci)
-// float32 on AVX-512 processors runs sgemm_avx512 (2x MKL's AVX2 path on AMD Zen 5, on par
-// with MKL's AVX-512 path on Intel Sapphire Rapids and ahead of it on the weight gradient);
-// everything else calls the BLAS with the same products read column-major.
+// float32 on AVX2 and AVX-512 processors runs our GEMM (sgemm.h: 2x MKL's AVX2 path on AMD
+// Zen 5, on par with MKL's AVX-512 path on Intel Sapphire Rapids and ahead of it on the weight
+// gradient); everything else calls the BLAS with the same products read column-major.
 template <typename T>
-bool use_avx512() {
-  return std::is_same_v<T, float> && have_avx512_sgemm();
+bool use_simd() {
+  return std::is_same_v<T, float> && have_simd_sgemm();
 }
 
 // np pixels of one image; ld* are the row strides (a plane apart for out / go / gx rows).
@@ -52,7 +52,7 @@ template <typename T>
 void product_forward(int64_t Co, int64_t Ci, int64_t np, const T* w, int64_t ldw, const T* x, int64_t ldx, T beta,
                      T* out, int64_t ldo) {
   if constexpr (std::is_same_v<T, float>) {
-    if (use_avx512<T>()) return sgemm_avx512(Co, np, Ci, w, ldw, 1, x, ldx, beta, out, ldo);
+    if (use_simd<T>()) return simd_sgemm(Co, np, Ci, w, ldw, 1, x, ldx, beta, out, ldo);
   }
   gemm('N', 'N', np, Co, Ci, T(1), x, ldx, w, ldw, beta, out, ldo);  // out^T = x^T . W^T
 }
@@ -61,7 +61,7 @@ template <typename T>
 void product_grad_input(int64_t Co, int64_t Ci, int64_t np, const T* w, int64_t ldw, const T* go, int64_t ldgo,
                         T beta, T* gx, int64_t ldgx) {
   if constexpr (std::is_same_v<T, float>) {
-    if (use_avx512<T>()) return sgemm_avx512(Ci, np, Co, w, 1, ldw, go, ldgo, beta, gx, ldgx);
+    if (use_simd<T>()) return simd_sgemm(Ci, np, Co, w, 1, ldw, go, ldgo, beta, gx, ldgx);
   }
   gemm('N', 'T', np, Ci, Co, T(1), go, ldgo, w, ldw, beta, gx, ldgx);  // gx^T = go^T . W
 }
@@ -71,7 +71,7 @@ template <typename T>
 void product_grad_weight(int64_t Co, int64_t Ci, int64_t np, const T* go, int64_t ldgo, const T* x, int64_t ldx,
                          T* gw) {
   if constexpr (std::is_same_v<T, float>) {
-    if (use_avx512<T>()) return sgemm_avx512_bt(Co, Ci, np, go, ldgo, 1, x, ldx, 1.0f, gw, Ci);
+    if (use_simd<T>()) return simd_sgemm_bt(Co, Ci, np, go, ldgo, 1, x, ldx, 1.0f, gw, Ci);
   }
   gemm('T', 'N', Ci, Co, np, T(1), x, ldx, go, ldgo, T(1), gw, Ci);  // gw^T += x . go^T
 }

@@ -4,8 +4,8 @@
 // (Co x Ci) by (Ci x H*W) product read and written in place through the tensors' strides:
 // nothing is sliced into a copy, nothing is concatenated. One parallel region per call splits
 // the batch (and, for batches smaller than the thread count, each image's pixels) across
-// threads, and every thread runs a single-threaded GEMM per (image, block): float32 on AVX-512
-// processors our own kernel (sgemm_avx512.h), otherwise the BLAS. No parallel region per
+// threads, and every thread runs a single-threaded GEMM per (image, block): float32 on AVX2 and
+// AVX-512 processors our own kernel (sgemm.h), otherwise the BLAS. No parallel region per
 // GEMM, whose start-up and barriers cost more than the GEMM itself at these sizes (and made
 // MKL's batched GEMM 3-7x slower under OMP_WAIT_POLICY=PASSIVE). The weight gradient sums
 // per-thread partial sums, so overlapping blocks never race.
