@@ -29,7 +29,9 @@ some block uses is incremented once per training call (blocks of one ParaDiS swi
 row but not channels). ``momentum=None`` is the cumulative moving average used for BN
 calibration and needs the counter. Two blocks that update the *same channels of the same
 row* in one training call are refused (the result would depend on their order and the
-batch would be counted twice); in eval mode blocks may overlap freely.
+batch would be counted twice); in eval mode blocks may overlap freely. An empty batch in
+training (N = 0 or an empty spatial dim) returns an empty output and leaves the rows as they are,
+counting the batch in ``num_batches_tracked``, as ``nn.BatchNorm`` does.
 
 Gradients: the standard BN backward per packed channel (training: through the batch
 statistics; eval: the affine map only), with ``grad_weight``/``grad_bias`` summed over every
@@ -43,6 +45,7 @@ fused backends. Every argument is validated before anything is computed or writt
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from typing import Sequence
 
@@ -50,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from slimkern import _library
+from slimkern.ops._blocks import as_index, int_tensor_list
 
 __all__ = ["switchable_batch_norm", "not_supported_reasons", "ACTIVATIONS", "BACKENDS"]
 
@@ -59,30 +63,55 @@ _OP = "switchable_batch_norm"
 
 
 def _flat_blocks(blocks) -> list[int]:
+    if hasattr(blocks, "__array__") and not isinstance(blocks, torch.Tensor):  # numpy
+        blocks = torch.as_tensor(blocks)
     if isinstance(blocks, torch.Tensor):
-        if blocks.dtype.is_floating_point or blocks.dtype == torch.bool:
-            raise TypeError(f"blocks must be an integer tensor, got dtype {blocks.dtype}")
+        values = int_tensor_list(blocks, "blocks")
         if blocks.dim() != 2 or blocks.shape[1] != 2:
             raise ValueError(f"blocks must be a [G, 2] tensor of (start, stop) channel ranges, got shape "
                              f"{tuple(blocks.shape)}")
-        return [int(v) for v in blocks.reshape(-1).tolist()]
+        return [v for row in values for v in row]
+    if not isinstance(blocks, (list, tuple)):
+        raise TypeError(f"blocks must be a [G, 2] int tensor or a list of (start, stop) pairs, got "
+                        f"{type(blocks).__name__}")
     flat = []
     for g, pair in enumerate(blocks):
-        if len(pair) != 2:
+        if isinstance(pair, torch.Tensor) or hasattr(pair, "__array__"):
+            pair = int_tensor_list(torch.as_tensor(pair), f"blocks[{g}]")
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise ValueError(f"blocks[{g}] must be a (start, stop) pair, got {pair!r}")
-        flat += [int(pair[0]), int(pair[1])]
+        flat += [as_index(v, f"blocks[{g}] entry") for v in pair]
     return flat
 
 
 def _flat_rows(stat_rows) -> list[int]:
     if isinstance(stat_rows, int):
         raise TypeError("stat_rows must be a sequence (one row per block) or a [G] tensor, got an int")
+    if hasattr(stat_rows, "__array__") and not isinstance(stat_rows, torch.Tensor):  # numpy
+        stat_rows = torch.as_tensor(stat_rows)
     if isinstance(stat_rows, torch.Tensor):
         if stat_rows.dtype.is_floating_point or stat_rows.dtype == torch.bool or stat_rows.dim() != 1:
             raise TypeError(f"stat_rows must be a 1-d integer tensor, got dtype {stat_rows.dtype} and shape "
                             f"{tuple(stat_rows.shape)}")
         return [int(v) for v in stat_rows.tolist()]
-    return [int(v) for v in stat_rows]
+    return [as_index(v, f"stat_rows[{g}]") for g, v in enumerate(stat_rows)]
+
+
+def _check_int64(values, what: str) -> None:
+    """The op schema takes int64 lists; a Python int beyond them is out of every range anyway."""
+    for k, v in enumerate(values):
+        if not -(2**63) <= v < 2**63:
+            raise ValueError(f"{what}: entry {k} = {v} is outside the int64 range (and out of range for the layer)")
+
+
+def _check_scalars(eps, momentum) -> tuple[float, float | None]:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))):
+        raise TypeError(f"momentum must be a float in [0, 1] or None, got {momentum!r}")
+    if momentum is not None and not 0.0 <= momentum <= 1.0:  # also refuses NaN
+        raise ValueError(f"momentum must be in [0, 1] (or None for the cumulative average), got {momentum!r}")
+    return float(eps), None if momentum is None else float(momentum)
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -200,7 +229,7 @@ def _validate(x, weight, bias, running_mean, running_var, flat, rows, training) 
         raise ValueError(f"x has {x.shape[1]} channels but the blocks hold {total}: x's channel count does not "
                          f"match the blocks")
     if training:
-        if x.numel() // max(x.shape[1], 1) <= 1:
+        if x.numel() // max(x.shape[1], 1) == 1:  # an empty batch is allowed (see below)
             raise ValueError(f"Expected more than 1 value per channel when training, got x of shape "
                              f"{tuple(x.shape)}")
         for g in range(G):
@@ -366,14 +395,24 @@ def switchable_batch_norm(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     flat, rows = _flat_blocks(blocks), _flat_rows(stat_rows)
+    _check_int64(flat, "blocks")
+    _check_int64(rows, "stat_rows")
     training = bool(training)
     if training:
         _check_num_batches(num_batches_tracked, momentum, running_mean)
+    eps, momentum = _check_scalars(eps, momentum)
     name = _choose_backend(x, backend)
-    if name != "cpp":
+    empty_batch = training and x.numel() == 0 and x.dim() >= 2 and x.shape[1] > 0
+    if name != "cpp" or empty_batch:
         _validate(x, weight, bias, running_mean, running_var, flat, rows, training)
-    eps = float(eps)
-    momentum = None if momentum is None else float(momentum)
+    if empty_batch:
+        # As nn.BatchNorm: an empty batch gives an empty output, carries no statistics (the
+        # running rows stay) and is still counted in num_batches_tracked.
+        if num_batches_tracked is not None:
+            with torch.no_grad():
+                for r in sorted(set(rows)):
+                    num_batches_tracked[r] += 1
+        return _forward_torch(x, weight, bias, running_mean, running_var, flat, rows, False, eps, activation)[0]
     if name == "torch":
         y, mean, var = _forward_torch(x, weight, bias, running_mean, running_var, flat, rows, training, eps,
                                       activation)
