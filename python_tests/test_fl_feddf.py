@@ -131,3 +131,27 @@ def test_bad_input_errors():
         FedDF(unl, drop_worst=1).distill(_net(0), [Teacher(_net(1))])
     with pytest.raises(ValueError, match="logits"):
         dd.distill(_net(0), [Teacher(small_cnn(7, 1, (8, 16, 8)))])
+
+
+def test_distill_many_shares_one_ensemble_and_server_step_in_simulate():
+    from slimkern.fl import make_clients, parse_tiers, simulate
+    g = torch.Generator().manual_seed(8)
+    unl = torch.randn(64, 1, 8, 8, generator=g)
+    teachers = [Teacher(_net(1)), Teacher(_net(2))]
+    a, b = _net(3), small_cnn(10, 1, (4, 8, 4), seed=4)
+    dd = FedDF(unl, steps=5, batch_size=16, eval_every=5, calibrate="none")
+    reps = dd.distill_many([(a, None), (b, None)], teachers)
+    assert len(reps) == 2 and all(r.steps == 5 for r in reps)
+    # the teachers ran once: only the first report carries their MACs
+    assert reps[0].server_macs > reps[1].server_macs
+    with pytest.raises(ValueError, match="pairs"):
+        dd.distill_many([a], teachers)
+    # as simulate's server step: metrics in the round records
+    X, Y = torch.randn(80, 1, 8, 8, generator=g), torch.arange(80) % 10
+    clients = make_clients(Y.numpy(), parse_tiers("1.0:0.5,0.5:0.5"), 4, "iid", seed=0)
+    step = FedDF(X[:40], (X[40:], Y[40:]), steps=4, batch_size=16, eval_every=2, calibrate="both")
+    hist = simulate(small_cnn(10, 1, (8, 16, 8), seed=0), (X, Y), (X, Y), clients, "heterofl", rounds=2,
+                    batch_size=16, progress=False, calib_set=(X, Y), server_step=step)
+    m = hist.rounds[-1].metrics
+    assert m["feddf_teachers"] == 4 and m["feddf_steps"] >= 2 and m["feddf_val_after"] >= m["feddf_val_before"]
+    assert m["feddf_server_macs"] > 0 and hist.rounds[-1].server_time > 0

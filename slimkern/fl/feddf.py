@@ -127,8 +127,9 @@ class FedDF:
             worst-scoring teachers (on ``val``) left out.
         student_bn: ``"train"`` (the anchor: batch statistics while distilling) or
             ``"eval"``.
-        augment: ``(x, generator) -> x`` applied to every unlabeled batch (teachers then
-            run per batch on the augmented images).
+        augment: ``(x, generator) -> x``; with it the distillation pool of a round is
+            ``augment_copies`` augmented copies of the unlabeled data (drawn per round; the
+            teachers run on the pool once).
         calibrate: BN statistics never travel, so the server recomputes them on the unlabeled
             data (``slimkern.calibrate_bn``, slim nets only) before distilling: ``"teachers"``
             (default: each teacher at its switch), ``"both"`` (the student's switches too, so
@@ -142,8 +143,8 @@ class FedDF:
                  betas=(0.9, 0.999), schedule: str = "cosine", clip_norm: float | None = 5.0,
                  temperature: float = 1.0, eval_every: int = 50, patience: int = 200, weighted: bool = False,
                  drop_worst: int = 0, student_bn: str = "train", val_fraction: float = 0.2,
-                 augment: Callable | None = None, calibrate: str = "teachers", switches: Sequence | None = None,
-                 seed: int = 0):
+                 augment: Callable | None = None, augment_copies: int = 4, calibrate: str = "teachers",
+                 switches: Sequence | None = None, seed: int = 0):
         if isinstance(unlabeled, (tuple, list)) and len(unlabeled) == 2:
             unlabeled = unlabeled[0]
         if not isinstance(unlabeled, torch.Tensor) or unlabeled.dim() < 2 or len(unlabeled) < 2:
@@ -151,7 +152,8 @@ class FedDF:
         if not bool(torch.isfinite(unlabeled).all()):
             raise ValueError("FedDF: unlabeled data contains NaN or inf")
         for name, v, lo in (("steps", steps, 0), ("batch_size", batch_size, 1), ("eval_every", eval_every, 1),
-                            ("patience", patience, 1), ("drop_worst", drop_worst, 0)):
+                            ("patience", patience, 1), ("drop_worst", drop_worst, 0),
+                            ("augment_copies", augment_copies, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"FedDF: {name} must be an int >= {lo}, got {v!r}")
         for name, v in (("lr", lr), ("temperature", temperature)):
@@ -185,7 +187,7 @@ class FedDF:
         self.steps, self.batch_size, self.lr, self.betas = steps, batch_size, float(lr), tuple(betas)
         self.schedule, self.clip_norm, self.temperature = schedule, clip_norm, float(temperature)
         self.eval_every, self.patience, self.weighted, self.drop_worst = eval_every, patience, weighted, drop_worst
-        self.student_bn, self.augment, self.seed = student_bn, augment, seed
+        self.student_bn, self.augment, self.augment_copies, self.seed = student_bn, augment, augment_copies, seed
         self.calibrate, self.switches = calibrate, None if switches is None else list(switches)
         self.reports: list[DistillReport] = []
 
@@ -259,71 +261,89 @@ class FedDF:
         """Distils ``teachers``' ensemble into ``student`` in place (the best snapshot is
         loaded at the end); ``switches``: the student's switches trained together in one
         packed pass (None: a plain forward). Returns a ``DistillReport``."""
-        self._check(student, teachers, switches)
+        return self.distill_many([(student, switches)], teachers, round_index)[0]
+
+    def distill_many(self, students: Sequence, teachers: Sequence[Teacher], round_index: int = 0) -> list:
+        """FedDF's heterogeneous setting: every ``(student, switches)`` (each architecture's
+        model) distilled from one ensemble, whose teachers are calibrated, dropped and run
+        once (their cost is counted in the first report). Returns one report per student."""
+        if not isinstance(students, (list, tuple)) or not students:
+            raise ValueError("FedDF: students must be a non-empty list of (model, switches) pairs")
+        for st in students:
+            if not (isinstance(st, (list, tuple)) and len(st) == 2):
+                raise ValueError("FedDF: students must be (model, switches) pairs; switches None for a plain model")
+            self._check(st[0], teachers, st[1])
         t0 = time.perf_counter()
-        rep = DistillReport(metric="accuracy" if self.val_labels is not None else "-kl")
-        teachers = list(teachers)
+        counter = _Counter()
+        teachers, dropped, target_all, target_val, pool = self._prepare(list(teachers), counter, round_index)
+        reports = []
+        for i, (student, switches) in enumerate(students):
+            rep = DistillReport(metric="accuracy" if self.val_labels is not None else "-kl", teachers=len(teachers),
+                                dropped=list(dropped))
+            self._train(student, switches, target_all, target_val, pool, counter, rep, round_index)
+            rep.server_macs = counter.take()
+            rep.time_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self.reports.append(rep)
+            reports.append(rep)
+        return reports
+
+    def _prepare(self, teachers, counter, round_index):
+        """Teachers calibrated and (drop-worst) scored; the ensemble's logits on the validation
+        split and on the distillation pool (the unlabeled data, or ``augment_copies``
+        augmented copies of it drawn for this round)."""
         in_size = (1, *self.unlabeled.shape[1:])
         t_macs = [_macs(t.model, t.switch, in_size) for t in teachers]
-        s_macs = [_macs(student, s, in_size) for s in (switches or [None])]
-        macs = {"known": True, "total": 0}
-
-        def spend(n_samples, per_sample):
-            if per_sample is None:
-                macs["known"] = False
-            else:
-                macs["total"] += int(n_samples) * int(per_sample)
-
         if self.calibrate != "none":
             n_cal = min(len(self.unlabeled), 8 * 64)
             for t, m in zip(teachers, t_macs):
                 if _calibrate(t.model, [t.switch], self.unlabeled[:n_cal]):
-                    spend(n_cal, m)
-            if self.calibrate == "both" and _calibrate(student, list(switches or [None]), self.unlabeled[:n_cal]):
-                for m in s_macs:
-                    spend(n_cal, m)
-
-        # teachers scored on the validation split; drop the worst ones
+                    counter.spend(n_cal, m)
+        dropped: list = []
         if self.drop_worst:
             if self.drop_worst >= len(teachers):
                 raise ValueError(f"FedDF: drop_worst={self.drop_worst} would drop all {len(teachers)} teachers")
             ens_val = ensemble_logits(teachers, self.val, weighted=self.weighted)
             scores = []
             for i, t in enumerate(teachers):
-                out = torch.cat([_eval_logits(t.model, t.switch, self.val[j:j + 256]) for j in range(0, len(self.val), 256)])
-                spend(len(self.val), t_macs[i])
+                out = torch.cat([_eval_logits(t.model, t.switch, self.val[j:j + 256])
+                                 for j in range(0, len(self.val), 256)])
+                counter.spend(len(self.val), t_macs[i])
                 scores.append(float((out.argmax(1) == self.val_labels).float().mean()) if self.val_labels is not None
                               else -float(_kl(out, ens_val, self.temperature)))
             order = sorted(range(len(teachers)), key=lambda i: scores[i])
-            rep.dropped = sorted(order[:self.drop_worst])
-            teachers = [t for i, t in enumerate(teachers) if i not in rep.dropped]
-            t_macs = [m for i, m in enumerate(t_macs) if i not in rep.dropped]
-        rep.teachers = len(teachers)
+            dropped = sorted(order[:self.drop_worst])
+            teachers = [t for i, t in enumerate(teachers) if i not in dropped]
+            t_macs = [m for i, m in enumerate(t_macs) if i not in dropped]
         target_val = ensemble_logits(teachers, self.val, weighted=self.weighted)
+        pool = self.unlabeled
+        if self.augment is not None:
+            gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(round_index) + 17)
+            pool = torch.cat([self.augment(self.unlabeled, gen) for _ in range(self.augment_copies)])
+        target_all = ensemble_logits(teachers, pool, weighted=self.weighted)
         for m in t_macs:
-            spend(len(self.val), m)
-        target_all = None
-        if self.augment is None:
-            target_all = ensemble_logits(teachers, self.unlabeled, weighted=self.weighted)
-            for m in t_macs:
-                spend(len(self.unlabeled), m)
+            counter.spend(len(self.val) + len(pool), m)
+        return teachers, dropped, target_all, target_val, pool
 
+    def _train(self, student, switches, target_all, target_val, pool, counter, rep, round_index):
+        in_size = (1, *self.unlabeled.shape[1:])
+        s_macs = [_macs(student, s, in_size) for s in (switches or [None])]
+        if self.calibrate == "both" and _calibrate(student, list(switches or [None]), pool[:8 * 64]):
+            for m in s_macs:
+                counter.spend(min(len(pool), 8 * 64), m)
         best = self._score(student, switches, target_val)
         for m in s_macs:
-            spend(len(self.val), m)
+            counter.spend(len(self.val), m)
         rep.initial_score = rep.best_score = best
         rep.scores.append((0, best))
-        best_state = copy.deepcopy(student.state_dict())
         if self.steps == 0:
-            rep.time_s = time.perf_counter() - t0
-            rep.server_macs = macs["total"] if macs["known"] else None
-            self.reports.append(rep)
-            return rep
+            return
+        best_state = copy.deepcopy(student.state_dict())
         params = [p for p in student.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=self.lr, betas=self.betas)
         sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps) if self.schedule == "cosine" else None)
         gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + int(round_index))
-        n = len(self.unlabeled)
+        n = len(pool)
         was = student.training
         perm, cursor, since = torch.randperm(n, generator=gen), 0, 0
         try:
@@ -332,19 +352,11 @@ class FedDF:
                     perm, cursor = torch.randperm(n, generator=gen), 0
                 bi = perm[cursor:cursor + self.batch_size]
                 cursor += self.batch_size
-                xb = self.unlabeled[bi]
-                if self.augment is not None:
-                    xb = self.augment(xb, gen)
-                    tb = ensemble_logits(teachers, xb, weighted=self.weighted)
-                    for m in t_macs:
-                        spend(len(xb), m)
-                else:
-                    tb = target_all[bi]
                 student.train(self.student_bn == "train")
-                outs = _student_logits(student, switches, xb)
-                loss = sum(_kl(o, tb, self.temperature) for o in outs)
+                outs = _student_logits(student, switches, pool[bi])
+                loss = sum(_kl(o, target_all[bi], self.temperature) for o in outs)
                 for m in s_macs:
-                    spend(3 * len(xb), m)
+                    counter.spend(3 * len(bi), m)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.clip_norm is not None:
@@ -356,7 +368,7 @@ class FedDF:
                 if step % self.eval_every == 0 or step == self.steps:
                     score = self._score(student, switches, target_val)
                     for m in s_macs:
-                        spend(len(self.val), m)
+                        counter.spend(len(self.val), m)
                     rep.scores.append((step, score))
                     if score > best:
                         best, rep.best_step, since = score, step, 0
@@ -369,10 +381,24 @@ class FedDF:
             student.train(was)
         student.load_state_dict(best_state)
         rep.best_score = best
-        rep.time_s = time.perf_counter() - t0
-        rep.server_macs = macs["total"] if macs["known"] else None
-        self.reports.append(rep)
-        return rep
+
+
+class _Counter:
+    """Server multiply-adds; None once any part is unknown (a model profile cannot read)."""
+
+    def __init__(self):
+        self.total, self.known = 0, True
+
+    def spend(self, n_samples, per_sample) -> None:
+        if per_sample is None:
+            self.known = False
+        else:
+            self.total += int(n_samples) * int(per_sample)
+
+    def take(self):
+        out = self.total if self.known else None
+        self.total, self.known = 0, True
+        return out
 
 
 def _calibrate(model, switches, x) -> bool:
