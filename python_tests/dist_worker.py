@@ -78,6 +78,8 @@ def main(argv: list[str]) -> int:
             atomic_save(res, os.path.join(out, f"rank{dp.rank}.pt"))
             return 0
         ckpt, epochs = argv[2], int(argv[3])
+        with open(os.path.join(out, f"pid{dp.rank}"), "w") as f:
+            f.write(str(os.getpid()))
         stall = int(argv[argv.index("--stall-after") + 1]) if "--stall-after" in argv else None
 
         def on_epoch_end(t, record):
