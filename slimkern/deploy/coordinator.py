@@ -85,7 +85,9 @@ class ParallelDeployment:
                 torch.save(b.eval(), blob)
                 c.send_bytes(blob.getvalue())
             for i in range(len(self._conns)):
-                self._recv(i)  # ready
+                ready = self._recv(i)
+                if isinstance(ready, Exception):
+                    raise ready
         except BaseException:
             self.close()
             raise
@@ -98,17 +100,29 @@ class ParallelDeployment:
     def num_workers(self) -> int:
         return len(self._procs)
 
-    def _recv(self, i: int) -> torch.Tensor:
+    def _died(self, i: int) -> RuntimeError:
+        p = self._procs[i]
+        try:
+            p.wait(5.0)
+        except subprocess.TimeoutExpired:
+            pass
+        return RuntimeError(f"deploy: worker {i} (pid {p.pid}) died (exit code {p.returncode}); close() the "
+                            "deployment and start a new one")
+
+    def _recv(self, i: int) -> torch.Tensor | RuntimeError:
         conn, p = self._conns[i], self._procs[i]
         deadline = time.monotonic() + self.timeout
         while not conn.poll(0.05):
             if p.poll() is not None:
-                raise RuntimeError(f"deploy: worker {i} (pid {p.pid}) died with exit code {p.returncode}")
+                raise self._died(i)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"deploy: worker {i} (pid {p.pid}) did not answer within {self.timeout} s")
-        kind, y = wire.decode(conn.recv_bytes())
+        try:
+            kind, y = wire.decode(conn.recv_bytes())
+        except (EOFError, OSError):
+            raise self._died(i) from None
         if kind == wire.KIND_ERROR:
-            raise RuntimeError(f"deploy: worker {i} (pid {p.pid}) failed:\n{y}")
+            return RuntimeError(f"deploy: worker {i} (pid {p.pid}) failed:\n{y}")
         return y
 
     def partials(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -116,9 +130,17 @@ class ParallelDeployment:
         if not self._procs:
             raise RuntimeError("deploy: the deployment is closed")
         msg = wire.encode(x)
-        for c in self._conns:
-            c.send_bytes(msg)
-        return [self._recv(i) for i in range(len(self._conns))]
+        for i, c in enumerate(self._conns):
+            try:
+                c.send_bytes(msg)
+            except OSError:
+                raise self._died(i) from None
+        # every reply is read before an error is raised, so none is left for the next call
+        out = [self._recv(i) for i in range(len(self._conns))]
+        for y in out:
+            if isinstance(y, Exception):
+                raise y
+        return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
