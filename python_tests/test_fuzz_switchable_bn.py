@@ -213,3 +213,14 @@ def test_bad_arguments_name_the_problem(kw, exc, match, backend):
     with pytest.raises(exc, match=match):
         _bn(backend=backend, **kw)
     assert torch.equal(rm, snapshot), "a refused call must not write the running statistics"
+
+
+@pytest.mark.xfail(strict=True, reason="see cpp_bugs.md #5 (slimkern/nn/switching.py)")
+def test_forward_switches_on_an_empty_batch_gives_one_empty_output_per_switch():
+    import slimkern as sk
+
+    net = sk.slimmify(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                          torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 5)))
+    net.train()
+    outs = sk.forward_switches(net, torch.randn(0, 3, 6, 6), ["[1.0]x", "[0.5, 0.5]x"])
+    assert [tuple(o.shape) for o in outs] == [(0, 5), (0, 5)]
