@@ -143,3 +143,25 @@ def test_arguments_are_validated():
         WDSR(in_channels=1)
     with pytest.raises(ValueError, match="positive ints"):
         build("wdsr", width_mult=0.25, n_blocks=1).branch_macs("[1.0]x", 0, 4)
+
+
+def test_bicubic_init_starts_as_bicubic_upsampling():
+    from slimkern.data.images import bicubic_up
+
+    torch.manual_seed(3)
+    n = build("wdsr", width_mult=0.25, n_blocks=1, init="bicubic")
+    x = torch.rand(2, 3, 12, 10)
+    ref = nn.functional.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
+    for sw in ([1.0], [0.5, 0.5]):
+        with slimkern.use_switch(n, slimkern.Switch(sw)):
+            y = n(x)
+        torch.testing.assert_close(y[..., 4:-4, 4:-4], ref[..., 4:-4, 4:-4], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(build("wdsr", width_mult=0.25, n_blocks=1)(x)[..., 4:-4, 4:-4],
+                              bicubic_up(x, 2)[..., 4:-4, 4:-4], atol=1e-2)
+    for s in (3, 4):
+        from slimkern.models.wdsr import bicubic_skip_kernel
+        k = bicubic_skip_kernel(s, 1)
+        y = nn.functional.pixel_shuffle(nn.functional.conv2d(x[:, :1], k, padding=2), s)
+        r = nn.functional.interpolate(x[:, :1], scale_factor=s, mode="bicubic", align_corners=False)
+        torch.testing.assert_close(y[..., 3 * s:-3 * s, 3 * s:-3 * s], r[..., 3 * s:-3 * s, 3 * s:-3 * s],
+                                   rtol=1e-5, atol=1e-5)

@@ -1,6 +1,7 @@
 """ParaDiS Appendix F at CPU scale: more switches, and switches for free.
 
-Three ParaDiS ResNets are trained on digits with the same recipe, for every seed:
+Three ParaDiS ResNets (a CIFAR ResNet with one basic block per stage, 16/32/64 channels at
+1.0x before ``width_mult``; 8x8 digits) are trained with the same recipe, for every seed:
 
 * **4 switches** (the paper's main model): ``[1.2], [1.0], [0.5,0.5], [4x0.25]``;
 * **F.1, 5 switches**: the same plus ``[8x0.125]``;
@@ -13,9 +14,9 @@ variant and on the six **untrained** switches of F.1, which tile the full width 
 widths the net has been trained on: ``[0.5,0.25,0.25], [0.5,0.25,0.125,0.125], [0.5,0.125x4],
 [0.25,0.25,0.25,0.125,0.125], [0.25,0.25,0.125x4], [0.25,0.125x6]``.
 
-``python -m slimkern.scaling --out runs/scaling`` (or ``slimkern scaling``): per variant and
-seed a ``slimkern train`` run folder (``<out>/<variant>/seed<k>/``), plus ``results.csv``,
-``summary.csv`` (top-1 mean ± std over seeds), ``report.json`` and ``scaling.png``.
+``python -m slimkern.scaling --out runs/scaling`` (or ``slimkern scaling``) writes
+``results.csv`` (one row per variant, seed, switch), ``summary.csv`` (top-1 mean ± std over
+seeds), ``report.json`` and ``scaling.png``, updated after every run.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ FREE_F1 = ["[0.5, 0.25, 0.25]x", "[0.5, 0.25, 0.125, 0.125]x", "[0.5, 4x0.125]x"
            "[0.25, 0.25, 0.25, 0.125, 0.125]x", "[0.25, 0.25, 4x0.125]x", "[0.25, 6x0.125]x"]
 
 DEFAULTS: dict = {
-    "seeds": [0, 1, 2], "variants": list(VARIANTS), "model": "resnet20", "width_mult": 0.5, "image_size": 8,
-    "epochs": 8, "batch_size": 64, "lr": 0.1, "warmup_epochs": 1.0, "threads": 1, "out": "runs/scaling",
+    "seeds": [0, 1, 2], "variants": list(VARIANTS), "blocks": 1, "width_mult": 0.5, "image_size": 8,
+    "epochs": 12, "batch_size": 64, "lr": 0.1, "warmup_epochs": 1.0, "threads": 1, "out": "runs/scaling",
 }
 
 
@@ -49,20 +50,39 @@ def eval_switches() -> list[str]:
     return list(dict.fromkeys(sws))
 
 
-def run_config(cfg: dict, variant: str, seed: int) -> dict:
-    """The ``slimkern train`` configuration of one variant and seed."""
-    from slimkern.runner import DEFAULTS as RUN_DEFAULTS
+def train_eval(cfg: dict, variant: str, seed: int) -> list[dict]:
+    """Trains ``variant`` with ParaDiS (wide KD, beta = 1) for one seed, calibrates BN for every
+    evaluation switch and returns one row per switch (top-1 on the held-out digits)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    import slimkern
+    from slimkern.data import digits
+    from slimkern.models.resnet import CifarResNet
+    from slimkern.train import ParaDiSTrainer
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {list(VARIANTS)}")
-    trained = VARIANTS[variant]
-    return {**RUN_DEFAULTS, "dataset": "digits", "image_size": cfg["image_size"], "channels": 3,
-            "model": cfg["model"], "width_mult": cfg["width_mult"], "max_width": 1.2, "recipe": "paradis",
-            "switches": trained, "eval_switches": [s for s in eval_switches() if s not in trained],
-            "kd": "wide", "beta": 1.0, "epochs": cfg["epochs"], "batch_size": cfg["batch_size"], "lr": cfg["lr"],
-            "warmup_epochs": cfg["warmup_epochs"], "weight_decay": 5e-4, "schedule": "cosine", "seed": seed,
-            "threads": cfg["threads"], "calibrate_batches": 20, "progress": False,
-            "out": os.path.join(cfg["out"], variant.replace(" ", "_").replace(".", ""), f"seed{seed}")}
+    split = digits(image_size=cfg["image_size"], channels=3, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = CifarResNet([16, 32, 64], [cfg["blocks"]] * 3, split.num_classes, 3, max_width=1.2,
+                          width_mult=cfg["width_mult"])
+    t0 = time.perf_counter()
+    tr = ParaDiSTrainer(net, VARIANTS[variant], beta=1.0, kd="wide", lr=cfg["lr"], schedule="cosine",
+                        warmup_epochs=cfg["warmup_epochs"], seed=seed, progress=False)
+    tr.fit(split.train, cfg["epochs"], batch_size=cfg["batch_size"])
+    secs = time.perf_counter() - t0
+    sws = [slimkern.Switch.parse(s) for s in eval_switches()]
+    calib = DataLoader(split.train, batch_size=cfg["batch_size"], shuffle=True,
+                       generator=torch.Generator().manual_seed(seed + 7))
+    slimkern.calibrate_bn(net, calib, sws, num_batches=20)
+    test = DataLoader(split.test, batch_size=256, shuffle=False)
+    rep = slimkern.evaluate(net, test, sws, trained=tr.trained_switches(), input_size=split.input_size,
+                            progress=False)
+    return [{"variant": variant, "seed": seed, "switch": r.switch, "trained": bool(r.trained), "top1": r.top1,
+             "macs": r.macs, "max_device_macs": r.max_device_macs, "branches": r.branches,
+             "train_seconds": round(secs, 1)} for r in rep.results]
 
 
 def plot(summary: list[dict], path: str) -> None:
@@ -95,32 +115,35 @@ def plot(summary: list[dict], path: str) -> None:
 
 
 def run(cfg: dict) -> dict:
-    from slimkern import runner
-
     cfg = {**DEFAULTS, **cfg}
     for v in cfg["variants"]:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
     if not cfg["seeds"]:
         raise ValueError("scaling: give at least one seed")
+    if cfg["threads"]:
+        import torch
+
+        torch.set_num_threads(int(cfg["threads"]))
     out = os.path.abspath(cfg["out"])
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
-    rows = []
+    rows, report = [], {}
     for seed in cfg["seeds"]:
         for v in cfg["variants"]:
-            rep = runner.run(run_config({**cfg, "out": out}, v, seed))
-            for r in rep.results:
-                rows.append({"variant": v, "seed": seed, "switch": r.switch, "trained": bool(r.trained),
-                             "top1": r.top1, "macs": r.macs, "max_device_macs": r.max_device_macs,
-                             "branches": r.branches, "train_seconds": rep.meta.get("train_seconds")})
-            log.info("%s seed %d: %s", v, seed, {r.switch: round(100 * r.top1, 2) for r in rep.results})
-            write_csv(os.path.join(out, "results.csv"), rows)
+            rs = train_eval(cfg, v, seed)
+            rows += rs
+            log.info("%s seed %d: %s", v, seed, {r["switch"]: round(100 * r["top1"], 2) for r in rs})
+            report = _write(cfg, out, rows, time.perf_counter() - t0)  # complete after every run
+    return report
+
+
+def _write(cfg: dict, out: str, rows: list[dict], seconds: float) -> dict:
+    write_csv(os.path.join(out, "results.csv"), rows)
     summary = summarize(rows, ["variant", "switch"], "top1", carry=["trained", "macs", "max_device_macs", "branches"])
     write_csv(os.path.join(out, "summary.csv"), summary)
     report = {"experiment": "ParaDiS Appendix F (scaling) on digits", "config": cfg, "variants": VARIANTS,
-              "free_switches_f1": FREE_F1, "seconds": round(time.perf_counter() - t0, 1), "summary": summary,
-              "rows": rows}
+              "free_switches_f1": FREE_F1, "seconds": round(seconds, 1), "summary": summary, "rows": rows}
     write_json(os.path.join(out, "report.json"), report)
     plot(summary, os.path.join(out, "scaling.png"))
     return report

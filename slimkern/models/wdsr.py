@@ -56,6 +56,11 @@ class WDSR(SlimNet):
         max_width: widest switch (1.2 for a wide teacher); width_mult: scales ``n_feats``.
         in_channels: image channels (3). res_scale: residual branch scale.
         divisor: channel boundaries are multiples of it.
+        init: ``"default"`` (every conv as ``nn.Conv2d``, the reference code) or ``"bicubic"``:
+            the skip conv starts as bicubic interpolation (its phase filters, see
+            ``bicubic_skip_kernel``) and the tail's magnitudes ``g`` at zero, so the untrained
+            net *is* bicubic upsampling and training learns the residual (a short-training
+            choice; the architecture is unchanged).
 
     Input ``[N, C, H, W]`` in [0, 1]; output ``[S*N, C, rH, rW]`` for the ``S`` switches of
     the current plan (``slimkern.forward_switches`` splits it per switch).
@@ -63,8 +68,10 @@ class WDSR(SlimNet):
 
     def __init__(self, scale: int = 2, n_feats: int = 64, n_blocks: int = 8, expansion: int = 4,
                  max_width: float = 1.0, width_mult: float = 1.0, in_channels: int = 3, res_scale: float = 1.0,
-                 divisor: int = 1, rgb_mean=DIV2K_RGB_MEAN):
+                 divisor: int = 1, rgb_mean=DIV2K_RGB_MEAN, init: str = "default"):
         super().__init__()
+        if init not in ("default", "bicubic"):
+            raise ValueError(f"WDSR: init must be 'default' or 'bicubic', got {init!r}")
         for name, v in (("scale", scale), ("n_feats", n_feats), ("n_blocks", n_blocks), ("expansion", expansion),
                         ("in_channels", in_channels)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -84,6 +91,14 @@ class WDSR(SlimNet):
         self.skip = wn(in_channels, self.out_feats, 5, slice_in=False, slice_out=False)
         self.shuffle = nn.PixelShuffle(scale)
         self.register_buffer("rgb_mean", torch.tensor(rgb_mean, dtype=torch.float32).view(1, -1, 1, 1))
+        if init == "bicubic":
+            with torch.no_grad():
+                v = bicubic_skip_kernel(scale, in_channels, self.skip.kernel_size[0])
+                self.skip.weight_v.copy_(v)
+                self.skip.weight_g.copy_(v.flatten(1).norm(dim=1))
+                self.skip.bias.zero_()
+                self.tail.weight_g.zero_()
+                self.tail.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x - self.rgb_mean
@@ -116,6 +131,32 @@ class WDSR(SlimNet):
                 per[b] += hw * (o1 - o0) * (i1 - i0) * k
         fusion = hw * self.skip.out_full * self.skip.in_full * self.skip.kernel_size[0] * self.skip.kernel_size[1]
         return {"branches": per, "fusion": fusion, "total": sum(per) + fusion, "max_device": max(per) + fusion}
+
+
+def bicubic_skip_kernel(scale: int, channels: int = 3, k: int = 5) -> torch.Tensor:
+    """Conv weight ``[C r^2, C, k, k]`` whose pixel-shuffled output is ``F.interpolate(x,
+    scale_factor=r, mode="bicubic", align_corners=False)`` away from the borders: the response
+    of the interpolation to a unit impulse, read per output phase ``(dy, dx)`` into the
+    channel ``c r^2 + dy r + dx`` that ``PixelShuffle`` sends to pixel ``(r i + dy, r j + dx)``."""
+    import torch.nn.functional as F
+
+    n, c0 = 4 * k + 3, (4 * k + 3) // 2
+    d = torch.zeros(1, 1, n, n, dtype=torch.float64)
+    d[0, 0, c0, c0] = 1.0
+    up = F.interpolate(d, scale_factor=scale, mode="bicubic", align_corners=False)[0, 0]
+    w = torch.zeros(scale, scale, k, k, dtype=torch.float64)
+    h = k // 2
+    for dy in range(scale):
+        for dx in range(scale):
+            for a in range(k):
+                for b in range(k):  # out(r i + dy) reads x[i + a - h]: the impulse sits at i = c0 - a + h
+                    w[dy, dx, a, b] = up[scale * (c0 - a + h) + dy, scale * (c0 - b + h) + dx]
+    if not torch.allclose(w.sum(dim=(2, 3)), torch.ones(scale, scale, dtype=torch.float64), atol=1e-6):
+        raise ValueError(f"bicubic_skip_kernel: a {k}x{k} kernel cannot hold bicubic x{scale}")
+    out = torch.zeros(channels * scale * scale, channels, k, k)
+    for c in range(channels):
+        out[c * scale * scale:(c + 1) * scale * scale, c] = w.reshape(scale * scale, k, k).float()
+    return out
 
 
 def wdsr(num_classes: int | None = None, in_channels: int = 3, max_width: float = 1.0, width_mult: float = 1.0,
