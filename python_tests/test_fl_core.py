@@ -199,3 +199,34 @@ def _logits(net, x, sw):
     net.train()
     with torch.no_grad(), use_switch(net, sw):
         return net(x)
+
+
+def test_cli_rule_options_and_flower_app(tmp_path, capsys):
+    """``slimkern fl`` rule flags reach the rule; ``--engine flower`` writes a Flower app whose
+    run config carries them (and rebuilds the same rule)."""
+    import tomllib
+    from slimkern.cli import main
+    from slimkern.fl.demo import DEMO_FL, rule_from_cfg
+    from slimkern.fl.flower.config import build
+    from slimkern.fl.strategy import FedRolex, FjORD, HeteroFL
+    cfg = {**DEMO_FL, "label_split": False, "clip_norm": 0.0, "dynamic": True}
+    assert repr(rule_from_cfg("heterofl", cfg)) == repr(HeteroFL(label_split=False, clip_norm=None, dynamic=True))
+    assert repr(rule_from_cfg("fjord", {**DEMO_FL, "fjord_bn": "travel", "fjord_kd": True})) == \
+        repr(FjORD(bn="travel", kd=True))
+    out = tmp_path / "app"
+    assert main(["fl", "--engine", "flower", "--strategy", "fedrolex", "--no-label-split", "--no-scaler",
+                 "--clip-norm", "0.5", "--clients", "4", "--rounds", "7", "--channels", "4", "8", "8",
+                 "--out", str(out)]) == 0
+    conf = tomllib.load(open(out / "pyproject.toml", "rb"))
+    app = conf["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "slimkern_app.server_app:app", "clientapp": "slimkern_app.client_app:app"}
+    run = app["config"]
+    assert (run["strategy"], run["clients"], run["rounds"], run["channels"]) == ("fedrolex", 4, 7, "4,8,8")
+    rule = build(run).rule()
+    assert repr(rule) == repr(FedRolex(label_split=False, scaler=False, clip_norm=0.5))
+    assert (out / "slimkern_app" / "server_app.py").is_file() and (out / "README.md").is_file()
+    assert main(["fl", "--engine", "flower", "--strategy", "paradis", "heterofl", "--out", str(tmp_path / "b")]) == 2
+    assert "runs one strategy" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["fl", "--fjord-bn", "wrong", "--out", str(tmp_path / "c")])
+    assert exc.value.code == 2 and "invalid choice: 'wrong'" in capsys.readouterr().err

@@ -45,8 +45,20 @@ _HELP = {
                       "the server split: 60%% unlabeled, 40%% validation; slimkern.fl.feddf)",
     "distill_steps": "FedDF server steps per round (at most; early stopping)",
     "eval_every": "evaluate every N rounds (and after the last)", "seed": "seed", "threads": "torch CPU threads",
-    "out": "run folder",
+    "out": "run folder (with --engine flower: the Flower app folder to write)",
+    "label_split": "heterofl/fedrolex: label split (mask absent classes' logits locally, send only held "
+                   "classifier rows)",
+    "scaler": "heterofl/fedrolex: HeteroFL's Scaler (hidden outputs divided by the rate in local training)",
+    "clip_norm": "heterofl/fedrolex: local gradient-norm clipping (0: off)",
+    "dynamic": "heterofl/fedrolex: re-draw every client's width each round",
+    "fjord_bn": "fjord: 'server' (BN statistics recalibrated on server data) or 'travel' (per-width "
+                "statistics travel and are averaged)",
+    "fjord_kd": "fjord: self-distillation from p_max in every local step",
+    "engine": "simulate (in process) or flower (write a Flower app to --out; see docs/flower.md)",
 }
+
+
+_CHOICES = {"engine": ("simulate", "flower"), "fjord_bn": ("server", "travel")}
 
 
 def _add_options(p: argparse.ArgumentParser, defaults: dict) -> None:
@@ -55,7 +67,11 @@ def _add_options(p: argparse.ArgumentParser, defaults: dict) -> None:
         shown = defaults.get(key, default)
         flag = "--strategy" if key == "strategies" else "--" + key.replace("_", "-")
         h = f"{_HELP.get(key, '')} (default: {shown!r})"
-        if isinstance(default, list):
+        if isinstance(default, bool):
+            p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=h)
+        elif key in _CHOICES:
+            p.add_argument(flag, dest=key, choices=_CHOICES[key], default=argparse.SUPPRESS, help=h)
+        elif isinstance(default, list):
             p.add_argument(flag, dest=key, nargs="+", default=argparse.SUPPRESS, help=h,
                            type=int if key == "channels" else str)
         else:
@@ -125,8 +141,23 @@ def _run(cfg: dict, args) -> int:
     if bad:
         print(f"slimkern fl: unknown strategy {bad}; choose from {sorted(STRATEGIES)}", file=sys.stderr)
         return 2
+    if cfg.get("engine", "simulate") == "flower":
+        return _write_flower_app(cfg, args)
     report = run_fl_demo(cfg, progress=getattr(args, "progress", True), resume=getattr(args, "resume", False))
     print(f"report: {os.path.join(cfg['out'], 'report.json')}  plot: {os.path.join(cfg['out'], 'fl_accuracy.png')}")
+    return 0
+
+
+def _write_flower_app(cfg: dict, args) -> int:
+    """``--engine flower``: the experiment as a runnable Flower app in ``--out``."""
+    from slimkern.fl.flower.generate import config_from_cli, write_app
+    if len(cfg["strategies"]) != 1:
+        raise ValueError(f"--engine flower runs one strategy, got {cfg['strategies']}")
+    if cfg.get("server_distill", "none") != "none":
+        raise ValueError("--engine flower does not run --server-distill yet (its server step is not in the app)")
+    write_app(cfg["out"], config_from_cli(cfg))
+    print(f"Flower app: {cfg['out']} (pyproject.toml, slimkern_app/); run it as its README.md says, "
+          "several machines with TLS: docs/flower.md")
     return 0
 
 

@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-__all__ = ["DEMO_FL", "run_fl_demo", "load_digits_split"]
+__all__ = ["DEMO_FL", "run_fl_demo", "load_digits_split", "rule_args", "rule_from_cfg"]
 
 DEMO_FL: dict = {
     "tiers": "full device=1.0:0.3,small device=0.5:0.4,two small devices=[0.5,0.5]:0.3",
@@ -47,7 +47,29 @@ DEMO_FL: dict = {
     "calib_fraction": 0.1, "calib_batches": 8, "eval_every": 5,
     "seed": 0, "threads": 1, "out": "runs/demo-fl",
     "server_distill": "none", "distill_steps": 200,
+    # rule options (slimkern.fl.heterofl_local for heterofl/fedrolex, slimkern.fl.fjord_bn for fjord)
+    "label_split": True, "scaler": True, "clip_norm": 1.0, "dynamic": False, "fjord_bn": "server", "fjord_kd": False,
+    "engine": "simulate",
 }
+
+
+def rule_args(name: str, cfg: dict) -> dict:
+    """The constructor arguments of rule ``name`` that ``cfg``'s rule options set: HeteroFL's
+    local recipe for ``heterofl`` / ``fedrolex`` (``clip_norm`` 0 = off), FjORD's BN and
+    self-distillation for ``fjord``; ``{}`` for the other rules."""
+    if name in ("heterofl", "fedrolex"):
+        return {"label_split": bool(cfg["label_split"]), "scaler": bool(cfg["scaler"]),
+                "clip_norm": float(cfg["clip_norm"]) or None, "dynamic": bool(cfg["dynamic"])}
+    if name == "fjord":
+        return {"bn": cfg["fjord_bn"], "kd": bool(cfg["fjord_kd"])}
+    return {}
+
+
+def rule_from_cfg(name: str, cfg: dict):
+    """Rule ``name`` with ``rule_args(name, cfg)``."""
+    from slimkern.fl.rules import RULES, get_rule
+    get_rule(name)  # an unknown name: the registry's message
+    return RULES[name](**rule_args(name, cfg))
 
 
 def load_digits_split(seed: int = 0, calib_fraction: float = 0.1):
@@ -173,7 +195,8 @@ def run_fl_demo(cfg: dict | None = None, progress: bool = True, console=None, re
             server_step = FedDF(calib[0][:n_unl], (calib[0][n_unl:], calib[1][n_unl:]), steps=cfg["distill_steps"],
                                 augment=augment, calibrate="both", seed=cfg["seed"])
         net = small_cnn(10, 1, tuple(cfg["channels"]), seed=cfg["seed"])
-        hist = simulate(net, train, test, clients, strat, rounds=cfg["rounds"], local_epochs=cfg["local_epochs"],
+        hist = simulate(net, train, test, clients, rule_from_cfg(strat, cfg), rounds=cfg["rounds"],
+                        local_epochs=cfg["local_epochs"],
                         lr=cfg["lr"], batch_size=cfg["batch_size"], clients_per_round=cfg["clients_per_round"] or None,
                         seed=cfg["seed"], progress=progress, calib_set=calib, lr_schedule=cfg["lr_schedule"],
                         eval_every=cfg["eval_every"], calib_batches=cfg["calib_batches"], augment=augment,

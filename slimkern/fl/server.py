@@ -344,16 +344,19 @@ class Server:
         return self.agg.num_elements(key) * self.elsize
 
     def finish_round(self, plan: RoundPlan, replies: Sequence[tuple[int, Any]], dropped: Sequence[int] = (),
-                     dropped_reasons: Sequence[tuple[int, str]] = ()) -> RoundRecord:
+                     dropped_reasons: Sequence[tuple[int, str]] = (),
+                     rejected: Sequence[tuple[int, str]] = ()) -> RoundRecord:
         """Validate, aggregate, run ``server_step``, evaluate: the round's record.
         ``replies``: ``(client id, reply)`` of the clients that returned something;
         ``dropped``: picked clients that did not (besides ``plan.dropped``), with
-        ``dropped_reasons`` for those whose training failed."""
+        ``dropped_reasons`` for those whose training failed or who never answered;
+        ``rejected``: replies the transport already refused (unreadable), with reasons."""
         r, strat, agg, log = plan.round, self.rule, self.agg, self.log
         bytes_up: dict[str, int] = {}
         updates_by_group: dict[Hashable, list[ClientUpdate]] = {g: [] for g in self.groups}
-        screened: list[tuple[int, str]] = []  # rejected before the rule (sample counts)
-        for cid, u in replies:
+        screened: list[tuple[int, str]] = list(rejected)  # rejected before the rule (sample counts)
+        # in client order, whatever order they arrived in: float sums depend on the order of the terms
+        for cid, u in sorted(replies, key=lambda item: item[0]):
             if cid not in plan.keys:
                 screened.append((cid, f"client {cid} was not selected this round"))
                 log(f"round {r}: rejected update of client {cid}: {screened[-1][1]}")
