@@ -97,7 +97,8 @@ def test_server_macs_counted_by_hand_and_drop_worst():
     unl, val = torch.randn(50, 1, 8, 8), torch.randn(10, 1, 8, 8)
     dd = FedDF(unl, val=val, steps=7, batch_size=8, eval_every=3, patience=100)
     rep = dd.distill(lin(), [Teacher(lin()), Teacher(lin())])
-    # plain models: no BN calibration; teachers: 2 x (50 + 10) forwards; student: 3 x 7 x 8 (fwd+bwd) + 10 x (1 + evaluations at 3, 6, 7)
+    # plain models: no BN calibration; teachers: 2 x (50 + 10) forwards;
+    # student: 3 x 7 x 8 (fwd+bwd) + 10 x (1 + evaluations at 3, 6, 7)
     assert rep.server_macs == 640 * (2 * 60 + 3 * 7 * 8 + 10 * 4)
     y = torch.zeros(10, dtype=torch.long)
     good = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))

@@ -331,7 +331,7 @@ def _check_tables(tables, target_table):
                              f"{b} in the target (same layers, kinds and width groups needed; widths may differ)")
 
 
-def _check_shapes(states, anchor, table, sizes_all, sizes_t):
+def _check_shapes(states, anchor, table):
     for k, st in enumerate(states):
         for L in table:
             w, wt = st[L.name].get("weight"), anchor[L.name].get("weight")
@@ -344,7 +344,7 @@ def _check_shapes(states, anchor, table, sizes_all, sizes_t):
                                  f"{tuple(wt.shape[2:])}")
             if (st[L.name].get("bias") is None) != (anchor[L.name].get("bias") is None):
                 raise ValueError(f"ot_fuse: model {k}: layer {L.name!r} has a bias in one model only")
-            for side, g, i in (("output", L.out_group, 0), ("input", L.in_group, 1)):
+            for side, g, i in (("output", L.out_group, 0), ("input", L.in_group, 1)):  # fixed sides
                 if g is None and L.kind in ("conv", "linear") and w.shape[i] != wt.shape[i]:
                     raise ValueError(f"ot_fuse: model {k}: layer {L.name!r} has {w.shape[i]} {side} channels, the "
                                      f"target {wt.shape[i]}; fixed sides (image input, class output) must match")
@@ -429,7 +429,7 @@ def ot_fuse(models: Sequence[nn.Module], weights: Sequence[float] | None = None,
     anchor = read_state(target, table)
     sizes_t = group_sizes(anchor, table, "target")
     sizes = [group_sizes(st, table, f"model {k}") for k, st in enumerate(states)]
-    _check_shapes(states, anchor, table, sizes, sizes_t)
+    _check_shapes(states, anchor, table)
     acts = anchor_acts = None
     if ground == "activations":
         acts = [_activations(m, table, data, sizes[k], f"model {k}") for k, m in enumerate(models)]

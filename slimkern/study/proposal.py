@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 
@@ -111,8 +110,8 @@ def run_one(method: str, alpha: float, seed: int, cfg: dict) -> dict:
         R = len(h.rounds)
         res["curve"] = [(r.round, dict(r.tier_accuracy)) for r in h.rounds if r.tier_accuracy]
         tb = h.total_bytes()
-        res["bytes_per_client_round"] = {t: (tb.get(t, {}).get("down", 0) + tb.get(t, {}).get("up", 0)) / (R * n_tier[t])
-                                         for t in n_tier}
+        res["bytes_per_client_round"] = {
+            t: (tb.get(t, {}).get("down", 0) + tb.get(t, {}).get("up", 0)) / (R * n_tier[t]) for t in n_tier}
         secs = [r.server_time for r in h.rounds]
         if base == "otfusion":
             secs = [a + b for a, b in zip(secs, rule.seconds)]
