@@ -115,7 +115,8 @@ def search(net, stats, platforms, cost: str | None = None, *, input_size=None, m
 
     Args:
         net: a :class:`CostModel`, or the net itself (then ``stats`` must be :class:`UnaryStats` and
-            ``input_size`` is needed).
+            ``input_size`` is needed), or a ``GraphCostModel`` of a residual net
+            (``slimkern.nas.graph_search``: MACs / params budgets).
         stats: :class:`UnaryStats` or an ``[L, K]`` array of unary costs ``L_l(c_l)``.
         platforms: ``Platform`` list (one cost kind).
         cost: ``"macs"``, ``"params"`` or ``"peak_activation"``; default: the platforms' kind.
@@ -129,6 +130,9 @@ def search(net, stats, platforms, cost: str | None = None, *, input_size=None, m
         ValueError: empty platform list, bad statistics, or a budget below the least resource any
             configuration needs (the message names the platform and that least resource).
     """
+    from slimkern.nas.graph_search import GraphCostModel, graph_search
+    if isinstance(net, GraphCostModel):  # residual nets: tied widths, exact elimination instead of Viterbi
+        return graph_search(net, stats, platforms, cost, max_iter=max_iter, require_weights=require_weights)
     platforms = check_platforms(platforms, require_weights=require_weights)
     kind = _cost_kind(platforms, cost)
     cm = _costs(net, stats, input_size)
