@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     from slimkern.nas.cli import add_search_parser
 
     add_search_parser(sub)
+    from slimkern.study.cli import add_study_parser
+
+    add_study_parser(sub)
     from slimkern.prune.cli import add_prune_parser
 
     add_prune_parser(sub)
@@ -211,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "study":
+            from slimkern.study.cli import cmd_study
+
+            return cmd_study(args)
         if args.command == "search" or (args.command == "demo" and args.which == "nas"):
             from slimkern.nas import cli as nas_cli
 
