@@ -116,52 +116,84 @@ def graph_cost_model(net: nn.Module, space: SearchSpace, input_size=(1, 3, 32, 3
     return GraphCostModel(space, layers, fusion, input_size)
 
 
+class _Plan:
+    """The elimination order and axis bookkeeping of one factor structure (scopes and sizes), computed
+    once; :meth:`run` then eliminates batches of tables (leading axis) with numpy only."""
+
+    def __init__(self, sizes, scopes, max_factor):
+        self.sizes = [int(k) for k in sizes]
+        pool = {i: tuple(s) for i, s in enumerate(scopes)}
+        nxt = len(scopes)
+        self.steps = []  # (v, rest, [(id, transpose order, broadcast shape)], new id)
+        remaining = set(range(len(sizes)))
+        while remaining:
+            def new_scope(v):
+                return sorted({u for s in pool.values() if v in s for u in s} - {v})
+            v = min(remaining, key=lambda v: (int(np.prod([self.sizes[u] for u in new_scope(v)])), v))
+            rest = new_scope(v)
+            size = int(np.prod([self.sizes[u] for u in rest])) * self.sizes[v]
+            if size > max_factor:
+                raise ValueError(f"graph search: eliminating group {v} needs a factor of {size:,} entries "
+                                 f"(> {max_factor:,}); the width groups of this net are too entangled for exact search")
+            scope = rest + [v]
+            parts = []
+            for fid, sc in list(pool.items()):
+                if v not in sc:
+                    continue
+                order = sorted(range(len(sc)), key=lambda k: scope.index(sc[k]))
+                shape = [1] * len(scope)
+                for k in order:
+                    shape[scope.index(sc[k])] = self.sizes[sc[k]]
+                parts.append((fid, [0] + [k + 1 for k in order], shape))
+                del pool[fid]
+            pool[nxt] = tuple(rest)
+            self.steps.append((v, tuple(rest), parts, nxt))
+            nxt += 1
+            remaining.discard(v)
+        self.final = list(pool)  # scalar factors left
+
+    def run(self, tables):
+        """``tables[i]``: ``[B, *sizes of scope i]``. Returns ``(assignments [B, n], values [B])``."""
+        env = dict(enumerate(tables))
+        B = max(t.shape[0] for t in tables)
+        args = []
+        for v, rest, parts, nid in self.steps:
+            total = np.zeros([B] + [self.sizes[u] for u in rest] + [self.sizes[v]])
+            for fid, order, shape in parts:
+                t = env.pop(fid)
+                total = total + np.transpose(t, order).reshape([t.shape[0]] + shape)
+            args.append(np.argmin(total, axis=-1))
+            env[nid] = np.min(total, axis=-1)
+        value = sum(np.broadcast_to(env[f], (B,)) for f in self.final) if self.final else np.zeros(B)
+        x = np.zeros((B, len(self.sizes)), dtype=np.int64)
+        for (v, rest, _, _), arg in zip(reversed(self.steps), reversed(args)):
+            idx = (np.arange(B),) + tuple(x[:, u] for u in rest)
+            x[:, v] = arg[idx]
+        return x, np.asarray(value, dtype=np.float64)
+
+
 def min_sum(sizes, factors, max_factor: int = 5_000_000) -> tuple[list[int], float]:
     """``argmin_x sum_f table_f[x_scope(f)]`` over variables with ``sizes[v]`` states, by
     variable elimination (module docstring). Returns ``(assignment, value)``."""
-    n = len(sizes)
-    pool = [(tuple(s), np.asarray(t, dtype=np.float64)) for s, t in factors]
-    remaining = set(range(n))
-    trace = []  # (variable, scope of the rest, argmin table)
-    while remaining:
-        def new_scope(v):
-            return sorted({u for s, _ in pool if v in s for u in s} - {v})
-        v = min(remaining, key=lambda v: (int(np.prod([sizes[u] for u in new_scope(v)])), v))
-        rest = new_scope(v)
-        size = int(np.prod([sizes[u] for u in rest])) * sizes[v]
-        if size > max_factor:
-            raise ValueError(f"graph search: eliminating group {v} needs a factor of {size:,} entries (> {max_factor:,}); "
-                             "the width groups of this net are too entangled for exact search")
-        scope = rest + [v]
-        total = np.zeros([sizes[u] for u in scope])
-        keep = []
-        for s, t in pool:
-            if v not in s:
-                keep.append((s, t))
-                continue
-            # align table axes with `scope`
-            order = sorted(range(len(s)), key=lambda k: scope.index(s[k]))
-            tt = np.transpose(t, order)
-            shape = [1] * len(scope)
-            for k in order:
-                shape[scope.index(s[k])] = sizes[s[k]]
-            total = total + tt.reshape(shape)
-        trace.append((v, tuple(rest), np.argmin(total, axis=-1)))
-        keep.append((tuple(rest), np.min(total, axis=-1)))
-        pool = keep
-        remaining.discard(v)
-    value = float(sum(float(t) for s, t in pool))
-    x = [0] * n
-    for v, rest, arg in reversed(trace):
-        x[v] = int(arg[tuple(x[u] for u in rest)]) if rest else int(arg)
-    return x, value
+    plan = _Plan(sizes, [s for s, _ in factors], max_factor)
+    x, val = plan.run([np.asarray(t, dtype=np.float64)[None] for _, t in factors])
+    return [int(i) for i in x[0]], float(val[0])
 
 
-def _solve(space, unary, factors, gamma, max_factor):
-    sizes = [len(c) for c in space.choices]
-    fs = [((l,), unary[l, :sizes[l]]) for l in range(space.num_layers)]
-    fs += [(s, gamma * t) for s, t in factors]
-    return min_sum(sizes, fs, max_factor)[0]
+class _Lagrangian:
+    """``argmin_c U(c) + gamma R(c)`` for a batch of gammas, on one compiled plan."""
+
+    def __init__(self, space, unary, factors, max_factor):
+        sizes = [len(c) for c in space.choices]
+        self.unary = [((l,), unary[l, :sizes[l]]) for l in range(space.num_layers)]
+        self.factors = factors
+        self.plan = _Plan(sizes, [s for s, _ in self.unary] + [s for s, _ in factors], max_factor)
+
+    def __call__(self, gammas) -> np.ndarray:
+        g = np.asarray(gammas, dtype=np.float64)
+        tables = [t[None] for _, t in self.unary]
+        tables += [g.reshape((-1,) + (1,) * np.ndim(t)) * np.asarray(t)[None] for _, t in self.factors]
+        return self.plan.run(tables)[0]
 
 
 def graph_search(cm: GraphCostModel, stats, platforms, cost: str | None = None, *, max_iter: int = 40,
@@ -186,26 +218,42 @@ def graph_search(cm: GraphCostModel, stats, platforms, cost: str | None = None, 
             raise ValueError(f"platform {p.name!r}: budget {p.budget:.6g} {kind} is infeasible: the narrowest "
                              f"configuration already needs {least:.6g} ({100 * p.budget / least:.1f}% of it)")
     t0 = time.perf_counter()
+    solve = _Lagrangian(space, u, factors, max_factor)
+    P = len(platforms)
+    budgets = np.array([p.budget for p in platforms], dtype=np.float64)
+
+    def resource(paths):
+        return np.array([cm.of_path(x, kind) for x in paths], dtype=np.float64)
+
+    # all platforms bisect together, one batched elimination per step (as viterbi_budget)
+    best = solve(np.zeros(P))
+    ok = resource(best) <= budgets
+    gam = np.zeros(P)
     finite = u[np.isfinite(u)]
     spread = float(finite.max() - finite.min()) if finite.size else 1.0
+    lo, hi = np.zeros(P), np.full(P, max(spread, 1e-12) / max(least, 1.0))
+    todo = ~ok
+    while todo.any():  # grow gamma until the narrow side of every platform fits
+        ph = solve(hi)
+        fits = resource(ph) <= budgets
+        grow = todo & ~fits
+        lo[grow], hi[grow] = hi[grow], hi[grow] * 4
+        done = todo & fits
+        best[done], gam[done] = ph[done], hi[done]
+        todo = grow
+    search_ = ~ok
+    if search_.any():
+        for _ in range(max_iter):
+            mid = 0.5 * (lo + hi)
+            pm = solve(mid)
+            fits = resource(pm) <= budgets
+            take = search_ & fits
+            hi[take], best[take], gam[take] = mid[take], pm[take], mid[take]
+            lo[search_ & ~fits] = mid[search_ & ~fits]
     details = {}
-    for p in platforms:
-        path, gamma = _solve(space, u, factors, 0.0, max_factor), 0.0
-        if cm.of_path(path, kind) > p.budget:
-            lo, hi = 0.0, max(spread, 1e-12) / max(least, 1.0)
-            path_hi = _solve(space, u, factors, hi, max_factor)
-            while cm.of_path(path_hi, kind) > p.budget:
-                lo, hi = hi, hi * 4
-                path_hi = _solve(space, u, factors, hi, max_factor)
-            for _ in range(max_iter):
-                mid = 0.5 * (lo + hi)
-                pm = _solve(space, u, factors, mid, max_factor)
-                if cm.of_path(pm, kind) <= p.budget:
-                    hi, path_hi = mid, pm
-                else:
-                    lo = mid
-            path, gamma = path_hi, hi
+    for k, p in enumerate(platforms):
+        path = [int(i) for i in best[k]]
         ch = space.channels(path)
         details[p.name] = PlatformResult(p, Switch.from_channels(ch), path, ch, float(cm.evaluate(ch, kind)),
-                                         float(sum(u[l, i] for l, i in enumerate(path))), float(gamma))
+                                         float(sum(u[l, i] for l, i in enumerate(path))), float(gam[k]))
     return SearchResult(details, time.perf_counter() - t0)
