@@ -196,7 +196,7 @@ def cmd_export(args) -> int:
     cfg, split, net = _load_run(args.run)
     con = _console()
     for s in args.switch:
-        paths = runner.export_switch(net, runner.parse_switch(s), args.run)
+        paths = runner.export_switch(net, runner.parse_switch(s), args.run, split.input_size)
         con.print(f"exported {runner.parse_switch(s)}: " + ", ".join(paths))
     return 0
 

@@ -10,9 +10,14 @@ statistics row, or folded into the conv with ``fold_bn=True``), weights copied o
 them and adds the classifier bias once.
 
 Branches contain no slimkern code: they save with ``torch.save(branch.state_dict())``, load
-with ``torch.load(..., weights_only=True)`` and run under ``torch.export.export``.
+with ``torch.load(..., weights_only=True)`` and run under ``torch.export.export``;
+:func:`save` writes both forms (``.state_dict.pt`` and ``.pt2`` programs for
+``torch.export.load``), so a deployment needs neither pickle nor slimkern.
 """
 from __future__ import annotations
+
+import os
+import tempfile
 
 import torch
 import torch.fx as fx
@@ -21,7 +26,7 @@ import torch.nn as nn
 from slimkern._branch import BranchGraph
 from slimkern.nn.switching import as_switch
 
-__all__ = ["export", "Deployable"]
+__all__ = ["export", "save", "Deployable"]
 
 
 class Deployable(nn.Module):
@@ -55,6 +60,25 @@ def _fold_bn(gm: fx.GraphModule) -> fx.GraphModule:
     return fuse(gm.eval(), inplace=False)
 
 
+def _check_bn_statistics(net: nn.Module, sw) -> None:
+    """Every switchable BN must hold statistics *measured* for ``sw``: a row that a bare eval
+    forward created is the placeholder mean 0 / var 1 (``num_batches_tracked == 0``), and
+    exporting it would silently deploy an un-normalised net."""
+    from slimkern.nn.batchnorm import _SwitchableBatchNorm
+
+    missing = []
+    for name, m in net.named_modules():
+        if isinstance(m, _SwitchableBatchNorm):
+            row = m.switch_row(sw)
+            if row is None or int(m.num_batches_tracked[row]) == 0:
+                missing.append(name or type(m).__name__)
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"export: the BN layers {shown} have no statistics for switch {sw} (never trained or "
+                         f"calibrated with it; an eval forward only adds the placeholder mean 0 / var 1): run "
+                         f"slimkern.calibrate_bn(net, loader, [sw]) first")
+
+
 def export(net: nn.Module, sw, fold_bn: bool = False) -> Deployable:
     """Plain dense per-device models of ``net`` under switch ``sw`` (eval mode).
 
@@ -74,6 +98,7 @@ def export(net: nn.Module, sw, fold_bn: bool = False) -> Deployable:
     if not bg.slim:
         raise ValueError(f"export: {type(net).__name__} has no slimkern layers; slimmify it first")
     fused = bg.check_fusion(sw, "export")
+    _check_bn_statistics(net, sw)
     branches = []
     for i in range(sw.num_branches):
         gm = bg.branch(sw, i, meta=False, class_name=f"Branch{i}").eval()
@@ -82,3 +107,55 @@ def export(net: nn.Module, sw, fold_bn: bool = False) -> Deployable:
         branches.append(gm)
     bias = fused.bias.detach().clone() if fused is not None and fused.bias is not None else None
     return Deployable(branches, bias, str(sw)).eval()
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.path.basename(path)}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save(dep: Deployable, folder: str | os.PathLike, example_input: torch.Tensor) -> list[str]:
+    """Writes ``dep`` into ``folder`` in forms that load without pickle and without slimkern:
+
+    * ``branch<i>.pt2`` / ``deployable.pt2``: ``torch.export`` programs of each device's model
+      and of the fused sum (``torch.export.load(path).module()(x)``), traced on ``example_input``
+      with a dynamic batch dimension (``Dim.AUTO``: static where the graph needs it);
+    * ``branch<i>.state_dict.pt`` / ``deployable.state_dict.pt``: the weights, for
+      ``torch.load(path, weights_only=True)``.
+
+    Every file is written atomically (temporary file + ``os.replace``). Returns the paths of
+    the ``branch<i>.pt2`` files.
+    """
+    if not isinstance(dep, Deployable):
+        raise TypeError(f"save expects the Deployable returned by slimkern.export, got {type(dep).__name__}")
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input must be a tensor (one input batch), got {type(example_input).__name__}")
+    folder = os.fspath(folder)
+    dep = dep.eval()
+    batch = ({0: torch.export.Dim.AUTO},)
+    if example_input.dim() and example_input.shape[0] == 1:
+        example_input = torch.cat([example_input] * 2)  # torch.export fixes dimensions of size 1
+    paths = []
+    with torch.no_grad():
+        for i, branch in enumerate(dep.branches):
+            program = torch.export.export(branch, (example_input,), dynamic_shapes=batch)
+            p = os.path.join(folder, f"branch{i}.pt2")
+            _atomic_write(p, lambda fh, prog=program: torch.export.save(prog, fh))
+            _atomic_write(os.path.join(folder, f"branch{i}.state_dict.pt"),
+                          lambda fh, b=branch: torch.save(b.state_dict(), fh))
+            paths.append(p)
+        program = torch.export.export(dep, (example_input,), dynamic_shapes=batch)
+        _atomic_write(os.path.join(folder, "deployable.pt2"), lambda fh: torch.export.save(program, fh))
+        _atomic_write(os.path.join(folder, "deployable.state_dict.pt"), lambda fh: torch.save(dep.state_dict(), fh))
+    return paths

@@ -220,7 +220,7 @@ def run(cfg: dict, console=None, title: str | None = None):
         log.warning("export of %s skipped: slimkern.export is not available in this build", cfg["export"])
     else:
         for s in cfg["export"]:
-            export_switch(net, parse_switch(s), out)
+            export_switch(net, parse_switch(s), out, split.input_size)
     report.meta["total_seconds"] = round(time.perf_counter() - t_start, 2)
     report.to_json(os.path.join(out, "report.json"))
     if console is not None:
@@ -229,25 +229,20 @@ def run(cfg: dict, console=None, title: str | None = None):
     return report
 
 
-def export_switch(net, sw, out: str) -> list[str]:
-    """``slimkern.export(net, sw)``: each branch saved as ``export/<switch>/branch<i>.pt``
-    (the whole module, for ``torch.load(weights_only=False)``) plus its ``state_dict``."""
+def export_switch(net, sw, out: str, input_size=None) -> list[str]:
+    """``slimkern.export(net, sw)`` into ``export/<switch>/`` (``slimkern.export.save``): per device
+    ``branch<i>.pt2`` (a ``torch.export`` program) and ``branch<i>.state_dict.pt``, and the fused
+    ``deployable.pt2`` / ``deployable.state_dict.pt``; nothing pickled, so every file loads with
+    ``torch.load(weights_only=True)`` or ``torch.export.load``. ``input_size``: the traced
+    input's shape (default: one image at the net's recorded input size, else 1x3x32x32)."""
     import slimkern
+    from slimkern.export import save
 
-    if not hasattr(slimkern, "export"):
-        raise RuntimeError("slimkern.export is not available in this build (the export module has not landed)")
     net.eval()
     dep = slimkern.export(net, sw)
     folder = os.path.join(out, "export", _switch_dirname(sw))
-    os.makedirs(folder, exist_ok=True)
-    from slimkern.train.checkpoint import atomic_save
-
-    paths = []
-    for i, branch in enumerate(dep.branches):
-        p = os.path.join(folder, f"branch{i}.pt")
-        atomic_save(branch, p)
-        atomic_save(branch.state_dict(), os.path.join(folder, f"branch{i}.state_dict.pt"))
-        paths.append(p)
-    atomic_save(dep, os.path.join(folder, "deployable.pt"))
+    p = next(iter(net.parameters()))
+    x = torch.zeros(tuple(input_size or (1, 3, 32, 32)), dtype=p.dtype, device=p.device)
+    paths = save(dep, folder, x)
     log.info("exported %s: %d device module(s) in %s", sw, len(paths), folder)
     return paths

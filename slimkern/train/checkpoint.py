@@ -1,7 +1,9 @@
 """Atomic checkpoints and the random state a resumed run needs to continue identically."""
 from __future__ import annotations
 
+import glob
 import os
+import pickle
 import random
 import tempfile
 
@@ -22,7 +24,12 @@ def set_seed(seed: int, deterministic: bool = True) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Python, NumPy and torch RNG states as tensors, tuples and numbers only, so a checkpoint
+    holding them loads with ``torch.load(weights_only=True)`` (no pickled numpy arrays)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -31,18 +38,29 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    npst = state["numpy"]
+    if isinstance(npst, dict):
+        npst = (npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                npst["cached_gaussian"])
+    np.random.set_state(npst)  # a tuple: checkpoints written before the dict form
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash
-    mid-write leaves the previous checkpoint intact, never a truncated one."""
+    mid-write leaves the previous checkpoint intact, never a truncated one. The temporary file
+    of a write that was killed (SIGKILL runs no cleanup) is removed by the next save to ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    prefix = f".tmp-{os.path.basename(path)}."
+    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*")):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
@@ -56,8 +74,18 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint, loaded with ``torch.load(weights_only=True)`` (tensors, containers and
+    numbers only: nothing in the file can run code). Files written before the RNG state was
+    stored as tensors hold a pickled NumPy state; those load with NumPy's array types (and
+    nothing else) allowed."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path!r}")
-    # Our own files hold RNG states (numpy arrays, tuples): not loadable with weights_only.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        from numpy.core.multiarray import _reconstruct
+
+        allowed = [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
