@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +33,7 @@ from _process import setup_allocator, write_results  # noqa: E402
 MODEL, WIDTH_MULT, MAX_WIDTH, IMAGE = "resnet20", 0.5, 1.2, 16
 SWITCHES = ["[1.2]x", "[1.0]x", "[0.5, 0.5]x", "[4x0.25]x"]
 GLOBAL_BATCH = 64
-WARMUP, STEPS = 2, 10
+WARMUP, STEPS = 2, int(os.environ.get("SK_BENCH_STEPS", "10"))
 PROVIDERS = {"1proc_1thread": (1, 1, True), "1proc_2threads": (1, 2, True), "2proc_syncbn": (2, 1, True),
              "2proc_localbn": (2, 1, False)}
 
@@ -90,7 +91,7 @@ def run_provider(name: str) -> dict:
         cmd += [] if sync_bn else ["--local-bn"]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         if nproc == 1:
-            rc = os.spawnve(os.P_WAIT, sys.executable, cmd, env)
+            rc = subprocess.run(cmd, env=env, timeout=600).returncode
         else:
             rc = launch(cmd, nproc, env=env, timeout_s=600)
         if rc != 0:
