@@ -10,6 +10,8 @@ Subcommands::
                                                          paradis: ParaDiS MobileNet-v1 on digits;
                                                          nas: Slim / OWS / AOWS width search on digits
     slimkern search ows|aows [--config nas.yaml]         multi-platform width search (slimkern.nas.cli)
+    slimkern sr | scaling | deploy                       ParaDiS WDSR Figure 7, Appendix F scaling, parallel
+                                                         deployment latency (slimkern.paper_cli)
     slimkern fl     --strategy paradis --tiers "1.0:0.3,0.5:0.4,[0.5,0.5]:0.3" ...   federated simulation
 
 Every option of ``train`` can also be a key of the ``--config`` file (YAML or TOML, dashes or
@@ -124,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     from slimkern.prune.cli import add_prune_parser
 
     add_prune_parser(sub)
+    from slimkern.paper_cli import add_parsers as add_paper_parsers
+
+    add_paper_parsers(sub)
     return parser
 
 
@@ -201,6 +206,18 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _remove_unfinished_run(out: str, existed: bool) -> None:
+    """A command that failed leaves no half-written run folder: the folder it created goes
+    unless it holds a checkpoint (``--resume`` continues from that; a kill runs no cleanup,
+    and the atomic writes keep that checkpoint whole)."""
+    import glob
+    import shutil
+
+    if existed or not os.path.isdir(out) or glob.glob(os.path.join(glob.escape(out), "**", "*.pt"), recursive=True):
+        return
+    shutil.rmtree(out, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -226,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             from slimkern.prune import cli as prune_cli
 
             return prune_cli.cmd_prune(args)
+        if args.command in ("sr", "scaling", "deploy"):
+            from slimkern import paper_cli
+
+            return paper_cli.cmd(args)
         if args.command == "fl" or (args.command == "demo" and args.which == "fl"):
             from slimkern.fl import cli as fl_cli
 
@@ -250,8 +271,12 @@ def main(argv: list[str] | None = None) -> int:
             run_seeds(cfg, cfg["seeds"], console=con, title=title)
             con.print(f"run folder: {os.path.abspath(cfg['out'])} (summary.json, summary.csv, seed<k>/)")
             return 0
+        existed = os.path.exists(cfg["out"]) or distributed.launched()  # ranks: rank 0 owns the folder
         try:
             report = runner.run(cfg, console=con, title=title)
+        except BaseException:
+            _remove_unfinished_run(cfg["out"], existed)
+            raise
         finally:
             distributed.shutdown()
         if report is None:  # a data-parallel rank other than 0
