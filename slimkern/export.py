@@ -73,10 +73,10 @@ def _check_bn_statistics(net: nn.Module, sw) -> None:
             if row is None or int(m.num_batches_tracked[row]) == 0:
                 missing.append(name or type(m).__name__)
     if missing:
-        shown = ", ".join(repr(n) for n in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"export: the BN layers {shown} have no statistics for switch {sw} (never trained or "
-                         f"calibrated with it; an eval forward only adds the placeholder mean 0 / var 1): run "
-                         f"slimkern.calibrate_bn(net, loader, [sw]) first")
+        more = f" (and {len(missing) - 1} more BN layers)" if len(missing) > 1 else ""
+        raise ValueError(f"export: layer {missing[0]!r}{more} has no BN statistics for switch {sw}: it was never "
+                         f"trained or calibrated with it (an eval forward only adds the placeholder mean 0 / var 1); "
+                         f"run slimkern.calibrate_bn(net, loader, [sw]) first")
 
 
 def export(net: nn.Module, sw, fold_bn: bool = False) -> Deployable:

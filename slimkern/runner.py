@@ -59,7 +59,10 @@ def parse_switch(text):
     s = str(text).strip()
     if s and not s.endswith("x") and not s.endswith("ch"):
         s = s + "x"
-    return slimkern.Switch.parse(s)
+    try:
+        return slimkern.Switch.parse(s)
+    except ValueError as exc:  # name what the user typed, not the completed notation
+        raise ValueError(str(exc).replace(f"switch {s!r}", f"switch {text!r}", 1)) from None
 
 
 def check(cfg: dict) -> None:
@@ -79,7 +82,14 @@ def check(cfg: dict) -> None:
             raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
     for key in ("switches", "eval_switches", "individual", "export"):
         for s in cfg[key]:
-            parse_switch(s)  # raises ValueError naming the bad switch
+            sw = parse_switch(s)  # raises ValueError naming the bad switch
+            # the individual baselines are built as wide as their switch; the sandwich recipe
+            # trains widths between --min-width and --max-width, not --switches
+            if key == "individual" or (key == "switches" and cfg["recipe"] == "sandwich"):
+                continue
+            if sw.max_fraction > float(cfg["max_width"]) + 1e-9:
+                raise ValueError(f"{key}: switch {s!r} reaches {sw.max_fraction:g}x the base width, above "
+                                 f"--max-width {cfg['max_width']:g} (the widest switch the net is built for)")
 
 
 def load_data(cfg: dict):
