@@ -142,3 +142,28 @@ def test_fit_errors(tiny):
         fit_latency_table(sp, [[0, 0, 9], [0, 0, 0]], [1e-3, 2e-3])
     with pytest.raises(ValueError, match="length 3"):
         pair_design(sp, [[0, 0]])
+
+
+def test_latency_experiment_options_are_checked():
+    from slimkern.nas.latency_experiment import run_latency_experiment
+    with pytest.raises(ValueError, match="unknown latency option"):
+        run_latency_experiment({"timngs": 5})
+    with pytest.raises(ValueError, match="timings"):
+        run_latency_experiment({"timings": 0})
+    with pytest.raises(ValueError, match="mobilenet_v1"):
+        run_latency_experiment({"model": "resnet20"})
+
+
+@pytest.mark.slow
+def test_latency_experiment_run_folder(tmp_path):
+    from slimkern.nas.latency_experiment import run_latency_experiment
+    r = run_latency_experiment({"timings": 45, "validation": 4, "repeats": 1, "timing_warmup": 0, "regularize": [0.0],
+                                "image_size": 8, "out": str(tmp_path)})
+    assert [(f["train"], f["model"]) for f in r["fits"]] == [
+        (t, m) for t in ("biased", "uniform") for m in ("table kappa=0", "bilinear", "a + b MACs")]
+    assert r["fits"][0]["coverage"] > r["fits"][3]["coverage"]  # biased sampling covers more table entries
+    assert {"mean_relative_difference", "nrmse", "spearman"} <= set(r["noise_floor"])
+    assert len(r["searches"]) == 2 * 3
+    for name in ("report.json", "samples.csv", "summary.md", "latency.png"):
+        assert (tmp_path / name).exists()
+    assert len((tmp_path / "samples.csv").read_text().strip().splitlines()) == 1 + 2 * 45 + 2 * 4

@@ -4,6 +4,7 @@
 
     slimkern search ows  [--config nas.yaml] [--seeds 0 1 2] [--settings S RS U] [--out runs/ows] ...
     slimkern search aows [--config nas.yaml] ...
+    slimkern search latency [--timings 500 --validation 150 --regularize 0 1 100 --out runs/nas-latency]
     slimkern demo nas    [--out runs/demo-nas]
 
 ``search <method>`` runs the search phase of OWS or AOWS on digits, the per-platform Viterbi
@@ -33,11 +34,16 @@ _HELP = {
     "calibrate_batches": "BN calibration batches per configuration",
     "clip_grad_norm": "clip each step's gradient norm (0: off); a diverged job reruns at half the lr", "threads": "torch CPU threads",
     "out": "run folder (finished jobs are kept and skipped on a rerun)", "progress": "progress bar",
+    "timings": "latency: configurations timed per training set (biased and uniform)",
+    "validation": "latency: uniform held-out configurations (timed twice: the noise floor)",
+    "repeats": "latency: runs per configuration", "timing_warmup": "latency: untimed runs first",
+    "reduction": "latency: min or median of the runs", "regularize": "latency: AOWS monotonicity weights kappa",
 }
 
 
-def _add_options(p: argparse.ArgumentParser, defaults: dict) -> None:
-    p.add_argument("--config", default=argparse.SUPPRESS, help="YAML/TOML file whose keys mirror these flags")
+def _add_options(p: argparse.ArgumentParser, defaults: dict, config: bool = True) -> None:
+    if config:
+        p.add_argument("--config", default=argparse.SUPPRESS, help="YAML/TOML file whose keys mirror these flags")
     for key, default in defaults.items():
         if key == "dataset":
             continue
@@ -46,7 +52,7 @@ def _add_options(p: argparse.ArgumentParser, defaults: dict) -> None:
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=h)
         elif isinstance(default, list):
-            kind = int if key == "seeds" else float if key in ("fractions", "budgets") else str
+            kind = int if key == "seeds" else float if key in ("fractions", "budgets", "regularize") else str
             p.add_argument(flag, nargs="+", type=kind, default=argparse.SUPPRESS, help=h)
         else:
             p.add_argument(flag, type=type(default), default=argparse.SUPPRESS, help=h)
@@ -58,8 +64,12 @@ def add_search_parser(sub) -> None:
 
     ps = sub.add_parser("search", help="multi-platform width search (OWS / AOWS) with retraining and the "
                                        "Table-2 report")
-    ps.add_argument("method", choices=["ows", "aows"], help="ows: uniform sampling; aows: smoothed-Viterbi sampling")
+    ps.add_argument("method", choices=["ows", "aows", "latency"],
+                    help="ows: uniform sampling; aows: smoothed-Viterbi sampling; latency: fit and check latency "
+                         "models on this machine (slimkern.nas.latency_experiment)")
     _add_options(ps, DEFAULTS)
+    from slimkern.nas.latency_experiment import LATENCY_DEFAULTS
+    _add_options(ps, {k: v for k, v in LATENCY_DEFAULTS.items() if k not in DEFAULTS}, config=False)
 
 
 def resolve(args: argparse.Namespace, preset: dict) -> dict:
@@ -81,6 +91,15 @@ def _finish(cfg: dict, result: dict) -> int:
 
 def cmd_search(args) -> int:
     from slimkern.nas.experiment import DEFAULTS, run_experiment
+
+    if args.method == "latency":
+        from slimkern.nas.latency_experiment import LATENCY_DEFAULTS, run_latency_experiment
+        from slimkern.nas.latency_experiment import latency_summary
+
+        cfg = resolve(args, LATENCY_DEFAULTS)
+        print(latency_summary(run_latency_experiment(cfg)))
+        print(f"run folder: {os.path.abspath(cfg['out'])}")
+        return 0
 
     cfg = resolve(args, dict(DEFAULTS, methods=["slim", args.method], out=f"runs/{args.method}"))
     return _finish(cfg, run_experiment(cfg))

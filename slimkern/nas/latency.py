@@ -32,8 +32,12 @@ __all__ = ["BilinearLatency", "LatencyModel", "fit_latency", "measure_latency"]
 
 
 def measure_latency(net, space: SearchSpace, paths, input_size, repeats: int = 5, warmup: int = 2,
-                    progress: bool = False) -> np.ndarray:
-    """Median forward time (seconds) of ``net`` under each configuration (list of choice paths)."""
+                    progress: bool = False, reduction: str = "median") -> np.ndarray:
+    """Forward time (seconds) of ``net`` under each configuration (list of choice paths): the
+    median of ``repeats`` runs, or their minimum (``reduction="min"``, AOWS's option against
+    variance: on a shared machine other jobs only ever add time)."""
+    if reduction not in ("median", "min"):
+        raise ValueError(f"reduction must be 'median' or 'min', got {reduction!r}")
     from tqdm.auto import tqdm
 
     from slimkern.nas.train import drop_bn_rows
@@ -60,7 +64,7 @@ def measure_latency(net, space: SearchSpace, paths, input_size, repeats: int = 5
                         t0 = time.perf_counter()
                         net(x)
                         ts.append(time.perf_counter() - t0)
-                out.append(float(np.median(ts)))
+                out.append(float(np.median(ts) if reduction == "median" else np.min(ts)))
                 drop_bn_rows(net, [sw])
     finally:
         net.train(was_training)
