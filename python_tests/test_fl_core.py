@@ -8,7 +8,6 @@ and of the round records (wall times left out) computed with the pre-refactor co
 import hashlib
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,25 +15,18 @@ from slimkern.fl import make_clients, parse_tiers, simulate
 from slimkern.fl.augment import RandomAffine
 from slimkern.fl.models import small_cnn
 
+from fl_fixtures import digits_split, torch_threads
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
 def data():
-    from sklearn.datasets import load_digits
-    d = load_digits()
-    X = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    X = (X - 0.3) / 0.4
-    Y = torch.tensor(d.target)
-    g = np.random.default_rng(0).permutation(len(Y))
-    tr, te = g[:300], g[1500:1600]
-    return (X[tr], Y[tr]), (X[te], Y[te])
+    return digits_split(300, slice(1500, 1600))
 
 
 def _poison(r, u):
@@ -113,10 +105,9 @@ def test_pinned_digests(data, name):
 
 
 if __name__ == "__main__":  # python python_tests/test_fl_core.py: print the digests of this code
-    from sklearn.datasets import load_digits  # noqa: F401
-    torch.set_num_threads(1)
-    d = data.__wrapped__()
-    print({n: digests(d, n) for n in sorted(CASES)})
+    with torch_threads(1):
+        d = digits_split(300, slice(1500, 1600))
+        print({n: digests(d, n) for n in sorted(CASES)})
 
 
 def _setup(data, n=6):

@@ -31,6 +31,8 @@ from slimkern.fl import simulate  # noqa: E402
 from slimkern.fl.flower.config import build  # noqa: E402
 from slimkern.fl.flower.generate import write_app  # noqa: E402
 
+from fl_fixtures import torch_threads  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 BIN = os.path.dirname(sys.executable)
@@ -191,10 +193,8 @@ class Deployment:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):  # the apps run one thread each (run config "threads")
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -136,7 +136,8 @@ class SlimkernStrategy(_base()):
             got.add(cid)
             if msg.has_error():
                 dropped.append(cid)
-                reasons.append((cid, f"the node replied with an error: {' '.join(str(msg.error.reason).split())[:300]}"))
+                why = " ".join(str(msg.error.reason).split())[:300]
+                reasons.append((cid, f"the node replied with an error: {why}"))
                 self.log(WARNING, f"round {plan.round}: client {cid} dropped: {reasons[-1][1]}")
                 continue
             u, why = codec.decode_reply(msg.content)
