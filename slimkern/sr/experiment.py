@@ -9,6 +9,13 @@ For every seed, on scikit-image's photographs (``slimkern.data.images``):
 * **individual** WDSRs of widths 1.0, 0.5, 0.25, each trained alone;
 * the **bicubic** baseline.
 
+Every switch learns from the ground truth by default (``kd=False, beta=0, us_kd=False``):
+with in-place distillation (an L1 loss to the detached widest output) the shared tail's
+magnitudes and the shared skip conv are pulled by two or three sign-sized distillation
+gradients against one ground-truth gradient, and at this scale every switch ended *below*
+bicubic with identical PSNR (measured, see docs/paradis_sr_deploy.md); ``--kd --beta 1
+--us-kd`` runs that recipe.
+
 With ``init="bicubic"`` (the default here) every net starts as bicubic upsampling (the skip
 conv holds the bicubic filters, the tail's magnitudes are zero) and learns the residual: at
 a few hundred CPU steps this is what makes the widths comparable above the baseline.
@@ -37,7 +44,8 @@ log = logging.getLogger("slimkern.sr")
 
 DEFAULTS: dict = {
     "seeds": [0, 1, 2], "scale": 2, "n_feats": 64, "width_mult": 0.25, "n_blocks": 2, "expansion": 4,
-    "init": "bicubic", "patch": 32, "num_patches": 1200, "batch_size": 8, "epochs": 2, "lr": 1e-3, "beta": 1.0, "kd": True,
+    "init": "bicubic", "patch": 32, "num_patches": 1200, "batch_size": 8, "epochs": 2, "lr": 1e-3, "beta": 0.0, "kd": False,
+    "us_kd": False,
     "test_crop": 256, "threads": 1,
     "paradis": ["[1.0]x", "[0.5, 0.5]x", "[4x0.25]x"], "free": ["[0.5, 0.25, 0.25]x", "[2x0.25]x"],
     "individual": [1.0, 0.5, 0.25], "us_widths": [0.25, 0.5, 0.75, 1.0], "us_min": 0.25,
@@ -119,7 +127,8 @@ def run_seed(cfg: dict, seed: int, split) -> list[dict]:
     log.info("seed %d paradis done in %.0f s", seed, secs)
 
     net_us = _net(cfg, seed)
-    tr = SRSandwichTrainer(net_us, max_width=1.0, min_width=cfg["us_min"], n_random=2, width_step=None, **kw)
+    tr = SRSandwichTrainer(net_us, max_width=1.0, min_width=cfg["us_min"], n_random=2, width_step=None,
+                           inplace_kd=cfg["us_kd"], **kw)
     secs = _fit(tr, split.train, cfg)
     widths = list(cfg["us_widths"]) + [matched_width(net_us, as_switch(s), h, w) for s in cfg["paradis"]]
     widths = sorted(set(round(x, 6) for x in widths))
