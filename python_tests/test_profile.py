@@ -96,3 +96,31 @@ def test_profile_bad_input():
         sk.profile(nn.Conv2d(3, 4, 1), "[0.5]x", (1, 3, 8, 8))
     with pytest.raises(ValueError, match="no closed form for LayerNorm"):
         sk.profile(nn.Sequential(nn.Flatten(), nn.LayerNorm(12)), None, (1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_profile_in_train_mode_and_at_batch_one(batch):
+    """A train-mode net profiles like the eval one (the figures are the inference graph's) and
+    keeps its mode; batch 1 at 1x1 maps used to hit BN's 'more than 1 value per channel'."""
+    import torchvision
+
+    net = sk.slimmify(torchvision.models.resnet18(weights=None, num_classes=10), max_width=1.5)
+    want = sk.profile(net.eval(), "[0.5, 0.5]x", (batch, 3, 32, 32))
+    got = sk.profile(net.train(), "[0.5, 0.5]x", (batch, 3, 32, 32))
+    assert net.training
+    assert (got.macs, got.params, got.peak_activation_bytes) == (want.macs, want.params, want.peak_activation_bytes)
+
+
+def test_profile_of_a_list_of_switches_is_one_table():
+    net = TinyResNet()
+    sws = ["[1.0]x", sk.Switch([0.5, 0.25, 0.25]), "[0.5]x"]
+    table = sk.profile(net, sws, (N, 3, H, H))
+    assert [p.switch for p in table] == [sk.Switch.parse("[1.0]x"), sk.Switch([0.5, 0.25, 0.25]),
+                                         sk.Switch.parse("[0.5]x")]
+    assert [p.macs for p in table] == [sk.profile(net, s, (N, 3, H, H)).macs for s in sws]
+    text = str(table)
+    assert text.count("\n") == 2 + len(sws) - 1 and all(str(p.switch) in text for p in table)
+    assert f"{hand_branch(4)[0] / 1e6:.3f}" in text  # the [0.5]x row's MACs
+    assert table.as_dict()["switches"][0]["macs"] == hand_branch(8)[0]
+    # a list of numbers is still one switch's branches
+    assert sk.profile(net, [0.5, 0.5], (N, 3, H, H)).switch == sk.Switch([0.5, 0.5])

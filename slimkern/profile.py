@@ -38,7 +38,7 @@ from slimkern._branch import BranchGraph
 from slimkern.nn.switching import as_switch
 from slimkern.switch import Switch
 
-__all__ = ["profile", "Profile", "BranchProfile", "LayerCost"]
+__all__ = ["profile", "Profile", "ProfileTable", "BranchProfile", "LayerCost"]
 
 
 @dataclass
@@ -121,6 +121,34 @@ class Profile:
         return "\n".join(lines)
 
 
+class ProfileTable(list):
+    """``slimkern.profile`` of several switches: a list of :class:`Profile` (same order) that
+    prints as one table, a row per switch."""
+
+    def as_dict(self) -> dict:
+        return {"switches": [p.as_dict() for p in self]}
+
+    def __str__(self) -> str:
+        if not self:
+            return "profile: no switches"
+        head = self[0]
+        w = max(len("switch"), *(len(str(p.switch)) for p in self))
+        lines = [f"profile at input {tuple(head.input_size)} ({head.dtype})",
+                 f"{'switch':<{w}} {'branches':>8} {'MMACs':>10} {'max/device':>10} {'params':>11} "
+                 f"{'peak act KiB':>13}"]
+        for p in self:
+            lines.append(f"{str(p.switch):<{w}} {len(p.branches):>8} {p.macs / 1e6:>10.3f} "
+                         f"{p.max_device_macs / 1e6:>10.3f} {p.params:>11,} {p.peak_activation_bytes / 1024:>13.1f}")
+        return "\n".join(lines)
+
+
+def _is_switch_list(sw) -> bool:
+    """A list of switches (``[Switch, "[0.5, 0.5]x", ...]``), not one switch given as a list of
+    branch widths (``[0.5, 0.5]``)."""
+    return isinstance(sw, (list, tuple)) and not isinstance(sw, Switch) and len(sw) > 0 and all(
+        isinstance(s, (Switch, str)) for s in sw)
+
+
 # ---- closed forms -------------------------------------------------------------------------
 
 def _conv_cost(m: nn.Conv2d, out_shape) -> tuple[int, int]:
@@ -188,75 +216,106 @@ def _nbytes(v) -> tuple[int, int]:
     return 0, 0
 
 
-def _run_branch(gm: fx.GraphModule, x: torch.Tensor, index: int) -> BranchProfile:
+@dataclass
+class LiveStep:
+    """One node of :func:`walk_liveness`: its value, its module (``call_module``), its
+    evaluated args, the storage owner of its output (itself when it allocated, the owner of
+    its input when it is a view or in-place, None when it makes no tensor) and the owners
+    whose storage is alive while it runs (its own output included)."""
+
+    node: fx.Node
+    value: object
+    module: nn.Module | None
+    args: tuple
+    owner: fx.Node | None
+    live: list[fx.Node]
+
+    @property
+    def allocated(self) -> bool:
+        return self.owner is self.node
+
+
+def walk_liveness(gm: fx.GraphModule, x: torch.Tensor):
+    """Runs ``gm`` on ``x`` (the meta device: shapes only) node by node and yields a
+    :class:`LiveStep` per node; the last one is the ``output`` node (its value is the graph's
+    output; it allocates nothing). A tensor is alive from the node that makes it until its
+    last reader has run; views and in-place ops share their first input's storage. The one
+    liveness rule of ``slimkern.profile`` and ``slimkern.nas`` costs."""
     mods = dict(gm.named_modules())
-    env: dict[fx.Node, object] = {}
-    storage: dict[fx.Node, fx.Node] = {}  # node -> node that owns its storage
-    size: dict[fx.Node, tuple[int, int]] = {}  # owner -> (bytes, elements)
     nodes = list(gm.graph.nodes)
     pos = {n: k for k, n in enumerate(nodes)}
     last_use: dict[fx.Node, int] = {}
     for n in nodes:
         for a in n.all_input_nodes:
             last_use[a] = pos[n]
+    storage: dict[fx.Node, fx.Node] = {}  # node -> node that owns its storage
     live: dict[fx.Node, int] = {}  # owner -> last position its storage is needed
-    cur_b = cur_e = peak_b = peak_e = 0
-    layers: list[LayerCost] = []
-    macs = params = 0
-    seen_params: set[str] = set()
     interp = fx.Interpreter(gm)
-    out_shape: tuple = ()
     for n in nodes:
-        args, kwargs = interp.fetch_args_kwargs_from_env(n) if n.op != "placeholder" else ((), {})
         if n.op == "placeholder":
-            val = x
-        elif n.op == "output":
-            val = args[0]
-            out_shape = tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+            args, val = (), x
         else:
+            args, kwargs = interp.fetch_args_kwargs_from_env(n)
+            if n.op == "output":
+                yield LiveStep(n, args[0], None, args, None, list(live))
+                return
             val = getattr(interp, n.op)(n.target, args, kwargs)
         interp.env[n] = val
         mod = mods.get(n.target) if n.op == "call_module" else None
+        src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        owner = None
+        if src is not None and src in storage and _aliases_input(n, mod):
+            owner = storage[n] = storage[src]
+            live[owner] = max(live[owner], last_use.get(n, pos[n]))
+        elif _nbytes(val)[0]:
+            owner = storage[n] = n
+            live[n] = last_use.get(n, pos[n])
+        yield LiveStep(n, val, mod, args, owner, list(live))
+        for o in [o for o, last in live.items() if last <= pos[n]]:  # storages nobody needs after n
+            del live[o]
+
+
+def _run_branch(gm: fx.GraphModule, x: torch.Tensor, index: int) -> BranchProfile:
+    size: dict[fx.Node, tuple[int, int]] = {}  # owner -> (bytes, elements)
+    peak_b = peak_e = 0
+    layers: list[LayerCost] = []
+    macs = params = 0
+    seen_params: set[str] = set()
+    out_shape: tuple = ()
+    for step in walk_liveness(gm, x):
+        n, val = step.node, step.value
+        if n.op == "output":
+            out_shape = tuple(val.shape) if isinstance(val, torch.Tensor) else ()
+            break
         if n.op == "call_module":
+            args = step.args
             in_shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
-            kind, lm, lp = _module_cost(mod, tuple(val.shape))
+            kind, lm, lp = _module_cost(step.module, tuple(val.shape))
             if n.target in seen_params:
                 lp = 0  # a module called twice holds its parameters once
             seen_params.add(n.target)
             macs, params = macs + lm, params + lp
             if lm or lp:
                 layers.append(LayerCost(n.target, kind, in_shape, tuple(val.shape), lm, lp))
-        if n.op == "output":
-            break
-        # memory: does this node allocate, or share the storage of its (first) input?
-        src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-        if src is not None and src in storage and _aliases_input(n, mod):
-            owner = storage[src]
-            storage[n] = owner
-            live[owner] = max(live[owner], last_use.get(n, pos[n]))
-        else:
-            b, e = _nbytes(val)
-            if b:
-                storage[n] = n
-                size[n] = (b, e)
-                live[n] = last_use.get(n, pos[n])
-                cur_b, cur_e = cur_b + b, cur_e + e
-        peak_b, peak_e = max(peak_b, cur_b), max(peak_e, cur_e)
-        # free storages nobody needs after this node
-        for owner in [o for o, last in live.items() if last <= pos[n]]:
-            b, e = size[owner]
-            cur_b, cur_e = cur_b - b, cur_e - e
-            del live[owner]
+        if step.allocated:
+            size[n] = _nbytes(val)
+        peak_b = max(peak_b, sum(size[o][0] for o in step.live))
+        peak_e = max(peak_e, sum(size[o][1] for o in step.live))
     return BranchProfile(index, macs, params, peak_b, peak_e, out_shape, layers)
 
 
-def profile(net: nn.Module, sw=None, input_size=(1, 3, 32, 32), dtype: torch.dtype | None = None) -> Profile:
+def profile(net: nn.Module, sw=None, input_size=(1, 3, 32, 32),
+            dtype: torch.dtype | None = None) -> Profile | ProfileTable:
     """MACs, parameters and peak activation memory of ``net`` under switch ``sw``, per branch.
 
     Args:
         net: a net of slimkern layers (``slimmify`` output or a model built from slimkern.nn),
             or a plain model (then ``sw`` must be None or ``[1.0]``: one branch, the model).
+            Train or eval mode, any batch size: the figures are those of the inference graph
+            (BN in eval form) and the net's mode is left as it is.
         sw: a Switch, notation string (``"[0.5, 0.25, 0.25]x"``) or width; None = ``[1.0]``.
+            A list of switches (Switch objects or strings) gives a :class:`ProfileTable`: one
+            Profile per switch, printed as one table.
         input_size: the input shape, batch included, e.g. ``(1, 3, 32, 32)``.
         dtype: element type for activation bytes (default: the net's parameter dtype).
 
@@ -266,6 +325,8 @@ def profile(net: nn.Module, sw=None, input_size=(1, 3, 32, 32), dtype: torch.dty
     ``.max_device_macs``, ``.max_device_params``, ``.max_device_peak_activation_bytes``.
     Nothing is computed on real data and the net is not modified.
     """
+    if _is_switch_list(sw):
+        return ProfileTable(profile(net, s, input_size, dtype) for s in sw)
     sw = Switch([1.0]) if sw is None else as_switch(sw)
     try:
         input_size = tuple(int(s) for s in input_size)
@@ -283,7 +344,7 @@ def profile(net: nn.Module, sw=None, input_size=(1, 3, 32, 32), dtype: torch.dty
     x = torch.empty(input_size, dtype=dtype, device="meta")
     branches = []
     for i in range(sw.num_branches):
-        gm = bg.branch(sw, i, meta=True)
+        gm = bg.branch(sw, i, meta=True).eval()  # shapes only: a train-mode BN would refuse batch 1 at 1x1
         try:
             branches.append(_run_branch(gm, x, i))
         except ValueError:

@@ -69,7 +69,7 @@ def _trace_layers(net: nn.Module, space: SearchSpace, input_size):
     activations as ``(group or None, bytes per channel or bytes)`` terms (profile's liveness)."""
     from slimkern._branch import BranchGraph
     from slimkern.nn._base import SlimModule
-    from slimkern.profile import _aliases_input, _nbytes
+    from slimkern.profile import _nbytes, walk_liveness
     from slimkern.switch import Switch
 
     bg = BranchGraph(net, "slimkern.nas")
@@ -80,29 +80,15 @@ def _trace_layers(net: nn.Module, space: SearchSpace, input_size):
     dtype = p.dtype if p is not None else torch.get_default_dtype()
     x = torch.empty(input_size, dtype=dtype, device="meta")
     mods = dict(gm.named_modules())
-    nodes = list(gm.graph.nodes)
-    pos = {n: k for k, n in enumerate(nodes)}
-    last_use: dict[fx.Node, int] = {}
-    for n in nodes:
-        for a in n.all_input_nodes:
-            last_use[a] = pos[n]
-    interp = fx.Interpreter(gm)
     group: dict[fx.Node, str | None] = {}
-    storage: dict[fx.Node, fx.Node] = {}
     term: dict[fx.Node, tuple[str | None, float]] = {}
-    live: dict[fx.Node, int] = {}
     layers: list[_Layer] = []
     node_terms: list[tuple[str, list[tuple[str | None, float]]]] = []
     seen: set[str] = set()
-    for n in nodes:
-        if n.op == "placeholder":
-            val = x
-        else:
-            args, kwargs = interp.fetch_args_kwargs_from_env(n)
-            if n.op == "output":
-                break
-            val = getattr(interp, n.op)(n.target, args, kwargs)
-        interp.env[n] = val
+    for step in walk_liveness(gm, x):
+        n, val = step.node, step.value
+        if n.op == "output":
+            break
         slim = bg.modules.get(n.target) if n.op == "call_module" else None
         if not isinstance(slim, SlimModule):
             slim = None
@@ -130,25 +116,14 @@ def _trace_layers(net: nn.Module, space: SearchSpace, input_size):
             group[n] = None
         else:
             group[n] = group.get(src) if src is not None else None
-        # liveness, as slimkern.profile
-        mod = mods.get(n.target) if n.op == "call_module" else None
-        first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-        if first is not None and first in storage and _aliases_input(n, mod):
-            owner = storage[first]
-            storage[n] = owner
-            live[owner] = max(live[owner], last_use.get(n, pos[n]))
-        else:
+        # liveness: slimkern.profile's walker; a live tensor costs bytes per channel of its group
+        if step.allocated:
             b, _ = _nbytes(val)
-            if b:
-                g = group[n]
-                if g is not None and not (isinstance(val, torch.Tensor) and val.dim() >= 2):
-                    raise ValueError(f"node {n.name}: cannot tell the channel dimension of a grouped activation")
-                storage[n] = n
-                term[n] = (g, b / val.shape[1]) if g is not None else (None, float(b))
-                live[n] = last_use.get(n, pos[n])
-        node_terms.append((n.name, [term[o] for o in live]))
-        for owner in [o for o, last in live.items() if last <= pos[n]]:
-            del live[owner]
+            g = group[n]
+            if g is not None and not (isinstance(val, torch.Tensor) and val.dim() >= 2):
+                raise ValueError(f"node {n.name}: cannot tell the channel dimension of a grouped activation")
+            term[n] = (g, b / val.shape[1]) if g is not None else (None, float(b))
+        node_terms.append((n.name, [term[o] for o in step.live]))
     fusion_bias = fused.out_full if fused is not None and fused.bias is not None else 0
     return layers, node_terms, fusion_bias
 
