@@ -31,7 +31,8 @@ def _adam(trainer: Trainer, lr: float) -> None:
 
 
 class SRParaDiSTrainer(Trainer):
-    """ParaDiS on a super-resolution net (see the module docstring)."""
+    """ParaDiS on a super-resolution net (see the module docstring). The teacher ``t`` is the
+    widest switch (the full switch on a tie)."""
 
     name = "sr-paradis"
 
@@ -45,7 +46,8 @@ class SRParaDiSTrainer(Trainer):
         if beta < 0:
             raise ValueError(f"SRParaDiSTrainer: beta must be >= 0, got {beta}")
         self.full = as_switch(full)
-        self.teacher = max(sws, key=_width)
+        # the widest switch; on a tie (e.g. [1.0] and [0.5, 0.5]) the full switch, then fewest branches
+        self.teacher = max(sws, key=lambda s: (_width(s), s == self.full, -s.num_branches))
         if beta > 0 and self.full not in sws:
             raise ValueError(f"SRParaDiSTrainer: beta > 0 needs the full switch {self.full} among the switches")
         first = [self.teacher] + ([self.full] if self.full in sws and self.full != self.teacher else [])
