@@ -152,8 +152,8 @@ class SlimkernStrategy(_base()):
             if cid not in got:
                 dropped.append(cid)
                 reasons.append((cid, f"no reply within the timeout ({self.timeout:g} s): missing"))
-                self.log(WARNING, f"round {plan.round}: client {cid} (node {nid}) missing: no reply within "
-                                  f"{self.timeout:g} s; the round goes on without it")
+                self.log(WARNING, f"round {plan.round}: client {cid} (node {nid}) dropped: {reasons[-1][1]}; "
+                                  "the round goes on without it")
         rec = server.finish_round(plan, ok, dropped, reasons, rejected)
         self.records.append(rec)
         self.round_seconds.append(time.perf_counter() - self._t0)
