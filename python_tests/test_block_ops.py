@@ -252,6 +252,32 @@ def test_depthwise_float32_planes(k, padding, dilation, hw, threads, stride):
 
 
 @needs_cpp
+@pytest.mark.parametrize("hw", [(1, 1), (2, 2), (1, 2), (2, 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_depthwise_float32_tiny_maps(hw, threads):
+    # float32 stride-1 depthwise on maps of at most 2x2: the plane loops where the AVX-512 planes
+    # do not run (AVX2, baseline), the planes otherwise; overlapping blocks, per-block F.conv2d
+    # in float64 as the reference.
+    torch.manual_seed(11)
+    table, offs = [(0, 12, 0, 12), (4, 10, 4, 10), (12, 20, 12, 20)], [0, 4, 12]
+    x = torch.randn(5, 20, *hw, requires_grad=True)
+    w = torch.randn(20, 1, 3, 3, requires_grad=True)
+    b = torch.randn(20, requires_grad=True)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = sk.ops.block_conv2d(x, w, b, table, offs, 1, 1, 1, True, backend="cpp")
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (x, w, b), g)
+    finally:
+        torch.set_num_threads(prev)
+    ref = ref_block_conv2d(x.double(), w.double(), b.double(), table, offs, 1, 1, 1, True)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(ref, (x, w, b), g.double())):
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-4)
+
+
+@needs_cpp
 @pytest.mark.parametrize("groups_of", [2, 4])
 @pytest.mark.parametrize("k", [1, 3])
 def test_equal_blocks_grouped(groups_of, k):
