@@ -9,7 +9,9 @@ Providers (the same model, data and global batch ``GLOBAL_BATCH``):
                     (the default: equals the 1-process step to 1e-5);
   * 2proc_localbn   2 ranks, per-rank BN statistics (no BN all-reduces; a different function).
 Each provider runs in fresh processes: ``WARMUP`` steps, then ``STEPS`` timed steps between
-barriers; steps/s = STEPS / wall seconds of rank 0. Provider order rotates over ``--rounds``.
+barriers; steps/s = STEPS / wall seconds of rank 0 (also recorded: rank 0's CPU seconds per step
+and the 1-minute load average before and after, since on a shared machine the wall time says
+as much about the other tenants as about the code). Provider order rotates over ``--rounds``.
 
     nice -n 10 .venv/bin/python benchmarks/bench_train_distributed.py \\
         --json benchmarks/results/train_distributed.json
@@ -67,15 +69,16 @@ def worker(out: str, threads: int, sync_bn: bool) -> int:
             t.train_step(x, y)
         if dp is not None:
             dp.barrier()
-        t0 = time.perf_counter()
+        load0, c0, t0 = os.getloadavg()[0], time.process_time(), time.perf_counter()
         for x, y in batches[WARMUP:]:
             t.train_step(x, y)
         if dp is not None:
             dp.barrier()
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         if dp is None or dp.is_main:
             with open(out, "w") as f:
-                json.dump({"steps": len(batches) - WARMUP, "wall_s": wall, "world": world, "malloc": malloc}, f)
+                json.dump({"steps": len(batches) - WARMUP, "wall_s": wall, "rank0_cpu_s": cpu, "world": world,
+                           "malloc": malloc, "load_avg_1min": [load0, os.getloadavg()[0]]}, f)
         return 0
     finally:
         D.shutdown()
@@ -112,11 +115,14 @@ def main(argv=None) -> int:
         return worker(args.worker, args.threads, not args.local_bn)
     names = list(PROVIDERS)
     rates: dict[str, list[float]] = {p: [] for p in names}
+    runs: dict[str, list[dict]] = {p: [] for p in names}
     for r in range(args.rounds):
         for p in names[r % len(names):] + names[:r % len(names)]:
             res = run_provider(p)
             rates[p].append(res["steps"] / res["wall_s"])
-            print(f"round {r} {p:15s} {rates[p][-1]:.2f} steps/s", flush=True)
+            runs[p].append(res)
+            print(f"round {r} {p:15s} {rates[p][-1]:.2f} steps/s  rank-0 cpu {res['rank0_cpu_s'] / res['steps']:.3f} "
+                  f"s/step  load {res['load_avg_1min']}", flush=True)
     benches = []
     base = statistics.median(rates["1proc_1thread"])
     for p in names:
@@ -131,7 +137,8 @@ def main(argv=None) -> int:
                             width_mult=WIDTH_MULT, max_width=MAX_WIDTH, image=IMAGE, switches=SWITCHES,
                             global_batch=GLOBAL_BATCH, rank_batch=GLOBAL_BATCH // nproc, steps=STEPS,
                             steps_per_s=rates[p], steps_per_s_median=med, backend="gloo" if nproc > 1 else None,
-                            cpus=os.cpu_count(), load_avg_1min=os.getloadavg()[0]),
+                            cpus=os.cpu_count(), runs=runs[p],
+                            rank0_cpu_s_per_step=[x["rank0_cpu_s"] / x["steps"] for x in runs[p]]),
             options=dict(timer="time.perf_counter"),
             stats=dict(min=min(d), max=max(d), mean=statistics.fmean(d), median=statistics.median(d),
                        rounds=len(d), data=d)))
