@@ -53,3 +53,47 @@ def summarize(rows: Sequence[dict], keys: Sequence[str], value: str, carry: Sequ
         out.append({**dict(zip(keys, k)), **{c: rs[0][c] for c in carry}, f"{value}_mean": m, f"{value}_std": s,
                     "n": len(rs)})
     return out
+
+
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Saves a matplotlib figure atomically (tmp file + ``os.replace``) and closes it."""
+    import matplotlib.pyplot as plt
+
+    path = os.fspath(path)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def add_options(p, defaults: dict, list_types: dict | None = None) -> None:
+    """One ``--flag`` per key of ``defaults`` (dashes for underscores): booleans as
+    ``--x/--no-x``, lists as ``nargs="+"`` of ``list_types[key]`` (default str)."""
+    import argparse
+
+    for k, v in defaults.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=v)
+        elif isinstance(v, list):
+            p.add_argument(flag, nargs="+", type=(list_types or {}).get(k, str), default=v)
+        elif v is None:
+            p.add_argument(flag, default=None)
+        else:
+            p.add_argument(flag, type=type(v), default=v)
+
+
+def experiment_main(prog: str, doc: str, add, run, table, argv=None) -> int:
+    """The ``python -m`` entry of an experiment: parse (``add(parser)``), log, ``run(options)``,
+    print ``table(report)`` and the run folder."""
+    import argparse
+    import logging
+
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    add(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    rep = run(vars(args))
+    print(table(rep))
+    print(f"run folder: {os.path.abspath(args.out)}")
+    return 0

@@ -25,7 +25,7 @@ import logging
 import os
 import time
 
-from slimkern.runfolder import summarize, write_csv, write_json
+from slimkern.runfolder import add_options as _add, experiment_main, save_figure, summarize, write_csv, write_json
 
 log = logging.getLogger("slimkern.scaling")
 
@@ -108,10 +108,7 @@ def plot(summary: list[dict], path: str) -> None:
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def run(cfg: dict) -> dict:
@@ -169,23 +166,12 @@ def table(summary: list[dict]) -> str:
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
-    for k, v in DEFAULTS.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, list):
-            p.add_argument(flag, nargs="+", type=int if k == "seeds" else str, default=v)
-        else:
-            p.add_argument(flag, type=type(v), default=v)
+    _add(p, DEFAULTS, {"seeds": int})
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m slimkern.scaling", description=__doc__.split("\n\n")[0])
-    add_options(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    rep = run(vars(args))
-    print(table(rep["summary"]))
-    print(f"run folder: {os.path.abspath(args.out)} ({rep['seconds']:.0f} s)")
-    return 0
+    return experiment_main("python -m slimkern.scaling", __doc__, add_options, run,
+                           lambda rep: table(rep["summary"]), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from slimkern.runfolder import write_csv, write_json
+from slimkern.runfolder import experiment_main, save_figure, write_csv, write_json
 
 DEFAULTS: dict = {
     "model": "mobilenet_v1", "width_mult": 1.0, "image_size": 32, "batch_sizes": [1, 16], "iters": 30,
@@ -157,10 +157,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle("ParaDiS deployment: one worker process (1 thread) per branch", fontsize=10)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -187,13 +184,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m slimkern.deploy.bench", description=__doc__.split("\n\n")[0])
-    add_options(p)
-    args = p.parse_args(argv)
-    rep = run(vars(args))
-    print(table(rep["rows"]))
-    print(f"run folder: {os.path.abspath(args.out)}")
-    return 0
+    return experiment_main("python -m slimkern.deploy.bench", __doc__, add_options, run,
+                           lambda rep: table(rep["rows"]), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from slimkern.runfolder import summarize, write_csv, write_json
+from slimkern.runfolder import add_options as _add, experiment_main, save_figure, summarize, write_csv, write_json
 
 log = logging.getLogger("slimkern.sr")
 
@@ -191,10 +191,7 @@ def plot(summary: list[dict], path: str, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def run(cfg: dict) -> dict:
@@ -235,15 +232,7 @@ def _write(cfg: dict, out: str, rows: list[dict], seeds: list[int], seconds: flo
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
-    for k, v in DEFAULTS.items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=v)
-        elif isinstance(v, list):
-            typ = int if k == "seeds" else (float if k in ("individual", "us_widths") else str)
-            p.add_argument(flag, nargs="+", type=typ, default=v)
-        else:
-            p.add_argument(flag, type=type(v), default=v)
+    _add(p, DEFAULTS, {"seeds": int, "individual": float, "us_widths": float})
 
 
 def table(summary: list[dict]) -> str:
@@ -255,14 +244,8 @@ def table(summary: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m slimkern.sr.experiment", description=__doc__.split("\n\n")[0])
-    add_options(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    rep = run(vars(args))
-    print(table(rep["summary"]))
-    print(f"run folder: {os.path.abspath(args.out)} ({rep['seconds']:.0f} s)")
-    return 0
+    return experiment_main("python -m slimkern.sr.experiment", __doc__, add_options, run,
+                           lambda rep: table(rep["summary"]), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
