@@ -146,7 +146,7 @@ def run_seed(cfg: dict, seed: int, split) -> list[dict]:
     return rows
 
 
-def plot(summary: list[dict], path: str, title: str) -> None:
+def plot(summary: list[dict], path: str, title: str, us_label: str = "US-Nets (sandwich rule)") -> None:
     """PSNR vs MACs: ParaDiS (total and distributed), free switches, US curve, individual
     diamonds, bicubic line; error bars are the std over seeds."""
     import matplotlib
@@ -173,7 +173,7 @@ def plot(summary: list[dict], path: str, title: str) -> None:
          linestyle="--", mfc="white")
     draw(pts("paradis", False), "macs", "ParaDiS untrained switches", marker="o", color="C0", linestyle="none",
          mfc="none", markersize=9)
-    draw(pts("us"), "macs", "US-Nets (sandwich + in-place KD)", marker="s", color="C1")
+    draw(pts("us"), "macs", us_label, marker="s", color="C1")
     draw(pts("individual"), "macs", "individual models", marker="D", color="C2", linestyle="none", markersize=8)
     for s in par + pts("paradis", False):
         ax.annotate(s["switch"].replace(", ", ","), (s["macs"] / 1e6, s["psnr_mean"]), textcoords="offset points",
@@ -227,7 +227,8 @@ def _write(cfg: dict, out: str, rows: list[dict], seeds: list[int], seconds: flo
     write_json(os.path.join(out, "report.json"), report)
     plot(summary, os.path.join(out, "figure7.png"),
          f"WDSR x{cfg['scale']} ({cfg['n_blocks']} blocks, {int(cfg['n_feats'] * cfg['width_mult'])} features, "
-         f"expansion {cfg['expansion']}), {len(seeds)} seed(s)")
+         f"expansion {cfg['expansion']}), {len(seeds)} seed(s)",
+         "US-Nets (sandwich rule" + (", in-place KD)" if cfg["us_kd"] else ", ground truth for every width)"))
     return report
 
 
