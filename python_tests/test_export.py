@@ -126,3 +126,35 @@ def test_project_models_export_and_profile(name):
             assert prof.params == sum(p.numel() for p in dep.parameters())
             assert [b.params for b in prof.branches] == [sum(p.numel() for p in b.parameters())
                                                           for b in dep.branches]
+
+
+def test_export_refuses_placeholder_statistics_after_a_bare_eval_forward():
+    """An eval forward of a new switch adds a BN row at mean 0 / var 1 (with a warning); export
+    must not deploy that placeholder as if it were measured."""
+    import warnings
+
+    torch.manual_seed(0)
+    n = train_stats(TinyResNet(max_width=1.5), ["[1.0]x"])
+    n.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with n.use_switch("[0.5, 0.5]x"):
+            n(torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"export: layer '\w+' \(and \d+ more BN layers\) has no BN statistics for "
+                                         r"switch \[0.5, 0.5\]x.*placeholder.*calibrate_bn"):
+        sk.export(n, "[0.5, 0.5]x")
+    sk.export(n, "[1.0]x")  # measured rows export
+    sk.calibrate_bn(n, [torch.randn(4, 3, 8, 8) for _ in range(2)], ["[0.5, 0.5]x"])
+    sk.export(n, "[0.5, 0.5]x")
+
+
+def test_export_messages_name_the_real_problem_once(net):
+    with pytest.raises(ValueError, match="above the net's max_width") as info:
+        sk.export(net, "[2.0]x")
+    assert "BN statistics" not in str(info.value)
+    from slimkern._branch import BranchGraph
+
+    with pytest.raises(ValueError) as info:
+        BranchGraph(net, "export").branch(sk.Switch.parse("[0.3]x"), 0)
+    msg = str(info.value)
+    assert "has no BN statistics" in msg and msg.count("layer ") == 1, msg

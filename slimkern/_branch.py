@@ -115,7 +115,8 @@ def plain_layer(m: nn.Module, sw: Switch, i: int, name: str, meta: bool = False)
                 return nn.Sequential(p, nn.ReLU6())
             return p
     except ValueError as e:
-        raise ValueError(f"layer {name!r} ({type(m).__name__}): {e}") from None
+        prefix = f"layer {name!r} ({type(m).__name__})"
+        raise ValueError(str(e) if str(e).startswith(prefix) else f"{prefix}: {e}") from None  # said once
     raise TypeError(f"layer {name!r}: no plain equivalent is known for {type(m).__name__} "
                     "(export/profile handle SlimConv2d, SlimLinear, SwitchableBatchNorm2d, SlimBatchNorm1d)")
 

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     px = sub.add_parser("export", help="export a switch of a run as per-device modules")
     px.add_argument("--run", required=True, help="run folder written by `slimkern train`")
     px.add_argument("--switch", nargs="+", required=True, help="switch(es) to export, e.g. '[0.5, 0.5]x'")
+    px.add_argument("--calibrate", type=int, default=None, metavar="N",
+                    help="first recompute the switches' BN statistics over N training batches, as the run's "
+                         "evaluation did (needed for a switch the run evaluated but did not train)")
     sub.add_parser("info", help="what was built: C++/CUDA/Triton kernels, versions")
     pd = sub.add_parser("demo", help="run a demo (default: fl, the federated demo)")
     pd.add_argument("which", nargs="?", default="fl", choices=["fl", "paradis", "nas"],
@@ -198,11 +201,27 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from slimkern import runner
 
+    if args.calibrate is not None and args.calibrate < 1:
+        raise ValueError(f"--calibrate needs a number of batches >= 1, got {args.calibrate}")
+    sws = [runner.parse_switch(s) for s in args.switch]
     cfg, split, net = _load_run(args.run)
+    if args.calibrate:
+        import slimkern
+        import torch
+        from torch.utils.data import DataLoader
+
+        calib = DataLoader(split.train, batch_size=cfg["batch_size"], shuffle=True,
+                           generator=torch.Generator().manual_seed(cfg["seed"] + 7))  # the run's calibration
+        slimkern.calibrate_bn(net, calib, sws, num_batches=args.calibrate)
     con = _console()
-    for s in args.switch:
-        paths = runner.export_switch(net, runner.parse_switch(s), args.run, split.input_size)
-        con.print(f"exported {runner.parse_switch(s)}: " + ", ".join(paths))
+    for sw in sws:
+        try:
+            paths = runner.export_switch(net, sw, args.run, split.input_size)
+        except ValueError as exc:
+            if args.calibrate or "no BN statistics" not in str(exc):
+                raise
+            raise ValueError(f"{exc}; from the command line: slimkern export --calibrate N") from None
+        con.print(f"exported {sw}: " + ", ".join(paths))
     return 0
 
 

@@ -98,6 +98,8 @@ def export(net: nn.Module, sw, fold_bn: bool = False) -> Deployable:
     if not bg.slim:
         raise ValueError(f"export: {type(net).__name__} has no slimkern layers; slimmify it first")
     fused = bg.check_fusion(sw, "export")
+    for i in range(sw.num_branches):  # shapes only: a switch the net cannot run is reported as that first
+        bg.branch(sw, i, meta=True)
     _check_bn_statistics(net, sw)
     branches = []
     for i in range(sw.num_branches):
