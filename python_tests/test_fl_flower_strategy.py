@@ -114,3 +114,29 @@ def test_every_bad_reply_is_rejected_or_dropped_never_raised():
             assert any(expect in line for line in logs), fault
         assert (2 in rec.dropped) == (fault in ("error", "missing"))
     assert rec.tier_accuracy == ref.evaluate()[1]  # evaluated per tier on the server
+
+
+def test_codec_round_trips_keys_bn_rows_and_counts_payload_bytes():
+    from slimkern import Switch
+    from slimkern.fl.aggregate import ClientUpdate
+    from slimkern.fl.client import Task
+    from slimkern.fl.rolex import SubModel
+    from slimkern.fl.strategy import FjORD
+    rows = {Switch([0.5]): {"features.1": (torch.randn(8), torch.rand(8))}}
+    key = SubModel(Switch([0.5]), 3, 0.25, 1.0, (2, 0, 7))
+    task = Task(4, 3, key, torch.randn(123), FjORD(kd=True, bn="travel"), 0.05, 9, 2, 8, 0.5, 1e-4, rows)
+    rec = codec.encode_task(task)
+    back = codec.decode_task(rec)
+    assert back.key == key and back.key.labels == (0, 2, 7) and torch.equal(back.values, task.values)
+    assert repr(back.rule) == repr(task.rule) and (back.lr, back.seed, back.local_epochs, back.batch_size) == \
+        (0.05, 9, 2, 8) and (back.momentum, back.weight_decay) == (0.5, 1e-4)
+    (sw, per), = back.bn_rows.items()
+    assert sw == Switch([0.5]) and all(torch.equal(a, b) for a, b in zip(per["features.1"], rows[sw]["features.1"]))
+    assert codec.payload_bytes(rec.array_records["arrays"]) == 123 * 4
+    assert codec.data_bytes(rec.array_records["arrays"]) == 123 * 4 + 128  # the .npy header
+    u = ClientUpdate(4, key, torch.randn(50), 17.0, stats=rows)
+    v, why = codec.decode_reply(codec.encode_reply(u))
+    assert why is None and v.client == 4 and v.switch == key and v.num_examples == 17.0
+    assert torch.equal(v.values, u.values) and torch.equal(v.stats[sw]["features.1"][1], rows[sw]["features.1"][1])
+    with pytest.raises(ValueError, match="not a slimkern task"):
+        codec.decode_task(RecordDict({"config": ConfigRecord({"client": 1})}))
