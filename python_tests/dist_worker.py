@@ -2,7 +2,7 @@
 ``slimkern.train.distributed.launch`` or torchrun; also imported by the test for its
 single-process references.
 
-    python dist_worker.py steps OUT [--no-sync-bn]   3 steps; rank r saves OUT/rank<r>.pt
+    python dist_worker.py steps OUT [--no-sync-bn]   3 steps of each recipe; rank r saves OUT/rank<r>.pt
     python dist_worker.py fit OUT CKPT EPOCHS [--stall-after E]
                                                     fit(resume=True); rank 0 saves OUT/final.pt;
                                                     with --stall-after, rank 0 writes OUT/stalled
@@ -32,15 +32,23 @@ def dataset(seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-def trainer(distributed=None, checkpoint=None, seed: int = 0):
-    """ParaDiS Algorithm 1 on a tiny residual net: wide teacher [1.2], KD, activation MSE."""
-    from slimkern.train import ParaDiSTrainer
+RECIPES = ("paradis", "sandwich")
+
+
+def trainer(distributed=None, checkpoint=None, seed: int = 0, recipe: str = "paradis"):
+    """A tiny residual net trained by ParaDiS Algorithm 1 (wide teacher [1.2], KD, activation
+    MSE) or the US-Nets sandwich rule (random widths: BN rows appear during training)."""
+    from slimkern.train import ParaDiSTrainer, SandwichTrainer
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = TinyResNet(c=8, max_width=1.2)
-    return ParaDiSTrainer(net, SWITCHES, beta=1.0, kd="wide", lr=0.1, weight_decay=5e-4, schedule="cosine",
-                          seed=seed, checkpoint=checkpoint, progress=False, distributed=distributed)
+    kw = dict(lr=0.1, weight_decay=5e-4, schedule="cosine", seed=seed, checkpoint=checkpoint, progress=False,
+              distributed=distributed)
+    if recipe == "sandwich":
+        # continuous widths: on a grid two draws of one step can coincide, which forward_switches refuses
+        return SandwichTrainer(net, max_width=1.2, min_width=0.25, n_random=2, width_step=None, **kw)
+    return ParaDiSTrainer(net, SWITCHES, beta=1.0, kd="wide", **kw)
 
 
 def run_steps(t, batch_size: int, steps: int = 3) -> dict:
@@ -73,7 +81,7 @@ def main(argv: list[str]) -> int:
     dp = D.init_from_env("gloo", sync_bn="--no-sync-bn" not in argv)
     try:
         if mode == "steps":
-            res = run_steps(trainer(dp), RANK_BATCH)
+            res = {recipe: run_steps(trainer(dp, recipe=recipe), RANK_BATCH) for recipe in RECIPES}
             res["rank"], res["world_size"] = dp.rank, dp.world_size
             atomic_save(res, os.path.join(out, f"rank{dp.rank}.pt"))
             return 0

@@ -184,13 +184,13 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
-def ghost_batch_reference():
+def ghost_batch_reference(recipe: str):
     """One process, batch 64, but BN statistics per rank half (rank r's samples are positions
     r::2 of each batch, RankShardSampler's layout): the two halves run separately and the
     gradient is their average -- what 2 ranks compute with per-rank statistics."""
     from slimkern.train.optim import make_scheduler
 
-    t = W.trainer()
+    t = W.trainer(recipe=recipe)
     loader = t.make_loader(W.dataset(), 2 * W.RANK_BATCH)
     t.scheduler = make_scheduler(t.optimizer, t.schedule, 2 * len(loader), len(loader))
     out = {}
@@ -213,32 +213,36 @@ def ghost_batch_reference():
 @pytest.fixture(scope="module")
 def single_process_batch_64():
     torch.set_num_threads(1)
-    return W.run_steps(W.trainer(), 2 * W.RANK_BATCH)
+    return {recipe: W.run_steps(W.trainer(recipe=recipe), 2 * W.RANK_BATCH) for recipe in W.RECIPES}
 
 
 @pytest.mark.slow
 def test_two_ranks_with_sync_bn_equal_one_process_with_batch_64(tmp_path, single_process_batch_64):
+    """ParaDiS (fixed switches) and sandwich (random widths, BN rows registered on the way)."""
     _launch("steps", tmp_path)
-    r0, r1 = _load(tmp_path / "rank0.pt"), _load(tmp_path / "rank1.pt")
-    ref = single_process_batch_64
-    assert r0["world_size"] == 2 and r0["steps_per_epoch"] == ref["steps_per_epoch"] == 3
-    for k in ref["grads"]:  # after one step
-        torch.testing.assert_close(r0["grads"][k], ref["grads"][k], **TOL, msg=k)
-    assert set(r0["grads"]) == set(ref["grads"])
-    for k in ref["state"]:  # weights and BN rows after three steps
-        torch.testing.assert_close(r0["state"][k], ref["state"][k], **TOL, msg=k)
-    torch.testing.assert_close(torch.tensor(r0["losses"]), torch.tensor(ref["losses"]), **TOL)
-    for k in r0["state"]:  # the ranks hold bit-identical weights and statistics
-        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    rank0, rank1 = _load(tmp_path / "rank0.pt"), _load(tmp_path / "rank1.pt")
+    assert rank0["world_size"] == 2
+    for recipe in W.RECIPES:
+        r0, r1, ref = rank0[recipe], rank1[recipe], single_process_batch_64[recipe]
+        assert r0["steps_per_epoch"] == ref["steps_per_epoch"] == 3
+        assert set(r0["grads"]) == set(ref["grads"])
+        for k in ref["grads"]:  # after one step
+            torch.testing.assert_close(r0["grads"][k], ref["grads"][k], **TOL, msg=f"{recipe} {k}")
+        assert set(r0["state"]) == set(ref["state"])
+        for k in ref["state"]:  # weights and BN rows after three steps
+            torch.testing.assert_close(r0["state"][k], ref["state"][k], **TOL, msg=f"{recipe} {k}")
+        torch.testing.assert_close(torch.tensor(r0["losses"]), torch.tensor(ref["losses"]), **TOL)
+        for k in r0["state"]:  # the ranks hold bit-identical weights and statistics
+            assert torch.equal(r0["state"][k], r1["state"][k]), f"{recipe} {k}"
 
 
 @pytest.mark.slow
 def test_two_ranks_with_per_rank_bn_are_ghost_batches_not_batch_64(tmp_path, single_process_batch_64):
     _launch("steps", tmp_path, "--no-sync-bn")
-    r0, r1 = _load(tmp_path / "rank0.pt"), _load(tmp_path / "rank1.pt")
+    r0, r1 = _load(tmp_path / "rank0.pt")["paradis"], _load(tmp_path / "rank1.pt")["paradis"]
     # the negative control: per-rank batch statistics are not batch 64's
-    assert _max_diff(r0["grads"], single_process_batch_64["grads"]) > 1e-3
-    ghost = ghost_batch_reference()
+    assert _max_diff(r0["grads"], single_process_batch_64["paradis"]["grads"]) > 1e-3
+    ghost = ghost_batch_reference("paradis")
     for k in ghost["grads"]:
         torch.testing.assert_close(r0["grads"][k], ghost["grads"][k], **TOL, msg=k)
     params = {k: r0["state"][k] for k in ghost["params"]}
@@ -296,7 +300,8 @@ def test_torchrun_runs_the_same_job(tmp_path, single_process_batch_64):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = _load(tmp_path / "rank0.pt")
-    assert _max_diff(r0["grads"], single_process_batch_64["grads"]) < 1e-5
+    for recipe in W.RECIPES:
+        assert _max_diff(r0[recipe]["grads"], single_process_batch_64[recipe]["grads"]) < 1e-5
 
 
 @pytest.mark.slow
