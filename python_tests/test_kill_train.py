@@ -112,7 +112,7 @@ def test_kill_during_a_checkpoint_write_then_resume_equals_uninterrupted(tmp_pat
 def test_every_file_of_a_run_loads_weights_only_and_exports_run_without_slimkern(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY.replace("epochs: 2", "epochs: 1").replace("individual: []", 'individual: ["[0.5, 0.5]x"]')
-                   + 'export: ["[0.5, 0.5]x"]\n')
+                   + 'export: ["[0.5, 0.5]x"]\neval_switches: ["[0.5, 0.25, 0.25]x"]\n')
     out = tmp_path / "run"
     r = run_cli(["train", "--config", str(cfg), "--out", str(out)])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -141,3 +141,17 @@ def test_every_file_of_a_run_loads_weights_only_and_exports_run_without_slimkern
     """)
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+    # a switch the run evaluated but did not train: its BN rows are not in the checkpoint, so a
+    # plain export is refused (pointing at --calibrate) and --calibrate N exports it
+    from slimkern import cli
+
+    untrained = "[0.5, 0.25, 0.25]x"
+    assert cli.main(["export", "--run", str(out), "--switch", untrained]) == 2
+    assert cli.main(["export", "--run", str(out), "--switch", untrained, "--calibrate", "0"]) == 2
+    assert cli.main(["export", "--run", str(out), "--switch", untrained, "--calibrate", "2"]) == 0
+    (folder,) = [d for d in (out / "export").iterdir() if "0.25" in d.name]
+    assert sorted(p.name for p in folder.glob("branch?.pt2")) == ["branch0.pt2", "branch1.pt2", "branch2.pt2"]
+    for p in folder.glob("*.pt"):
+        load_weights_only(p)
