@@ -123,3 +123,8 @@ def test_gate_study_bad_arguments():
         dac_gate_study(_net(), [{"macs_ratio": 0.9}], d, d, input_size=SIZE, gate_lrs=[])
     with pytest.raises(ValueError, match="gate_lrs"):
         dac_gate_study(_net(), [{"macs_ratio": 0.9}], d, d, input_size=SIZE, gate_lrs=[0.0])
+
+
+def test_prune_is_a_public_namespace():
+    from slimkern.prune import prune_channels
+    assert "prune" in sk.__all__ and sk.prune.prune_channels is prune_channels
