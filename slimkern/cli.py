@@ -12,6 +12,7 @@ Subcommands::
     slimkern search ows|aows [--config nas.yaml]         multi-platform width search (slimkern.nas.cli)
     slimkern sr | scaling | deploy                       ParaDiS WDSR Figure 7, Appendix F scaling, parallel
                                                          deployment latency (slimkern.paper_cli)
+    slimkern paradis baselines|ablation|figure4 [--seeds 0,1,2]   the ParaDiS paper's comparisons (slimkern.paradis.cli)
     slimkern fl     --strategy paradis --tiers "1.0:0.3,0.5:0.4,[0.5,0.5]:0.3" ...   federated simulation
 
 Every option of ``train`` can also be a key of the ``--config`` file (YAML or TOML, dashes or
@@ -96,7 +97,7 @@ def _add_options(p: argparse.ArgumentParser, defaults: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimkern", description="Slimmable and ParaDiS networks: train, "
                                      "evaluate, export.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,info,demo,fl,search,prune}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,info,demo,fl,search,prune,paradis}")
     sub.required = True
     _add_options(sub.add_parser("train", help="train a slimmable / ParaDiS network"), {})
     pe = sub.add_parser("eval", help="calibrate BN and evaluate a run's checkpoint")
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     from slimkern.paper_cli import add_parsers as add_paper_parsers
 
     add_paper_parsers(sub)
+    from slimkern.paradis.cli import add_paradis_parser
+
+    add_paradis_parser(sub)
     return parser
 
 
@@ -266,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
             from slimkern import paper_cli
 
             return paper_cli.cmd(args)
+        if args.command == "paradis":
+            from slimkern.paradis import cli as paradis_cli
+
+            return paradis_cli.cmd_paradis(args)
         if args.command == "fl" or (args.command == "demo" and args.which == "fl"):
             from slimkern.fl import cli as fl_cli
 

@@ -194,7 +194,9 @@ class Trainer:
             self.distributed.sync_trainer(self)
         while self.epoch < epochs:
             record = self._run_epoch(loader, epochs)
-            collapsed = self.collapse_guard.end_epoch(self.epoch + 1, self.teacher_term())
+            # A warm-up epoch starts from lr ~ 0: sitting near chance there is expected, not a collapse.
+            collapsed = self.collapse_guard.end_epoch(self.epoch + 1, self.teacher_term(),
+                                                      judge=self.epoch + 1 > self.warmup_epochs)
             if collapsed:
                 log.warning(collapsed)
                 warnings.warn(collapsed, RuntimeWarning, stacklevel=2)
