@@ -20,6 +20,8 @@ def test_saved_tensor_bytes_by_hand():
     x2 = x.clone().requires_grad_(True)
     # both require grad: x and w saved, a tensor saved twice counted once
     assert saved_tensor_bytes(lambda: (x2 @ w).sum() + (x2 @ w).sum()) == 32 * 64 * 4 + 64 * 10 * 4
+    # parameters are counted apart: a saved view of w (a slice, as slim layers save) is left out
+    assert saved_tensor_bytes(lambda: (x2 @ w[:, :5]).sum(), exclude=[w]) == 32 * 64 * 4
 
 
 def test_training_memory_grows_with_width_and_nested_switches():
@@ -36,6 +38,10 @@ def test_training_memory_grows_with_width_and_nested_switches():
     paradis.client_switch(sk.Switch.width(1.0), [sk.Switch.width(0.5), sk.Switch.width(1.0)])
     nested = training_memory(net, paradis, sk.Switch.width(1.0), 8, (1, 8, 8), 100)
     assert nested > full  # the [0.5] switch distilled in the same packed pass
+    # the [0.5] slice of the shared net holds what a distinct 0.5x model holds (same layers, no
+    # full-width weights): equal activation bytes
+    small = small_cnn(10, 1, (4, 8, 4))
+    assert training_memory(small, rule, sk.Switch.width(1.0), 8, (1, 8, 8), 100) == half
 
 
 @pytest.mark.slow
