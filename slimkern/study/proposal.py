@@ -118,6 +118,7 @@ def run_one(method: str, alpha: float, seed: int, cfg: dict) -> dict:
         res["server_seconds_per_round"] = sum(secs) / R
         res["server_macs_per_round"] = sum((r.metrics.get("feddf_server_macs", 0.0) or 0.0) for r in h.rounds) / R
         res["aggregated_elements_per_round"] = sum(sum(r.bytes_up.values()) for r in h.rounds) / R / 4
+        res["server_metrics"] = [dict(r.metrics) for r in h.rounds]  # FedDF: teachers, steps, best step, scores
     res["top1"] = dict(res["curve"][-1][1])
     res["time_s"] = time.perf_counter() - t0
     return res
