@@ -16,24 +16,13 @@ import textwrap
 import pytest
 import torch
 
+import test_cli
+
 pytestmark = pytest.mark.slow
 
-TINY = """\
-model: resnet20
-width_mult: 0.25
-max_width: 1.5
-image_size: 8
-channels: 1
-recipe: paradis
-switches: ["[1.5]x", "[1.0]x", "[0.5, 0.5]x"]
-individual: []
-epochs: 2
-batch_size: 256
-calibrate_batches: 2
-eval_batch_size: 512
-progress: false
-threads: 1
-"""
+# test_cli's tiny run, two epochs, no individual baseline, no untrained switch
+TINY = test_cli.TINY.replace("epochs: 1", "epochs: 2").replace('individual: ["[0.5, 0.5]x"]', "individual: []") \
+    .replace('eval_switches: ["[0.5, 0.25, 0.25]x"]\n', "").replace("batch_size: 128", "batch_size: 256")
 
 # Runs `slimkern <argv>`; with KILL_AT=k the k-th torch.save into a file object writes half of
 # its bytes, fsyncs, and the process kills itself with SIGKILL (no cleanup handlers run).

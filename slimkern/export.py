@@ -17,7 +17,6 @@ with ``torch.load(..., weights_only=True)`` and run under ``torch.export.export`
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 import torch.fx as fx
@@ -111,22 +110,6 @@ def export(net: nn.Module, sw, fold_bn: bool = False) -> Deployable:
     return Deployable(branches, bias, str(sw)).eval()
 
 
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".tmp-{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save(dep: Deployable, folder: str | os.PathLike, example_input: torch.Tensor) -> list[str]:
     """Writes ``dep`` into ``folder`` in forms that load without pickle and without slimkern:
 
@@ -143,6 +126,8 @@ def save(dep: Deployable, folder: str | os.PathLike, example_input: torch.Tensor
         raise TypeError(f"save expects the Deployable returned by slimkern.export, got {type(dep).__name__}")
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor (one input batch), got {type(example_input).__name__}")
+    from slimkern.train.checkpoint import atomic_write as _atomic_write
+
     folder = os.fspath(folder)
     dep = dep.eval()
     batch = ({0: torch.export.Dim.AUTO},)

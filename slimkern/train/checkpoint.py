@@ -47,10 +47,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def atomic_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``: a crash
-    mid-write leaves the previous checkpoint intact, never a truncated one. The temporary file
-    of a write that was killed (SIGKILL runs no cleanup) is removed by the next save to ``path``."""
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """``write(fh)`` into a temporary file in ``path``'s folder, fsync, then ``os.replace``: a
+    crash mid-write leaves the previous file intact, never a truncated one. The temporary file
+    of a write that was killed (SIGKILL runs no cleanup) is removed by the next write to ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -63,7 +63,7 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -71,6 +71,11 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` written atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
