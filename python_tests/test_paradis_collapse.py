@@ -146,34 +146,34 @@ def test_clipping_bounds_the_step():
 
 
 @pytest.mark.slow
-def test_demo_net_at_high_lr_old_recipe_collapses_new_does_not():
-    """The demo's shared net (MobileNet-v1 w0.5, max width 1.2, digits 16x16) at lr 0.5 (5x the
-    demo's): the old recipe (no warm-up, no clipping) kills the network in its first epoch (its
-    first steps have gradient norms of ~400); the default recipe (1 warm-up epoch, clipping at
-    5) keeps learning. One epoch each of the 10-epoch schedule."""
+def test_demo_net_old_recipe_collapses_new_recipe_learns():
+    """The demo's shared net (MobileNet-v1 w0.5, max width 1.2, digits 16x16, seed 0).
+
+    Old recipe (no warm-up, no clipping) at lr 0.5: its first steps (gradient norms up to ~400)
+    kill the net in epoch 1 -- measured: teacher CE 2.353 over the epoch's second half, 93 % of
+    the final features dead, still 2.307 at epoch 3 -- and the guard stops the run there.
+    Default recipe (1 warm-up epoch, clipping at 5) at the demo's lr 0.1: epoch 2 (the first
+    one judged) is far below chance (measured 1.19-1.27 nats on seeds 0-4)."""
     from slimkern import runner
     from slimkern.cli import DEMO_PARADIS
 
     torch.set_num_threads(1)
-    cfg = {**runner.DEFAULTS, **DEMO_PARADIS, "seed": 0, "lr": 0.5, "progress": False}
+    cfg = {**runner.DEFAULTS, **DEMO_PARADIS, "seed": 0, "progress": False, "fail_on_collapse": True}
     split = runner.load_data(cfg)
+    old = runner.make_trainer({**cfg, "lr": 0.5, "warmup_epochs": 0.0, "clip_grad_norm": 0.0},
+                              runner.build_model(cfg, split), None)
+    with pytest.raises(TrainingCollapsed, match="epoch 1; chance level is ln 10"):
+        old.fit(split.train, 10, batch_size=cfg["batch_size"])
+    assert old.epoch == 0
 
-    def first_epoch(**kw):
-        tr = runner.make_trainer({**cfg, **kw}, runner.build_model(cfg, split), None)
+    new = runner.make_trainer(cfg, runner.build_model(cfg, split), None)
+    assert new.warmup_epochs == 1.0 and new.clip_grad_norm == 5.0
 
-        def stop(t, rec):
+    def stop(t, rec):
+        if t.epoch == 2:
             raise _Stop(rec)
 
-        try:
-            tr.fit(split.train, 10, batch_size=cfg["batch_size"], on_epoch_end=stop)
-        except _Stop as s:
-            return tr, s.args[0]
-        raise AssertionError("on_epoch_end did not run")
-
-    tr_old = runner.make_trainer({**cfg, "warmup_epochs": 0.0, "clip_grad_norm": 0.0, "fail_on_collapse": True},
-                                 runner.build_model(cfg, split), None)
-    with pytest.raises(TrainingCollapsed, match="epoch 1"):
-        tr_old.fit(split.train, 10, batch_size=cfg["batch_size"])
-    tr, rec = first_epoch(fail_on_collapse=True)
-    assert tr.warmup_epochs > 0 and tr.clip_grad_norm is not None
-    assert "collapsed" not in rec and rec[tr.teacher_term()] < 0.8 * math.log(10)
+    with pytest.raises(_Stop) as got:
+        new.fit(split.train, 10, batch_size=cfg["batch_size"], on_epoch_end=stop)
+    rec = got.value.args[0]
+    assert "collapsed" not in rec and rec[new.teacher_term()] < 0.75 * math.log(10)
