@@ -327,3 +327,30 @@ def test_rule_runs_in_simulate_by_name():
                     local_epochs=1, batch_size=16, progress=False, calib_set=(X[:40], Y[:40]))
     assert len(hist.rounds) == 2 and sorted(hist.rounds[-1].accepted) == [0, 1, 2, 3]
     assert set(hist.last_accuracy()) == {"[1.0]x", "[0.5]x"}
+
+
+def test_rule_prefix_mode_undoes_a_permutation_inside_the_prefix():
+    import slimkern as sk
+    from slimkern.fl.rules.otfusion import OTFusion
+    _, agg, params, small, wide, g = _rule_setup(9)
+    rule = OTFusion(model=wide, mode="prefix")
+    half = sk.Switch.width(0.5)
+    # the client sends the global's [0.5] sub-network with its neurons permuted within the prefix
+    sub = small_cnn(10, 1, (4, 8, 6))
+    with torch.no_grad():
+        for (n, p), q in zip(sub.named_parameters(), wide.parameters()):
+            p.copy_(q[tuple(slice(0, s) for s in p.shape)])
+    perm, _ = _permute(sub, g)
+    hp = {n: p.detach().clone() for n, p in wide.named_parameters()}
+    for (n, p), (_, q) in zip(hp.items(), perm.named_parameters()):
+        p[tuple(slice(0, s) for s in q.shape)] = q.detach()
+    assert any((hp[n] - params[n]).abs().max() > 1e-3 for n in params)
+    new, rep = rule.aggregate(agg, params, [_update(agg, 1, hp, half)], {1: half}, None)
+    assert rep.accepted == [1]
+    for n in params:
+        torch.testing.assert_close(new[n], params[n], atol=1e-6, rtol=0)
+    # the full mode splits the same narrow reply over the whole width instead: the model changes
+    full_new, _ = OTFusion(model=wide).aggregate(agg, params, [_update(agg, 1, hp, half)], {1: half}, None)
+    assert any((full_new[n] - params[n]).abs().max() > 1e-3 for n in params)
+    with pytest.raises(ValueError, match="mode"):
+        OTFusion(mode="square")

@@ -17,7 +17,9 @@ rounds) for the same rounds. Methods:
 * ``heterofl+feddf``, ``paradis+feddf`` (iii): (ii) with FedDF as the server step (students:
   every tier's switch in one packed pass);
 * ``otfusion`` (iv): clients train prefix sub-networks, the server aligns each reply to the
-  global model by OT (rectangular plans) and averages in the aligned basis.
+  global model by OT (rectangular plans) and averages in the aligned basis;
+  ``otfusion-prefix``: each reply aligned to the global's own prefix (square plans), then
+  HeteroFL's element-wise mean.
 
 Per method and tier: top-1, server parameters stored, client training memory (one local step,
 ``slimkern.study.costs``), inference MACs, bytes per client per round, server compute per
@@ -36,7 +38,7 @@ from slimkern.study.common import fmt, makedirs, mean_std, write_csv, write_json
 
 __all__ = ["PROPOSAL", "METHODS", "run_proposal", "run_one", "method_costs"]
 
-METHODS = ("distinct+feddf", "heterofl", "paradis", "heterofl+feddf", "paradis+feddf", "otfusion")
+METHODS = ("distinct+feddf", "heterofl", "paradis", "heterofl+feddf", "paradis+feddf", "otfusion", "otfusion-prefix")
 
 PROPOSAL: dict = {
     "seeds": [0, 1, 2], "alphas": [0.1, 1.0], "methods": list(METHODS),
@@ -100,9 +102,9 @@ def run_one(method: str, alpha: float, seed: int, cfg: dict) -> dict:
     else:
         base = method.split("+")[0]
         rule = base
-        if base == "otfusion":
+        if base.startswith("otfusion"):
             from slimkern.fl.rules.otfusion import OTFusion
-            rule = OTFusion()
+            rule = OTFusion(mode="prefix" if base == "otfusion-prefix" else "full")
         step = _feddf(cfg, calib, seed) if method.endswith("+feddf") else None
         net = small_cnn(10, 1, tuple(cfg["channels"]), seed=seed)
         h = simulate(net, train, test, clients, rule, calib_set=calib, lr_schedule="cosine", progress=False,
@@ -113,7 +115,7 @@ def run_one(method: str, alpha: float, seed: int, cfg: dict) -> dict:
         res["bytes_per_client_round"] = {
             t: (tb.get(t, {}).get("down", 0) + tb.get(t, {}).get("up", 0)) / (R * n_tier[t]) for t in n_tier}
         secs = [r.server_time for r in h.rounds]
-        if base == "otfusion":
+        if base.startswith("otfusion"):
             secs = [a + b for a, b in zip(secs, rule.seconds)]
         res["server_seconds_per_round"] = sum(secs) / R
         res["server_macs_per_round"] = sum((r.metrics.get("feddf_server_macs", 0.0) or 0.0) for r in h.rounds) / R
@@ -150,7 +152,7 @@ def method_costs(method: str, cfg: dict) -> dict:
     net = small_cnn(10, 1, tuple(cfg["channels"]))
     agg = client_aggregator(net)
     base = method.split("+")[0]
-    rule = get_rule(base) if base != "otfusion" else get_rule("otfusion")
+    rule = get_rule("otfusion" if base.startswith("otfusion") else base)
     all_sw = sorted({t.switch for t in tiers}, key=str)
     for t in tiers:
         sw = rule.client_switch(t.switch, all_sw)
@@ -257,7 +259,8 @@ def _plot(results, cfg, tiers, path):
     alphas = cfg["alphas"]
     fig, axes = plt.subplots(len(alphas), len(tiers), figsize=(4.2 * len(tiers), 3.4 * len(alphas)), squeeze=False,
                              sharey=True)
-    colors = dict(zip(METHODS, ["tab:gray", "tab:orange", "tab:blue", "tab:red", "tab:purple", "tab:green"]))
+    colors = dict(zip(METHODS, ["tab:gray", "tab:orange", "tab:blue", "tab:red", "tab:purple", "tab:green",
+                                "tab:olive"]))
     for i, a in enumerate(alphas):
         for j, t in enumerate(tiers):
             ax = axes[i][j]

@@ -9,7 +9,7 @@ import time
 import torch
 
 from slimkern.fl import validate as _validate
-from slimkern.fl.aggregate import AggregationReport, UpdateRejected
+from slimkern.fl.aggregate import AggregationReport, ClientUpdate, UpdateRejected, average
 from slimkern.fl.rules.base import Rule, check_weighting
 
 __all__ = ["OTFusion"]
@@ -31,6 +31,11 @@ class OTFusion(Rule):
     ``weighting="samples"``; ``"clients"``: 1). BN affine moves with its channels; running
     statistics never travel (the server recalibrates them).
 
+    ``mode="prefix"``: each reply is aligned instead to the global model's *own* prefix of the
+    same width (square plans: a permutation of the client's neurons within its sub-network),
+    written back into its windows and averaged element-wise over the clients holding each
+    element (HeteroFL's formula, ``slimkern.fl.aggregate.average``): alignment without splitting.
+
     The rule needs the model's width groups: pass ``model=net`` (or it learns them from the
     first client's working copy when clients run in the server's process, as in
     ``simulate``). The server's time in ``combine`` is kept in ``seconds`` (per round).
@@ -38,13 +43,17 @@ class OTFusion(Rule):
     name = "otfusion"
 
     def __init__(self, *, method: str = "emd", reg: float = 0.01, weighting: str = "samples",
-                 clip_norm: float | None = None, model=None):
+                 mode: str = "full", clip_norm: float | None = None, model=None):
         if method not in ("emd", "sinkhorn"):
             raise ValueError(f"otfusion: method must be 'emd' or 'sinkhorn', got {method!r}")
         if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not 0 < reg < math.inf:
             raise ValueError(f"otfusion: reg must be a positive number, got {reg!r}")
         check_weighting(weighting)
+        if mode not in ("full", "prefix"):
+            raise ValueError(f"otfusion: mode must be 'full' (rectangular, into the whole model) or 'prefix', "
+                             f"got {mode!r}")
         self.method, self.reg, self.weighting, self.clip_norm = method, float(reg), weighting, clip_norm
+        self.mode = mode
         self._table = None
         self._seconds: list[float] = []
         if model is not None:
@@ -84,7 +93,7 @@ class OTFusion(Rule):
         anchor = {L.name: {k: params[f"{L.name}.{k}"].detach() for k in ("weight", "bias")
                            if f"{L.name}.{k}" in params} for L in self._table}
         total: dict[str, torch.Tensor] = {}
-        wsum, seen = 0.0, set()
+        wsum, seen, prefix_updates = 0.0, set(), []
         for u in updates:
             why = agg.check(u, assigned)
             if why is None and u.client in seen:
@@ -112,6 +121,17 @@ class OTFusion(Rule):
             wins = {name: win for name, win, _, _ in lay.pieces}
             sub = {L.name: {k: full[f"{L.name}.{k}"][wins[f"{L.name}.{k}"]] for k in ("weight", "bias")
                             if f"{L.name}.{k}" in wins} for L in self._table}
+            if self.mode == "prefix":  # square plans against the global's own sub-network
+                ref = {L.name: {k: params[f"{L.name}.{k}"].detach()[wins[f"{L.name}.{k}"]] for k in ("weight", "bias")
+                                if f"{L.name}.{k}" in wins} for L in self._table}
+                aligned = align_state(sub, solve_plans(sub, ref, self._table, method=self.method, reg=self.reg),
+                                      self._table)
+                for L in self._table:
+                    for k, t in aligned[L.name].items():
+                        if isinstance(t, torch.Tensor):
+                            full[f"{L.name}.{k}"][wins[f"{L.name}.{k}"]] = t
+                prefix_updates.append(ClientUpdate(u.client, u.switch, agg.extract(full, u.switch), u.num_samples))
+                continue
             plans = solve_plans(sub, anchor, self._table, method=self.method, reg=self.reg)
             aligned = align_state(sub, plans, self._table)
             w = float(u.num_samples) if self.weighting == "samples" else 1.0
@@ -122,6 +142,9 @@ class OTFusion(Rule):
                         total[key] = total.get(key, 0) + w * t.double()
             wsum += w
             report.accepted.append(u.client)
+        if self.mode == "prefix":
+            new, rep = average(params, prefix_updates, agg, assigned, log, report.rejected, self.weighting)
+            return new, rep
         new = {n: p.detach().clone() for n, p in params.items()}
         if report.accepted:
             for key, t in total.items():
