@@ -147,11 +147,12 @@ def _write(cfg: dict, out: str, rows: list[dict], seconds: float) -> dict:
 
 
 def table(summary: list[dict]) -> str:
-    """Markdown: one row per switch, one column per variant (top-1 %, mean ± std; * = untrained)."""
+    """Markdown: one row per switch, one column per variant (top-1 %, mean ± std; * = untrained);
+    MACs per 8x8 image in thousands."""
     variants = list(dict.fromkeys(s["variant"] for s in summary))
     sws = list(dict.fromkeys(s["switch"] for s in summary))
     cell = {(s["variant"], s["switch"]): s for s in summary}
-    lines = ["| switch | MMAC (total / max device) | " + " | ".join(variants) + " |",
+    lines = ["| switch | kMAC (total / busiest device) | " + " | ".join(variants) + " |",
              "|---|---|" + "---|" * len(variants)]
     for sw in sws:
         any_ = next(cell[(v, sw)] for v in variants if (v, sw) in cell)
@@ -160,7 +161,7 @@ def table(summary: list[dict]) -> str:
             c = cell.get((v, sw))
             vals.append("" if c is None else f"{100 * c['top1_mean']:.2f} ± {100 * c['top1_std']:.2f}"
                         + ("" if c["trained"] else " *"))
-        lines.append(f"| {sw} | {any_['macs'] / 1e6:.2f} / {any_['max_device_macs'] / 1e6:.2f} | "
+        lines.append(f"| {sw} | {any_['macs'] / 1e3:.1f} / {any_['max_device_macs'] / 1e3:.1f} | "
                      + " | ".join(vals) + " |")
     return "\n".join(lines)
 
