@@ -85,6 +85,19 @@ def train_eval(cfg: dict, variant: str, seed: int) -> list[dict]:
              "train_seconds": round(secs, 1)} for r in rep.results]
 
 
+def short(sw: str) -> str:
+    """The paper's compact notation: ``"[0.25, 0.125, 0.125]x"`` -> ``"[0.25, 2x0.125]"``."""
+    parts = [p.strip() for p in sw.strip("[]x").split(",")]
+    out, i = [], 0
+    while i < len(parts):
+        j = i
+        while j < len(parts) and parts[j] == parts[i]:
+            j += 1
+        out.append(parts[i] if j - i == 1 else f"{j - i}x{parts[i]}")
+        i = j
+    return "[" + ", ".join(out) + "]"
+
+
 def plot(summary: list[dict], path: str) -> None:
     """Top-1 per evaluated switch (x) for each variant (one marker series each); untrained
     switches drawn hollow."""
@@ -102,7 +115,7 @@ def plot(summary: list[dict], path: str) -> None:
                         mfc=f"C{k}" if s["trained"] else "white", capsize=2, linestyle="none",
                         label=v if s["switch"] == sws[0] else None)
     ax.set_xticks(range(len(sws)))
-    ax.set_xticklabels([s.replace(", ", ",") for s in sws], rotation=55, ha="right", fontsize=7)
+    ax.set_xticklabels([short(s) for s in sws], rotation=40, ha="right", fontsize=8)
     ax.set_ylabel("top-1 on digits (%), mean ± std over seeds")
     ax.set_title("ParaDiS scaling (Appendix F): filled = trained switch, hollow = free (untrained)", fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
