@@ -24,6 +24,7 @@ the ablation and Figure 4 all need ``paradis``) train each once.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -73,6 +74,7 @@ def _cfg(job: str, seed: int, epochs: int) -> dict:
     return cfg
 
 
+@functools.lru_cache(maxsize=8)
 def matched_us_widths(input_size=None, max_width: float = 1.0, step: float = 1 / 32) -> dict[str, float]:
     """For every ParaDiS switch (trained and untrained), the universally-slimmable width on a
     ``step`` grid whose total MACs are closest to the switch's total MACs (the paper's tables
