@@ -133,7 +133,8 @@ class UnaryStats:
     def state_dict(self) -> dict:
         return {"window": self.window, "attribution": self.attribution, "fill": self.fill,
                 "groups": list(self.space.groups), "choices": [list(c) for c in self.space.choices],
-                "history": [[np.asarray(h, dtype=np.float64) for h in hs] for hs in self._hist]}
+                # tensors, not NumPy arrays: checkpoints load with torch.load(weights_only=True)
+                "history": [[torch.tensor(list(h), dtype=torch.float64) for h in hs] for hs in self._hist]}
 
     def load_state_dict(self, state: dict) -> None:
         if list(state.get("groups", ())) != list(self.space.groups) or \
@@ -145,7 +146,7 @@ class UnaryStats:
         self._since_exact[:] = 0
         for l, hs in enumerate(state["history"]):
             for k, arr in enumerate(hs):
-                h = deque(np.asarray(arr, dtype=np.float64)[-self.window:].tolist())
+                h = deque(torch.as_tensor(arr, dtype=torch.float64).reshape(-1)[-self.window:].tolist())
                 self._hist[l][k] = h
                 self._sum[l, k] = math.fsum(h)
 
