@@ -144,3 +144,30 @@ def test_every_file_of_a_run_loads_weights_only_and_exports_run_without_slimkern
     assert sorted(p.name for p in folder.glob("branch?.pt2")) == ["branch0.pt2", "branch1.pt2", "branch2.pt2"]
     for p in folder.glob("*.pt"):
         load_weights_only(p)
+
+
+FL = ["fl", "--strategy", "paradis", "--clients", "4", "--rounds", "3", "--tiers", "big=1.0:0.5,pair=[0.5,0.5]:0.5",
+      "--channels", "4", "8", "8", "--local-epochs", "1", "--eval-every", "1", "--no-progress"]
+
+
+def test_fl_killed_during_a_round_checkpoint_resumes_to_the_uninterrupted_run(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    r = run_cli(FL + ["--out", str(full)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(FL + ["--out", str(killed)], kill_at=2)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-3000:])
+    ck = load_weights_only(killed / "checkpoint-paradis.pt")  # the previous round's checkpoint is whole
+    assert not (killed / "report.json").exists()
+    r = run_cli(FL + ["--out", str(killed), "--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_weights_only(full / "checkpoint-paradis.pt"), load_weights_only(killed / "checkpoint-paradis.pt")
+    assert a["round"] == b["round"] > ck["round"]
+    tensors = lambda d, p="": ({f"{p}{k}": v for k, v in d.items() if isinstance(v, torch.Tensor)} |  # noqa
+                               {k2: v2 for k, v in d.items() if isinstance(v, dict)
+                                for k2, v2 in tensors(v, f"{p}{k}.").items()})
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys() and sum(t.numel() for t in ta.values()) > 100
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (full, killed))
+    assert [r["top1"] for r in ra["strategies"]["paradis"]] == [r["top1"] for r in rb["strategies"]["paradis"]]
