@@ -19,7 +19,9 @@ rounds) for the same rounds. Methods:
 * ``otfusion`` (iv): clients train prefix sub-networks, the server aligns each reply to the
   global model by OT (rectangular plans) and averages in the aligned basis;
   ``otfusion-prefix``: each reply aligned to the global's own prefix (square plans), then
-  HeteroFL's element-wise mean.
+  the element-wise mean; ``prefix-avg``: the same clients and mean without any alignment
+  (HeteroFL's formula with the otfusion rule's plain local recipe: no label split, Scaler or
+  clipping, sample weights) -- the control for the alignment.
 
 Per method and tier: top-1, server parameters stored, client training memory (one local step,
 ``slimkern.study.costs``), inference MACs, bytes per client per round, server compute per
@@ -38,7 +40,8 @@ from slimkern.study.common import fmt, makedirs, mean_std, write_csv, write_json
 
 __all__ = ["PROPOSAL", "METHODS", "run_proposal", "run_one", "method_costs"]
 
-METHODS = ("distinct+feddf", "heterofl", "paradis", "heterofl+feddf", "paradis+feddf", "otfusion", "otfusion-prefix")
+METHODS = ("distinct+feddf", "heterofl", "paradis", "heterofl+feddf", "paradis+feddf", "otfusion", "otfusion-prefix",
+           "prefix-avg")
 
 PROPOSAL: dict = {
     "seeds": [0, 1, 2], "alphas": [0.1, 1.0], "methods": list(METHODS),
@@ -70,6 +73,11 @@ def _feddf(cfg, calib, seed):
     return FedDF(Xc[:n_unl], (Xc[n_unl:], Yc[n_unl:]), steps=cfg["distill_steps"], batch_size=cfg["distill_batch"],
                  eval_every=cfg["distill_eval_every"], patience=cfg["distill_patience"],
                  augment=RandomAffine(10.0, 1.0, 0.1, fill=float(Xc.min())), calibrate="both", seed=seed)
+
+
+def _prefix_avg():
+    from slimkern.fl.rules.heterofl import HeteroFL
+    return HeteroFL(weighting="samples", label_split=False, scaler=False, clip_norm=None)
 
 
 def run_one(method: str, alpha: float, seed: int, cfg: dict) -> dict:
@@ -105,6 +113,8 @@ def run_one(method: str, alpha: float, seed: int, cfg: dict) -> dict:
         if base.startswith("otfusion"):
             from slimkern.fl.rules.otfusion import OTFusion
             rule = OTFusion(mode="prefix" if base == "otfusion-prefix" else "full")
+        elif base == "prefix-avg":
+            rule = _prefix_avg()
         step = _feddf(cfg, calib, seed) if method.endswith("+feddf") else None
         net = small_cnn(10, 1, tuple(cfg["channels"]), seed=seed)
         h = simulate(net, train, test, clients, rule, calib_set=calib, lr_schedule="cosine", progress=False,
@@ -152,7 +162,7 @@ def method_costs(method: str, cfg: dict) -> dict:
     net = small_cnn(10, 1, tuple(cfg["channels"]))
     agg = client_aggregator(net)
     base = method.split("+")[0]
-    rule = get_rule("otfusion" if base.startswith("otfusion") else base)
+    rule = _prefix_avg() if base == "prefix-avg" else get_rule("otfusion" if base.startswith("otfusion") else base)
     all_sw = sorted({t.switch for t in tiers}, key=str)
     for t in tiers:
         sw = rule.client_switch(t.switch, all_sw)
@@ -260,7 +270,7 @@ def _plot(results, cfg, tiers, path):
     fig, axes = plt.subplots(len(alphas), len(tiers), figsize=(4.2 * len(tiers), 3.4 * len(alphas)), squeeze=False,
                              sharey=True)
     colors = dict(zip(METHODS, ["tab:gray", "tab:orange", "tab:blue", "tab:red", "tab:purple", "tab:green",
-                                "tab:olive"]))
+                                "tab:olive", "tab:brown"]))
     for i, a in enumerate(alphas):
         for j, t in enumerate(tiers):
             ax = axes[i][j]
