@@ -84,7 +84,9 @@ def sweep_summary(report: dict) -> str:
         srows = [r for r in rows if r["scenario"] == sc]
         cpc = {r["clients"]: r["classes_per_client"] for r in srows if r["classes_per_client"]}
         note = f" (classes per client: {', '.join(f'N={n}: {c}' for n, c in sorted(cpc.items()))})" if cpc else ""
-        lines += [f"### {sc}: partition {srows[0]['partition']}, local epochs {srows[0]['local_epochs']}{note}", "",
+        seeds = sorted({r["seed"] for r in srows})
+        lines += [f"### {sc}: partition {srows[0]['partition']}, local epochs {srows[0]['local_epochs']}{note}; "
+                  f"seeds {', '.join(map(str, seeds))}", "",
                   "| model | params | " + " | ".join(f"N={n} accuracy %" for n in clients) + " |",
                   "|---|---|" + "---|" * len(clients)]
         for m in models:
