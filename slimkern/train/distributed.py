@@ -184,7 +184,8 @@ class DataParallel:
 
     # ----- state ------------------------------------------------------------------------------
     def broadcast_object(self, obj):
-        """Rank 0's ``obj`` on every rank (tensors travel through CPU memory)."""
+        """Rank 0's ``obj`` on every rank, serialised by ``torch.save`` and read back with
+        ``weights_only=True`` (tensors, containers, numbers, strings: what a checkpoint holds)."""
         import torch.distributed as dist
 
         box = [None]
@@ -196,7 +197,7 @@ class DataParallel:
                                    device=self.device if self.backend == "nccl" else None)
         if self.is_main:
             return obj
-        return torch.load(io.BytesIO(box[0]), map_location=self.device, weights_only=False)
+        return torch.load(io.BytesIO(box[0]), map_location=self.device, weights_only=True)
 
     def sync_trainer(self, trainer) -> None:
         """Every rank continues from rank 0's trainer state (fresh or resumed)."""
