@@ -107,8 +107,9 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     sw.add_argument("--scenarios", nargs="+", default=list(_SCENARIOS), choices=list(_SCENARIOS),
                     help="iid: IID, 1 local epoch; iid-random-epochs: IID, {3,4,5} per client and round; "
                          "2-class: 2 classes per client (more when N < 5)")
-    sw.add_argument("--rounds", type=int, default=4)
+    sw.add_argument("--rounds", type=int, default=3)
     sw.add_argument("--width-baselines", action="store_true", help="also the equal-cost width-multiplier models")
+    sw.add_argument("--full-baseline", action="store_true", help="also FedAvg the 1.0x model over all N clients")
     g = ps.add_parser("dac-gates", help="why the 0.1 gate threshold fires or not: Algorithm 1 per gate lr")
     _dac_server_args(g, "runs/prune-dac-gates")
     g.add_argument("--gate-lrs", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
@@ -215,7 +216,8 @@ def _sweep(args, seed, log):
                             scenarios={k: _SCENARIOS[k] for k in args.scenarios},
                             reference_fraction=args.reference_fraction, rounds=args.rounds, lr=args.lr,
                             momentum=args.momentum, batch_size=args.batch_size, pretrain_epochs=args.pretrain_epochs,
-                            width_baselines=args.width_baselines, dac_options=_dac_options(args), seed=seed, log=log)
+                            width_baselines=args.width_baselines, full_baseline=args.full_baseline,
+                            dac_options=_dac_options(args), seed=seed, log=log)
 
 
 def _gates(args, seed, log):
@@ -235,17 +237,18 @@ def _cmd_study(args, log) -> int:
 
     t0 = time.perf_counter()
     sweep = args.method == "dac-sweep"
+    what = "client sweep" if sweep else "gate study"
     runs = []
-    for seed in args.seeds:
+    for seed in args.seeds:  # the run folder is rewritten after every seed: a stopped run keeps its seeds
         log(f"--- seed {seed}")
         runs.append((_sweep if sweep else _gates)(args, seed, log))
-    what = "client sweep" if sweep else "gate study"
-    meta = {"method": args.method, "args": {k: v for k, v in vars(args).items() if k not in ("func",)},
-            "seconds": time.perf_counter() - t0, "threshold": args.threshold,
-            "title": f"DAC {what}: MobileNet-v2 x{args.width_mult} on digits {args.image_size}px"}
-    paths = (write_sweep_run if sweep else write_gate_run)(args.out, runs, meta)
-    text = (sweep_summary if sweep else gate_summary)({"meta": meta, "runs": runs})
-    atomic_write_text(os.path.join(args.out, "summary.md"), f"# {meta['title']}\n\n{text}")
+        meta = {"method": args.method, "args": {k: v for k, v in vars(args).items() if k not in ("func",)},
+                "seconds": time.perf_counter() - t0, "threshold": args.threshold,
+                "seeds_done": [r["seed"] for r in runs],
+                "title": f"DAC {what}: MobileNet-v2 x{args.width_mult} on digits {args.image_size}px"}
+        paths = (write_sweep_run if sweep else write_gate_run)(args.out, runs, meta)
+        text = (sweep_summary if sweep else gate_summary)({"meta": meta, "runs": runs})
+        atomic_write_text(os.path.join(args.out, "summary.md"), f"# {meta['title']}\n\n{text}")
     log(text)
     log(f"run folder: {os.path.abspath(args.out)} "
         f"({', '.join(os.path.basename(p) for p in paths + [os.path.join(args.out, 'summary.md')])})")
