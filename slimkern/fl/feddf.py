@@ -91,14 +91,19 @@ def ensemble_logits(teachers: Sequence[Teacher], x: torch.Tensor, batch_size: in
     return total / sum(ws)
 
 
-def _eval_logits(model, sw, x):
+def _in_eval(model, fn):
+    """``fn()`` with ``model`` in eval mode and no gradients; its train/eval flag restored."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            return _run(model, sw, x)
+            return fn()
     finally:
         model.train(was)
+
+
+def _eval_logits(model, sw, x):
+    return _in_eval(model, lambda: _run(model, sw, x))
 
 
 def _macs(model, sw, input_size) -> int | None:
@@ -421,11 +426,5 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float) ->
                     reduction="batchmean", log_target=True) * T * T
 
 
-def _student_logits_eval(student, switches, x):  # noqa: D103 - eval-mode logits, flag restored
-    was = student.training
-    student.eval()
-    try:
-        with torch.no_grad():
-            return _student_logits(student, switches, x)
-    finally:
-        student.train(was)
+def _student_logits_eval(student, switches, x):
+    return _in_eval(student, lambda: _student_logits(student, switches, x))
