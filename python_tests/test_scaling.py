@@ -128,3 +128,10 @@ def test_train_eval_rows(tmp_path):
 def test_unknown_variant_is_refused():
     with pytest.raises(ValueError, match="unknown variant"):
         scaling.train_eval(scaling.DEFAULTS, "F.3", 0)
+
+
+def test_short_notation_round_trips():
+    for s in scaling.eval_switches():
+        short = scaling.short(str(slimkern.Switch.parse(s)))
+        assert slimkern.Switch.parse(short + "x") == slimkern.Switch.parse(s)
+    assert scaling.short("[0.25, 0.125, 0.125, 0.125, 0.125, 0.125, 0.125]x") == "[0.25, 6x0.125]"
