@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from slimkern.report import atomic_write_text
 
-__all__ = ["train_central", "accuracy", "calibrate", "mean_std", "fmt", "write_json", "write_csv"]
+__all__ = ["train_central", "accuracy", "calibrate", "mean_std", "fmt", "write_json", "write_csv", "save_figure"]
 
 
 def train_central(net, X, Y, *, epochs: int = 15, lr: float = 0.05, batch_size: int = 32, seed: int = 0,
@@ -93,3 +93,12 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 def makedirs(path: str) -> None:
     os.makedirs(path, exist_ok=True)
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+    """Writes a matplotlib figure atomically (temp file, ``os.replace``) and closes it."""
+    import matplotlib.pyplot as plt
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)

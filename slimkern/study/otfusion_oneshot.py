@@ -20,8 +20,8 @@ import torch
 from slimkern.fl.demo import load_digits_split
 from slimkern.fl.models import small_cnn
 from slimkern.fl.ot_fusion import ot_fuse
-from slimkern.study.common import (accuracy, calibrate, fmt, makedirs, mean_std, train_central, write_csv,
-                                   write_json)
+from slimkern.study.common import (accuracy, calibrate, fmt, makedirs, mean_std, save_figure, train_central,
+                                   write_csv, write_json)
 
 __all__ = ["run_otfusion_oneshot", "vanilla_average"]
 
@@ -108,7 +108,4 @@ def _plot(summary: dict, path: str) -> None:
     ax.set_xlabel("top-1 on the digits test split (%), mean ± std over seeds")
     ax.set_title("One-shot fusion: OT alignment vs vanilla averaging")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)

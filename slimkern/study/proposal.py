@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from slimkern.study.common import fmt, makedirs, mean_std, write_csv, write_json
+from slimkern.study.common import fmt, makedirs, mean_std, save_figure, write_csv, write_json
 
 __all__ = ["PROPOSAL", "METHODS", "run_proposal", "run_one", "method_costs"]
 
@@ -292,7 +292,4 @@ def _plot(results, cfg, tiers, path):
                 ax.set_ylabel("top-1 % (mean ± std, seeds)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
