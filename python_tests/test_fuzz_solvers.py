@@ -1,4 +1,4 @@
-"""Property tests: ``viterbi``, ``viterbi_marginals`` against brute force over all K^L paths,
+"""Property tests: ``viterbi``, ``viterbi_marginals``, ``viterbi_budget`` against brute force over all K^L paths,
 and ``sinkhorn`` against POT (``ot.sinkhorn_log``) and its own fixed-point conditions.
 
 Random chains (L, K, batch P including 0), +inf-forbidden choices and transitions (up to every
@@ -256,3 +256,50 @@ def test_sinkhorn_edge_shapes():
         sinkhorn(torch.full((3,), 1 / 3), torch.full((4,), 0.25), torch.rand(4, 3), 0.1)
     with pytest.raises(TypeError, match="a must be float32 or float64"):
         sinkhorn(np.ones(3, dtype=np.int64), torch.full((4,), 0.75), torch.rand(3, 4), 0.1)
+
+
+# --- viterbi_budget -----------------------------------------------------------------------------
+
+@st.composite
+def budget_chain(draw):
+    L, K = draw(st.integers(2, 4)), draw(st.integers(1, 4))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    u = torch.randn(L, K, generator=g, dtype=torch.float64)
+    r = torch.rand(L - 1, K, K, generator=g, dtype=torch.float64) * 10
+    c = torch.randn(L - 1, K, K, generator=g, dtype=torch.float64) if draw(st.booleans()) else None
+    if draw(st.booleans()):
+        r[torch.rand(r.shape, generator=g) < 0.2] = math.inf
+    return dict(u=u, r=r, c=c, frac=draw(st.sampled_from([0.0, 0.2, 0.5, 0.8, 1.0, 1.5])),
+                backend=draw(st.sampled_from(["auto", "torch"])))
+
+
+@FUZZ
+@given(budget_chain())
+def test_viterbi_budget_against_brute_force(c):
+    """The returned path meets the budget, its cost/resource are what it really costs, and no
+    path that uses at most its resource is cheaper (the Lagrangian guarantee the docstring
+    gives); an infeasible budget is an error that gives the least resource."""
+    from slimkern.solvers import viterbi_budget
+
+    u, r, pc = c["u"], c["r"], c["c"]
+    costs, paths = _brute(u, torch.zeros_like(r) if pc is None else pc)
+    res, _ = _brute(torch.zeros_like(u), r)
+    ok = torch.isfinite(costs) & torch.isfinite(res)
+    if not ok.any():
+        with pytest.raises(ValueError, match="forbidden|infeasible"):
+            viterbi_budget(u, r, 1.0, pairwise=pc, backend=c["backend"])
+        return
+    lo, hi = float(res[ok].min()), float(res[ok].max())
+    budget = lo + c["frac"] * (hi - lo) if c["frac"] <= 1.0 else lo - 1.0
+    if budget < lo:
+        with pytest.raises(ValueError, match="infeasible"):
+            viterbi_budget(u, r, budget, pairwise=pc, backend=c["backend"])
+        return
+    out = viterbi_budget(u, r, budget, pairwise=pc, backend=c["backend"])
+    idx = int((paths == out.path).all(1).nonzero()[0])
+    assert bool(ok[idx])
+    assert float(res[idx]) <= budget + 1e-9
+    assert abs(float(out.resource) - float(res[idx])) <= 1e-9 * (1 + abs(float(res[idx])))
+    assert abs(float(out.cost) - float(costs[idx])) <= 1e-9 * (1 + abs(float(costs[idx])))
+    cheaper = ok & (res <= res[idx] + 1e-9) & (costs < costs[idx] - 1e-9)
+    assert not cheaper.any(), "a path using no more resource is cheaper"
