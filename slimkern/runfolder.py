@@ -97,3 +97,18 @@ def experiment_main(prog: str, doc: str, add, run, table, argv=None) -> int:
     print(table(rep))
     print(f"run folder: {os.path.abspath(args.out)}")
     return 0
+
+
+def start(cfg: dict, defaults: dict, what: str) -> tuple[dict, str]:
+    """``(defaults | cfg, absolute run folder)`` for a seeded experiment: checks there is a seed,
+    sets ``cfg["threads"]`` torch threads (0: leave), creates the folder."""
+    cfg = {**defaults, **cfg}
+    if not cfg.get("seeds"):
+        raise ValueError(f"{what}: give at least one seed")
+    if cfg.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg["threads"]))
+    out = os.path.abspath(cfg["out"])
+    os.makedirs(out, exist_ok=True)
+    return cfg, out

@@ -25,7 +25,8 @@ import logging
 import os
 import time
 
-from slimkern.runfolder import add_options as _add, experiment_main, save_figure, summarize, write_csv, write_json
+from slimkern.runfolder import add_options as _add
+from slimkern.runfolder import experiment_main, save_figure, start, summarize, write_csv, write_json
 
 log = logging.getLogger("slimkern.scaling")
 
@@ -125,18 +126,10 @@ def plot(summary: list[dict], path: str) -> None:
 
 
 def run(cfg: dict) -> dict:
-    cfg = {**DEFAULTS, **cfg}
-    for v in cfg["variants"]:
+    for v in {**DEFAULTS, **cfg}["variants"]:
         if v not in VARIANTS:
             raise ValueError(f"unknown variant {v!r}; choose from {list(VARIANTS)}")
-    if not cfg["seeds"]:
-        raise ValueError("scaling: give at least one seed")
-    if cfg["threads"]:
-        import torch
-
-        torch.set_num_threads(int(cfg["threads"]))
-    out = os.path.abspath(cfg["out"])
-    os.makedirs(out, exist_ok=True)
+    cfg, out = start(cfg, DEFAULTS, "scaling")
     t0 = time.perf_counter()
     rows, report = [], {}
     for seed in cfg["seeds"]:

@@ -38,7 +38,8 @@ import time
 
 import torch
 
-from slimkern.runfolder import add_options as _add, experiment_main, save_figure, summarize, write_csv, write_json
+from slimkern.runfolder import add_options as _add
+from slimkern.runfolder import experiment_main, save_figure, start, summarize, write_csv, write_json
 
 log = logging.getLogger("slimkern.sr")
 
@@ -198,13 +199,7 @@ def run(cfg: dict) -> dict:
     """The whole experiment into ``cfg["out"]``; returns the report dict."""
     from slimkern.data.images import super_resolution
 
-    cfg = {**DEFAULTS, **cfg}
-    if not cfg["seeds"]:
-        raise ValueError("sr experiment: give at least one seed")
-    if cfg["threads"]:
-        torch.set_num_threads(int(cfg["threads"]))
-    out = os.path.abspath(cfg["out"])
-    os.makedirs(out, exist_ok=True)
+    cfg, out = start(cfg, DEFAULTS, "sr experiment")
     t0 = time.perf_counter()
     rows, report = [], {}
     for k, seed in enumerate(cfg["seeds"]):
