@@ -20,8 +20,10 @@
 
 #include "slimkern/block_checks.h"
 #include "slimkern/conv_math.h"
+#include "block_conv2d_maps.h"
 #include "block_conv2d_pointwise.h"
 #include "block_conv2d_runs.h"
+#include "block_conv2d_tiny.h"
 #include "depthwise_planes.h"
 #include "slimkern/cpu_capability.h"
 #include "sgemm.h"
@@ -163,41 +165,9 @@ Plane make_plane(const ConvGeom& G, int64_t sxh) {
   return Plane{G.H, G.W, G.Ho, G.Wo, G.KH, G.KW, G.sh, G.sw, G.ph, G.pw, G.dh, G.dw, sxh};
 }
 
-// Per packed output channel: the x channel it reads and its weight channel.
-void channel_maps(const ConvGeom& G, c10::IntArrayRef offs, std::vector<int64_t>& oc_x, std::vector<int64_t>& oc_w) {
-  oc_x.resize(G.C_out_total);
-  oc_w.resize(G.C_out_total);
-  int64_t pos = 0;
-  for (size_t b = 0; b < G.blocks.size(); ++b) {
-    for (int64_t j = 0; j < G.blocks[b].in_size(); ++j) {
-      oc_x[pos + j] = offs[b] + j;
-      oc_w[pos + j] = G.blocks[b].in_start + j;
-    }
-    pos += G.blocks[b].in_size();
-  }
-}
-
-// Depthwise taps of every packed output channel, read through the weight's strides.
-template <typename T>
-std::vector<T> gather_taps(const at::Tensor& weight, const std::vector<int64_t>& oc_w, int64_t KH, int64_t KW) {
-  std::vector<T> taps(oc_w.size() * KH * KW);
-  const T* wp = weight.data_ptr<T>();
-  for (size_t oc = 0; oc < oc_w.size(); ++oc)
-    for (int64_t kh = 0; kh < KH; ++kh)
-      for (int64_t kw = 0; kw < KW; ++kw)
-        taps[(oc * KH + kh) * KW + kw] = wp[oc_w[oc] * weight.stride(0) + kh * weight.stride(2) + kw * weight.stride(3)];
-  return taps;
-}
-
-// CSR lists: for each key in [0, n_keys), the packed output channels mapped to it.
-void invert(const std::vector<int64_t>& oc_key, int64_t n_keys, std::vector<int64_t>& start, std::vector<int64_t>& list) {
-  start.assign(n_keys + 1, 0);
-  for (auto k : oc_key) start[k + 1]++;
-  for (int64_t k = 0; k < n_keys; ++k) start[k + 1] += start[k];
-  list.resize(oc_key.size());
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (size_t oc = 0; oc < oc_key.size(); ++oc) list[fill[oc_key[oc]]++] = static_cast<int64_t>(oc);
-}
+using cpu::channel_maps;
+using cpu::gather_taps;
+using cpu::invert;
 
 // ---------------------------------------------------------------------------------------------
 // depthwise
@@ -438,7 +408,7 @@ bool is_pointwise(const ConvGeom& G) {
 //    2, dense 3x3, 1x1 on 2x2 maps): one depthwise call over all packed blocks is 1.2-1.8x
 //    faster than per-block calls + cat;
 //  * depthwise plane loops for float64 (oneDNN has no float64 kernels).
-enum class Path { kRuns, kDepthwiseLoops, kDepthwisePlanes, kPointwiseGemm };
+enum class Path { kRuns, kDepthwiseLoops, kDepthwisePlanes, kDepthwiseTiny, kPointwiseGemm };
 
 bool gemm_pays(const at::Tensor& x, const ConvGeom& G) {
   if (x.scalar_type() == at::kFloat && cpu::have_simd_sgemm()) return G.H * G.W >= 16;
@@ -456,24 +426,26 @@ bool depthwise_planes_fit(const at::Tensor& x, const ConvGeom& G) {
   const ConvGeom G1 = stride1_geometry(G);
   const bool strided = G.sh != 1 || G.sw != 1;
   // AVX2's 8-lane planes lose to oneDNN below 16 output columns (2-3x on 4x4 maps, even on 8x8).
-  const bool narrow_ok = !strided && cpu::capability() == cpu::Capability::kAvx512;
+  // On AVX-512 the planes win from 8 columns (1.5-2.4x on 8x8) but lose on 4x4 (0.6-0.8x).
+  const bool narrow_ok = !strided && cpu::capability() == cpu::Capability::kAvx512 && G1.Wo >= 8;
   return G.depthwise && x.scalar_type() == at::kFloat && cpu::have_depthwise_planes() && G.sh <= kMaxDwStride &&
          G.sw <= kMaxDwStride && (narrow_ok || G1.Wo >= 16) && G.KH <= cpu::kDwMaxTaps && G.KW <= cpu::kDwMaxTaps &&
          std::max(G.W, G1.Wo) <= 16 * cpu::kDwMaxVectors;
 }
 
-// float32 depthwise at stride 1 on maps of at most 2x2 that the planes do not take (AVX2 and
-// the baseline): per-plane loops beat oneDNN's NCHW depthwise there, 1.2x on 32 x 1075
-// channels of 2x2 and 1.8x on 32 x 2150 of 1x1 forward+backward (AMD EPYC VM held to AVX2,
-// one thread, CPU time, median of 9). On 4x4 and larger, and strided, oneDNN wins (2-5x on 4x4).
-bool depthwise_loops_pay(const at::Tensor& x, const ConvGeom& G) {
-  return x.scalar_type() == at::kFloat && G.sh == 1 && G.sw == 1 && G.Ho * G.Wo <= 4;
+// Depthwise at stride 1 on output maps of at most 2x2 (block_conv2d_tiny.h). Forward+backward
+// against oneDNN's depthwise (AMD EPYC VM, batch 32, one thread, CPU time, median of 9):
+// 3.0-3.7x on 1075 channels of 2x2, 5.9-7.9x on 2150 of 1x1, on the AVX-512 and AVX2 paths.
+// On 4x4 the terms lose (0.3-0.6x) and at stride 2 too (0.7x from 4x4): oneDNN takes those.
+bool tiny_fits(const at::Tensor& x, const ConvGeom& G) {
+  return G.depthwise && fast_dtype(x) && G.sh == 1 && G.sw == 1 && G.Ho * G.Wo <= 4 &&
+         cpu::tiny_term_count(G) <= cpu::kTinyMaxTerms;
 }
 
 Path choose_path(const at::Tensor& x, const ConvGeom& G) {
+  if (tiny_fits(x, G)) return Path::kDepthwiseTiny;
   if (depthwise_planes_fit(x, G)) return Path::kDepthwisePlanes;
-  if (G.depthwise && G.KW <= kMaxKW && (x.scalar_type() == at::kDouble || depthwise_loops_pay(x, G)))
-    return Path::kDepthwiseLoops;
+  if (G.depthwise && x.scalar_type() == at::kDouble && G.KW <= kMaxKW) return Path::kDepthwiseLoops;
   if (fast_dtype(x) && is_pointwise(G) && gemm_pays(x, G)) return Path::kPointwiseGemm;
   return Path::kRuns;
 }
@@ -487,6 +459,7 @@ at::Tensor block_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const
   const Path path = choose_path(x, G);
   if (path == Path::kRuns) return cpu::runs_forward(x, weight, bias, G, x_offsets);
   if (path == Path::kPointwiseGemm) return cpu::pointwise_forward(x, weight, bias, G, x_offsets);
+  if (path == Path::kDepthwiseTiny) return cpu::tiny_forward(x, weight, bias, G, x_offsets);
   at::Tensor out = at::empty({G.N, G.C_out_total, G.Ho, G.Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_conv2d_cpu", [&] {
     dw_forward<scalar_t>(x, weight, bias, G, x_offsets, path == Path::kDepthwisePlanes, out);
@@ -516,6 +489,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_conv2d_backward_cpu(
   }
   if (path == Path::kPointwiseGemm) {
     cpu::pointwise_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
+    return {gx, gw, gb};
+  }
+  if (path == Path::kDepthwiseTiny) {
+    cpu::tiny_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
     return {gx, gw, gb};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_conv2d_backward_cpu", [&] {

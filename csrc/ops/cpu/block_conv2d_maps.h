@@ -1,0 +1,52 @@
+// Per-packed-channel bookkeeping shared by the depthwise engines of block_conv2d (the plane
+// loops and planes in block_conv2d.cpp, the tiny-map terms in block_conv2d_tiny.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "slimkern/block_checks.h"
+
+namespace slimkern::cpu {
+
+// Per packed output channel: the x channel it reads and its weight channel.
+inline void channel_maps(const ConvGeom& G, c10::IntArrayRef offs, std::vector<int64_t>& oc_x,
+                         std::vector<int64_t>& oc_w) {
+  oc_x.resize(G.C_out_total);
+  oc_w.resize(G.C_out_total);
+  int64_t pos = 0;
+  for (size_t b = 0; b < G.blocks.size(); ++b) {
+    for (int64_t j = 0; j < G.blocks[b].in_size(); ++j) {
+      oc_x[pos + j] = offs[b] + j;
+      oc_w[pos + j] = G.blocks[b].in_start + j;
+    }
+    pos += G.blocks[b].in_size();
+  }
+}
+
+// Depthwise taps of every packed output channel, read through the weight's strides.
+template <typename T>
+std::vector<T> gather_taps(const at::Tensor& weight, const std::vector<int64_t>& oc_w, int64_t KH, int64_t KW) {
+  std::vector<T> taps(oc_w.size() * KH * KW);
+  const T* wp = weight.data_ptr<T>();
+  for (size_t oc = 0; oc < oc_w.size(); ++oc)
+    for (int64_t kh = 0; kh < KH; ++kh)
+      for (int64_t kw = 0; kw < KW; ++kw)
+        taps[(oc * KH + kh) * KW + kw] = wp[oc_w[oc] * weight.stride(0) + kh * weight.stride(2) + kw * weight.stride(3)];
+  return taps;
+}
+
+// CSR lists: for each key in [0, n_keys), the packed output channels mapped to it.
+inline void invert(const std::vector<int64_t>& oc_key, int64_t n_keys, std::vector<int64_t>& start,
+                   std::vector<int64_t>& list) {
+  start.assign(n_keys + 1, 0);
+  for (auto k : oc_key) start[k + 1]++;
+  for (int64_t k = 0; k < n_keys; ++k) start[k + 1] += start[k];
+  list.resize(oc_key.size());
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (size_t oc = 0; oc < oc_key.size(); ++oc) list[fill[oc_key[oc]]++] = static_cast<int64_t>(oc);
+}
+
+}  // namespace slimkern::cpu
