@@ -45,8 +45,8 @@ log = logging.getLogger("slimkern.sr")
 
 DEFAULTS: dict = {
     "seeds": [0, 1, 2], "scale": 2, "n_feats": 64, "width_mult": 0.25, "n_blocks": 2, "expansion": 4,
-    "init": "bicubic", "patch": 32, "num_patches": 1200, "batch_size": 8, "epochs": 2, "lr": 1e-3, "beta": 0.0, "kd": False,
-    "us_kd": False,
+    "init": "bicubic", "patch": 32, "num_patches": 1200, "batch_size": 8, "epochs": 2, "lr": 1e-3,
+    "beta": 0.0, "kd": False, "us_kd": False,
     "test_crop": 256, "threads": 1,
     "paradis": ["[1.0]x", "[0.5, 0.5]x", "[4x0.25]x"], "free": ["[0.5, 0.25, 0.25]x", "[2x0.25]x"],
     "individual": [1.0, 0.5, 0.25], "us_widths": [0.25, 0.5, 0.75, 1.0], "us_min": 0.25,
