@@ -198,3 +198,16 @@ def test_trainer_errors(tmp_path):
     tr.save(tmp_path / "i.pt")
     with pytest.raises(ValueError, match="written by 'individual'"):
         T.ParaDiSTrainer(Tiny(), ["[1.5]x", "[1.0]x"], progress=False).load(tmp_path / "i.pt")
+
+
+def test_sandwich_random_widths_never_repeat_a_switch():
+    # With widths on a grid, a random width can land on max, min or another random width;
+    # forward_switches refuses a repeated switch, so `slimkern train --recipe sandwich` crashed
+    # within a few dozen steps. Every step's switches must be distinct.
+    net = sk.models.build("mobilenet_v1", max_width=1.0, width_mult=0.25)
+    tr = T.SandwichTrainer(net, max_width=1.0, min_width=0.25, n_random=2, width_step=0.25, progress=False)
+    for _ in range(200):
+        sws = tr.step_switches()
+        assert len({str(s) for s in sws}) == len(sws), sws
+    with pytest.raises(ValueError, match="distinct"):
+        T.SandwichTrainer(net, max_width=1.0, min_width=0.25, n_random=3, width_step=0.25, progress=False)

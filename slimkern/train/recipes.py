@@ -1,6 +1,8 @@
 """Training recipes: US-Nets sandwich rule, ParaDiS Algorithm 1, and the individual-model baseline."""
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Sequence
 
 import torch
@@ -56,6 +58,13 @@ class SandwichTrainer(Trainer):
             raise ValueError(f"SandwichTrainer: n_random must be >= 0, got {n_random}")
         self.max_width, self.min_width, self.n_random = float(max_width), float(min_width), int(n_random)
         self.inplace_kd, self.temperature, self.width_step, self.sampler = inplace_kd, temperature, width_step, sampler
+        if width_step and sampler is None:
+            # forward_switches refuses a repeated switch: the grid must hold n_random widths
+            # strictly between min and max.
+            inner = math.floor((max_width - min_width) / width_step + 1e-9) + 1 - 2
+            if n_random > max(0, inner):
+                raise ValueError(f"SandwichTrainer: n_random={n_random} distinct random widths do not fit strictly "
+                                 f"between min_width={min_width} and max_width={max_width} on a grid of {width_step}")
 
     def sample_width(self) -> float:
         u = float(torch.rand((), generator=self.generator))
@@ -68,9 +77,17 @@ class SandwichTrainer(Trainer):
         import slimkern
 
         sws = [slimkern.Switch.width(self.max_width), slimkern.Switch.width(self.min_width)]
+        if self.sampler is not None:
+            return sws + [self.sampler(self.generator) for _ in range(self.n_random)]
+        taken = {self.max_width, self.min_width}
         for _ in range(self.n_random):
-            sws.append(self.sampler(self.generator) if self.sampler is not None
-                       else slimkern.Switch.width(self.sample_width()))
+            # Redraw a width already in the step (a grid point can come up twice); __init__
+            # checked that enough free grid points exist, so this ends.
+            w = self.sample_width()
+            while w in taken:
+                w = self.sample_width()
+            taken.add(w)
+            sws.append(slimkern.Switch.width(w))
         return sws
 
     def compute_losses(self, switches, logits, features, y):
