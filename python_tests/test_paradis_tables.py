@@ -69,8 +69,7 @@ def test_run_folder_from_planted_jobs(tmp_path, what):
         stats = [(row["paradis"], "paradis", "[0.5, 0.5]x"), (row["us"], "us", "[0.71875]x"),
                  (row["individual"], "indiv-0.5,0.5", "[0.5, 0.5]x")]
     elif what == "ablation":
-        stats = [(r["[4x0.25]x" if False else "[0.25, 0.25, 0.25, 0.25]x"], r["job"], "[0.25, 0.25, 0.25, 0.25]x")
-                 for r in rep["rows"]]
+        stats = [(r["[4x0.25]x"], r["job"], "[0.25, 0.25, 0.25, 0.25]x") for r in rep["rows"]]
     else:
         series = {r["series"] for r in rep["rows"]}
         assert series == {"shared", "distributed", "individual", "us"}

@@ -18,6 +18,13 @@ ABLATION = [("No KD", "paradis-nokd"), ("IPKD from [1.0]", "paradis-ipkd"), ("Wi
             ("Wide IPKD-A, beta 0.1", "paradis-b0.1"), ("Wide IPKD-A, beta 1", "paradis")]
 
 
+def _canon(switch: str) -> str:
+    """One spelling per switch ("[4x0.25]x" and "[0.25, 0.25, 0.25, 0.25]x", "[1]x" and "[1.0]x")."""
+    from slimkern.runner import parse_switch
+
+    return str(parse_switch(switch))
+
+
 def indiv_job(switch: str) -> str:
     return "indiv-" + switch.strip("[]x").replace(" ", "")
 
@@ -25,9 +32,10 @@ def indiv_job(switch: str) -> str:
 def stat(by_seed: dict, switch: str) -> dict | None:
     """Mean, sample std (0 for one seed), per-seed top-1 (in %) and the costs of ``switch`` over
     the seeds of one job; None when a seed lacks the switch."""
+    want = _canon(switch)
     vals, row = [], None
     for s in sorted(by_seed):
-        hit = [r for r in by_seed[s] if r["switch"] == switch]
+        hit = [r for r in by_seed[s] if _canon(r["switch"]) == want]
         if not hit:
             return None
         row = hit[0]
@@ -99,7 +107,7 @@ def figure4_points(res: dict) -> dict:
     trained multi-device switches and [1.0] at MACs per device, ``individual``, ``us`` (the US
     curve over its evaluated widths <= 1.0)."""
     shared = [stat(res["paradis"], r["switch"]) for r in res["paradis"][min(res["paradis"])]]
-    dist = [s for s in shared if s["switch"] in SMALL]
+    dist = [s for s in shared if _canon(s["switch"]) in {_canon(x) for x in SMALL}]
     indiv = [stat(res[indiv_job(sw)], sw) for sw in SMALL if indiv_job(sw) in res]
     us = sorted([stat(res["us"], r["switch"]) for r in res["us"][min(res["us"])]], key=lambda s: s["macs"])
     return {"shared": shared, "distributed": dist, "individual": indiv, "us": us}
