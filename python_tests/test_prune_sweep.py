@@ -128,3 +128,28 @@ def test_gate_study_bad_arguments():
 def test_prune_is_a_public_namespace():
     from slimkern.prune import prune_channels
     assert "prune" in sk.__all__ and sk.prune.prune_channels is prune_channels
+
+
+def test_local_sgd_skips_a_batch_of_one():
+    # a client's last batch of one sample cannot train BN; local_sgd skips it (the sweep hit this at N = 4)
+    import copy
+
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from slimkern.prune.fedavg import local_sgd
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    x, y = torch.randn(9, 4), torch.randint(0, 3, (9,))
+    ref = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        ref.train()(x[8:])
+    loss = local_sgd(model, [(x[:8], y[:8]), (x[8:], y[8:])], 1, 0.1, 0.0)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    want = F.cross_entropy(ref.train()(x[:8]), y[:8])
+    opt.zero_grad()
+    want.backward()
+    opt.step()
+    assert loss == pytest.approx(float(want))
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)

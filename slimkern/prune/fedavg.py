@@ -48,7 +48,8 @@ def average_states(states: Sequence[dict], weights: Sequence[float]) -> dict:
 def local_sgd(model: nn.Module, loader: Iterable, epochs: int, lr: float, momentum: float,
               forward: Callable[[torch.Tensor], torch.Tensor] | None = None, weight_decay: float = 0.0) -> float:
     """``epochs`` of SGD with cross-entropy on ``loader``; ``forward`` (default ``model``) lets
-    a caller run the model under masks. Returns the mean training loss."""
+    a caller run the model under masks. Returns the mean training loss. A batch of a single sample
+    (the remainder of a small client's data) is skipped: BN cannot train on it."""
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"local_sgd: epochs must be an int >= 0, got {epochs!r}")
     if not lr > 0 or not 0 <= momentum < 1:
@@ -59,6 +60,8 @@ def local_sgd(model: nn.Module, loader: Iterable, epochs: int, lr: float, moment
     total, n = 0.0, 0
     for _ in range(epochs):
         for x, y in loader:
+            if len(y) < 2:  # a batch of one cannot train BN (variance of one value at 1x1 maps): skipped
+                continue
             loss = F.cross_entropy(fwd(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
