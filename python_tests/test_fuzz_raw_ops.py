@@ -125,11 +125,10 @@ OVERFLOWING = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="see cpp_bugs.md #1")
 @pytest.mark.parametrize("name, call, match", OVERFLOWING, ids=[c[0] for c in OVERFLOWING])
 def test_offsets_whose_window_end_overflows_int64_are_checked(name, call, match):
-    """``offset + in_size`` overflows int64 (undefined behaviour in C++): today the range check
-    passes and ``narrow`` raises an IndexError from inside ATen."""
+    """``offset + in_size`` would overflow int64 (undefined behaviour in C++): the range check
+    must not compute it (it once passed and ``narrow`` raised an IndexError from inside ATen)."""
     with pytest.raises(RuntimeError, match=match):
         call()
 
@@ -142,12 +141,10 @@ HUGE_GEOMETRY = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="see cpp_bugs.md #2")
 @pytest.mark.parametrize("name, call, match", HUGE_GEOMETRY, ids=[c[0] for c in HUGE_GEOMETRY])
 def test_huge_geometry_is_named(name, call, match):
-    """``H + 2 * padding`` and ``dilation * (k - 1)`` overflow int64 (padding 2**62: "smaller than
-    the dilated kernel"), and padding 2**31 reaches oneDNN ("could not construct a memory
-    descriptor"); a stride of 2**62 runs (one output pixel) but is as meaningless. The check should
-    name the argument and its bound, as the Python wrapper does (at most 2**31 - 1)."""
+    """``H + 2 * padding`` and ``dilation * (k - 1)`` overflowed int64 (padding 2**62: "smaller than
+    the dilated kernel"), and padding 2**31 reached oneDNN ("could not construct a memory
+    descriptor"); the op names the argument and its bound, as the Python wrapper does."""
     with pytest.raises(RuntimeError, match=rf"{match} (must be at most|is too large|overflows)"):
         call()

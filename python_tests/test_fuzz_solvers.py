@@ -143,12 +143,11 @@ def _tiny_temperature_case(which):
     return torch.randn(3, 4, generator=g), torch.randn(2, 4, 4, generator=g), 1e-300
 
 
-@pytest.mark.xfail(strict=True, reason="see cpp_bugs.md #3 (slimkern/solvers.py)")
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("which", ["subnormal", "1e-300"])
 def test_marginals_at_a_temperature_that_overflows_the_costs_are_not_silently_wrong(backend, which):
     """cost / T near the float64 limits: either an error naming temperature or finite marginals
-    summing to 1 (the one-hot path). Today: NaN everywhere (T=1e-310, both backends), +inf
+    summing to 1 (the one-hot path). It was: NaN everywhere (T=1e-310, both backends), +inf
     probabilities (C++) or all-zero rows (torch) at T=1e-300."""
     u, p, t = _tiny_temperature_case(which)
     try:
@@ -159,7 +158,6 @@ def test_marginals_at_a_temperature_that_overflows_the_costs_are_not_silently_wr
     assert torch.isfinite(marg).all() and torch.allclose(marg.sum(1), torch.ones_like(marg.sum(1)))
 
 
-@pytest.mark.xfail(strict=True, reason="see cpp_bugs.md #4 (slimkern/solvers.py)")
 @pytest.mark.parametrize("kw", [dict(reg=True), dict(max_iter=True), dict(check_every=True)])
 def test_sinkhorn_refuses_bools_for_numbers(kw):
     a, b = torch.full((3,), 1 / 3, dtype=torch.float64), torch.full((4,), 0.25, dtype=torch.float64)

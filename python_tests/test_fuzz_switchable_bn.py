@@ -215,7 +215,6 @@ def test_bad_arguments_name_the_problem(kw, exc, match, backend):
     assert torch.equal(rm, snapshot), "a refused call must not write the running statistics"
 
 
-@pytest.mark.xfail(strict=True, reason="see cpp_bugs.md #5 (slimkern/nn/switching.py)")
 def test_forward_switches_on_an_empty_batch_gives_one_empty_output_per_switch():
     import slimkern as sk
 

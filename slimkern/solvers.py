@@ -188,6 +188,27 @@ def _marginals_torch(u: torch.Tensor, p: torch.Tensor, temperature: float):
     return marg.to(u.dtype), log_z.to(u.dtype)
 
 
+def _check_temperature_scale(u: torch.Tensor, p: torch.Tensor, temperature: float) -> None:
+    """Refuses a temperature at which path costs / T leave float64's range.
+
+    A path's cost is at most B = sum_i max|u_i| + sum_i max|p_i| over finite entries; the
+    log-sum-exp recursion is accurate while B / T stays far below float64's 1.8e308 (at
+    T = 1e-300 and costs of order 1 the C++ path returned +inf probabilities, the torch path
+    rows of zeros). 1e150 leaves room for the products inside the recursion.
+    """
+    def bound(t: torch.Tensor) -> float:
+        if t.numel() == 0:
+            return 0.0
+        finite = torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype)).abs()
+        return float(finite.flatten(-2).amax(-1).sum(-1).max()) if t.dim() >= 2 else float(finite.max())
+
+    scale = (bound(u) + bound(p)) / temperature
+    if not math.isfinite(scale) or scale > 1e150:
+        raise ValueError(f"temperature {temperature!r} is too small for these costs (path costs up to "
+                         f"{bound(u) + bound(p):.3g}: cost / temperature leaves float64's range); use viterbi() "
+                         f"for the temperature -> 0 limit (the one-hot optimal path)")
+
+
 def viterbi_marginals(unary, pairwise, temperature: float = 1.0, *, return_log_partition: bool = False,
                       backend: str = "auto"):
     """Per-layer marginals of the smoothed (log-sum-exp) Viterbi of AOWS.
@@ -209,9 +230,11 @@ def viterbi_marginals(unary, pairwise, temperature: float = 1.0, *, return_log_p
         ``marginals`` ``[L, K]`` (``[P, L, K]``), rows summing to 1; NaN where every path is
         forbidden. With ``return_log_partition``: ``(marginals, log_z)``.
     """
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     u, p, batched, to_np = _chain_args(unary, pairwise)
+    _check_temperature_scale(u, p, float(temperature))
     if _backend(backend, "viterbi_marginals", u, p) == "cpp":
         marg, log_z = torch.ops.slimkern.viterbi_marginals(u, p, float(temperature))
     else:
@@ -520,13 +543,14 @@ def sinkhorn(a, b, M, reg: float, method: str = "log", max_iter: int = 1000, tol
     to_np = an or bn or mn
     if method not in ("log", "standard"):
         raise ValueError(f"method must be 'log' or 'standard', got {method!r}")
-    if not (isinstance(reg, (int, float)) and math.isfinite(reg) and reg > 0):
+    # bool is an int to Python: reg=True would run with reg = 1.
+    if not (isinstance(reg, (int, float)) and not isinstance(reg, bool) and math.isfinite(reg) and reg > 0):
         raise ValueError(f"reg must be a finite number > 0, got {reg!r}")
-    if not isinstance(max_iter, int) or max_iter < 0:
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 0:
         raise ValueError(f"max_iter must be an int >= 0, got {max_iter!r}")
-    if not isinstance(check_every, int) or check_every < 1:
+    if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1:
         raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
-    if not (isinstance(tol, (int, float)) and not math.isnan(tol)):
+    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and not math.isnan(tol)):
         raise ValueError(f"tol must be a number, got {tol!r}")
     batched = Mt.dim() == 3
     if Mt.dim() not in (2, 3) or at.dim() != Mt.dim() - 1 or bt.dim() != Mt.dim() - 1:

@@ -151,7 +151,7 @@ def forward_switches(net: nn.Module, x: torch.Tensor, switches: Sequence, return
         raise ValueError(f"forward_switches expected the net's output to stack {s} switches along the batch "
                          f"({s * n} rows) but got {got}: the net must end in a fused layer "
                          "(SlimLinear/SlimConv2d with slice_out=False)")
-    outs = list(out.split(n, 0)) if s > 1 else [out]
+    outs = [out[k * n:(k + 1) * n] for k in range(s)]  # split(0) would give one chunk for an empty batch
     if not return_features:
         return outs
     if len(plan.features) != 1:

@@ -23,6 +23,10 @@ inline void expand2(c10::IntArrayRef v, const char* name, int64_t minimum, int64
   *a = v[0];
   *b = v[v.size() - 1];
   TORCH_CHECK(*a >= minimum && *b >= minimum, name, " must be >= ", minimum, ", got ", v);
+  // The output-size arithmetic (H + 2 * padding - dilation * (k - 1) ...) must not overflow,
+  // and oneDNN takes 32-bit geometry.
+  constexpr int64_t kMax = 2147483647;
+  TORCH_CHECK(*a <= kMax && *b <= kMax, name, " must be at most ", kMax, ", got ", v);
 }
 
 inline void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t c_out) {

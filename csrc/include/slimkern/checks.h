@@ -64,9 +64,11 @@ inline void check_x_offsets(const std::vector<Block>& blocks, c10::IntArrayRef x
   TORCH_CHECK(static_cast<size_t>(x_offsets.size()) == blocks.size(), "x_offsets has ", x_offsets.size(),
               " entries but there are ", blocks.size(), " blocks");
   for (size_t g = 0; g < blocks.size(); ++g) {
-    const int64_t lo = x_offsets[g], hi = x_offsets[g] + blocks[g].in_size();
-    TORCH_CHECK(lo >= 0 && hi <= x_channels, "block ", g, " reads input channels [", lo, ", ", hi,
-                ") but x has ", x_channels, " channels: x's channel count does not match the blocks");
+    // No lo + in_size: an offset near INT64_MAX would overflow it past the check.
+    const int64_t lo = x_offsets[g], n = blocks[g].in_size();
+    TORCH_CHECK(lo >= 0 && n <= x_channels && lo <= x_channels - n, "block ", g, " reads ", n,
+                " input channels from offset ", lo, " but x has ", x_channels,
+                " channels: x's channel count does not match the blocks");
   }
 }
 
