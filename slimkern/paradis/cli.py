@@ -36,6 +36,8 @@ def add_paradis_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run folder (default runs/paradis-<what>)")
     p.add_argument("--cache", default="runs/paradis-jobs", help="folder of cached job results (shared by the commands)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--cached-only", action="store_true", help="train nothing: report the jobs already in --cache "
+                   "for every seed (the others are listed as missing in report.json)")
     return p
 
 
@@ -55,7 +57,7 @@ def _flat(prefix: str, st: dict | None) -> dict:
             f"{prefix}_per_seed": " ".join(f"{v:.2f}" for v in st["per_seed"])}
 
 
-def run(what: str, seeds: list[int], epochs: int, out: str, cache: str, echo=print) -> dict:
+def run(what: str, seeds: list[int], epochs: int, out: str, cache: str, echo=print, cached_only: bool = False) -> dict:
     """Train (or reuse) the jobs of ``what`` and write its run folder; returns the report dict."""
     from slimkern.paradis import plots, tables
     from slimkern.paradis.jobs import run_jobs
@@ -64,10 +66,13 @@ def run(what: str, seeds: list[int], epochs: int, out: str, cache: str, echo=pri
         raise ValueError(f"unknown experiment {what!r}; choose one of {list(WHAT)}")
     os.makedirs(out, exist_ok=True)
     os.makedirs(cache, exist_ok=True)
-    res = run_jobs(WHAT[what], seeds, epochs, cache, echo=echo)
+    res = run_jobs(WHAT[what], seeds, epochs, cache, echo=echo, cached_only=cached_only)
+    if "paradis" not in res:
+        raise ValueError(f"no cached 'paradis' job for seeds {seeds} at {epochs} epochs in {cache}")
     meta = {"experiment": what, "seeds": seeds, "epochs": epochs, "jobs": WHAT[what],
             "setting": "MobileNet-v1 (CIFAR variant, width_mult 0.5) on digits 8x8x3; SGD Nesterov lr 0.1, "
-                       "cosine, batch 32, 1 warm-up epoch, clip 5; top-1 in %, mean ± sample std over seeds"}
+                       "cosine, batch 32, 1 warm-up epoch, clip 5; top-1 in %, mean ± sample std over seeds",
+            "missing_jobs": [j for j in WHAT[what] if j not in res]}
     if what == "baselines":
         rows = tables.baselines_table(res)
         md = tables.baselines_markdown(rows)
@@ -123,7 +128,7 @@ def cmd_paradis(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or f"runs/paradis-{args.what}"
-    run(args.what, seeds, args.epochs, os.path.abspath(out), os.path.abspath(args.cache))
+    run(args.what, seeds, args.epochs, os.path.abspath(out), os.path.abspath(args.cache), cached_only=args.cached_only)
     print(f"run folder: {os.path.abspath(out)}")
     return 0
 

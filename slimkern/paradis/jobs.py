@@ -142,10 +142,18 @@ def run_job(job: str, seed: int, epochs: int, cache: str) -> list[dict]:
     return rows
 
 
-def run_jobs(jobs, seeds, epochs: int, cache: str, echo=None) -> dict[str, dict[int, list[dict]]]:
-    """``{job: {seed: rows}}`` for every job and seed (cached results reused)."""
+def is_cached(job: str, seed: int, epochs: int, cache: str) -> bool:
+    return os.path.isfile(os.path.join(cache, f"{job}-e{epochs}-s{seed}.json"))
+
+
+def run_jobs(jobs, seeds, epochs: int, cache: str, echo=None,
+             cached_only: bool = False) -> dict[str, dict[int, list[dict]]]:
+    """``{job: {seed: rows}}`` for every job and seed (cached results reused). With
+    ``cached_only`` nothing trains: a job missing for any seed is left out of the result."""
     out: dict[str, dict[int, list[dict]]] = {}
     for job in jobs:
+        if cached_only and not all(is_cached(job, s, epochs, cache) for s in seeds):
+            continue
         for s in seeds:
             t0 = time.perf_counter()
             out.setdefault(job, {})[s] = run_job(job, s, epochs, cache)

@@ -41,8 +41,9 @@ def figure4(points: dict, path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=120)
     us = points["us"]
-    ax.errorbar([s["macs"] for s in us], [s["mean"] for s in us], yerr=[s["std"] for s in us], fmt="^-", color="C2",
-                ms=5, capsize=2, label="US-Nets (sandwich + IPKD), total MACs")
+    if us:
+        ax.errorbar([s["macs"] for s in us], [s["mean"] for s in us], yerr=[s["std"] for s in us], fmt="^-",
+                    color="C2", ms=5, capsize=2, label="US-Nets (sandwich + IPKD), total MACs")
     trained = sorted([s for s in points["shared"] if s["trained"]], key=lambda s: s["macs"])
     ax.errorbar([s["macs"] for s in trained], [s["mean"] for s in trained], yerr=[s["std"] for s in trained],
                 fmt="o-", color="C0", capsize=2, label="ParaDiS shared net, total MACs")
@@ -54,8 +55,9 @@ def figure4(points: dict, path, title: str) -> None:
     ax.errorbar([s["max_device_macs"] for s in dist], [s["mean"] for s in dist], yerr=[s["std"] for s in dist],
                 fmt="s--", color="C1", capsize=2, label="ParaDiS distributed: MACs per device")
     ind = points["individual"]
-    ax.errorbar([s["macs"] for s in ind], [s["mean"] for s in ind], yerr=[s["std"] for s in ind], fmt="D",
-                color="C3", ms=7, capsize=2, label="individual models")
+    if ind:
+        ax.errorbar([s["macs"] for s in ind], [s["mean"] for s in ind], yerr=[s["std"] for s in ind], fmt="D",
+                    color="C3", ms=7, capsize=2, label="individual models")
     for s in points["shared"]:
         ax.annotate(s["switch"].replace("0.25, 0.25, 0.25, 0.25", "4x0.25"), (s["macs"], s["mean"]), fontsize=7,
                     xytext=(4, -11), textcoords="offset points", color="C0")
@@ -70,7 +72,8 @@ def figure4(points: dict, path, title: str) -> None:
         ax.annotate(s["switch"], (s["macs"], s["mean"]), fontsize=6, xytext=(-4, -12), textcoords="offset points",
                     color="C2")
     ax.set_xscale("log")
-    xs = sorted({s["macs"] for s in trained} | {s["max_device_macs"] for s in dist} | {us[0]["macs"], us[-1]["macs"]})
+    xs = sorted({s["macs"] for s in trained} | {s["max_device_macs"] for s in dist}
+                | ({us[0]["macs"], us[-1]["macs"]} if us else set()))
     keep = [xs[0]]
     for v in xs[1:]:
         if v / keep[-1] > 1.25:  # ticks closer than 25 % would overprint

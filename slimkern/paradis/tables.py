@@ -63,7 +63,8 @@ def baselines_table(res: dict) -> list[dict]:
         p = stat(res["paradis"], sw)
         us_sw = f"[{matched[sw]:g}]x"
         row = {"paradis_switch": sw, "trained": p["trained"], "macs": p["macs"], "max_device_macs": p["max_device_macs"],
-               "paradis": p, "us_switch": us_sw, "us": stat(res["us"], us_sw), "us_wide": stat(res["us-wide"], us_sw)}
+               "paradis": p, "us_switch": us_sw, "us": stat(res["us"], us_sw) if "us" in res else None,
+               "us_wide": stat(res["us-wide"], us_sw) if "us-wide" in res else None}
         if "slimmable" in res:
             sl = _closest(res["slimmable"], p["macs"])
             row.update(slimmable_switch=sl, slimmable=stat(res["slimmable"], sl))
@@ -78,7 +79,7 @@ def baselines_markdown(rows: list[dict]) -> str:
            "| slimmable (closest) | individual |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mark = "" if r["trained"] else " (untrained)"
-        us_macs = r["us"]["macs"] / 1e6 if r["us"] else float("nan")
+        us_macs = r["us"]["macs"] / 1e6 if r["us"] else r["us_wide"]["macs"] / 1e6 if r["us_wide"] else float("nan")
         sl = f"{r['slimmable_switch']} {fmt(r['slimmable'])}" if r.get("slimmable") else "—"
         out.append(f"| {r['paradis_switch']}{mark} | {r['macs'] / 1e6:.2f} / {r['max_device_macs'] / 1e6:.2f} "
                    f"| {fmt(r['paradis'])} | {r['us_switch']} ({us_macs:.2f} MMAC) | {fmt(r['us'])} "
@@ -109,5 +110,6 @@ def figure4_points(res: dict) -> dict:
     shared = [stat(res["paradis"], r["switch"]) for r in res["paradis"][min(res["paradis"])]]
     dist = [s for s in shared if _canon(s["switch"]) in {_canon(x) for x in SMALL}]
     indiv = [stat(res[indiv_job(sw)], sw) for sw in SMALL if indiv_job(sw) in res]
-    us = sorted([stat(res["us"], r["switch"]) for r in res["us"][min(res["us"])]], key=lambda s: s["macs"])
+    us = sorted([stat(res["us"], r["switch"]) for r in res["us"][min(res["us"])]], key=lambda s: s["macs"]) \
+        if "us" in res else []
     return {"shared": shared, "distributed": dist, "individual": indiv, "us": us}
