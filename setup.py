@@ -56,19 +56,27 @@ def _cuda_lib_includes():
     return dirs[:1]
 
 
+# SLIMKERN_SANITIZE=1: AddressSanitizer + UndefinedBehaviorSanitizer, CPU only (`make
+# test-sanitize` builds this into build/sanitize/ and runs the C++-op tests against it).
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+
+
 def _extension():
-    with_cuda = _want_cuda()
+    sanitize = os.environ.get("SLIMKERN_SANITIZE", "") == "1"
+    with_cuda = _want_cuda() and not sanitize
     sources = _sources("*.cpp") + (_sources("*.cu") if with_cuda else [])
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    cxx = ["-O1" if sanitize else "-O3", "-std=c++20", "-fopenmp"] + (SANITIZE if sanitize else [])
     build = {
         "torch": torch.__version__,
         "cuda": torch.version.cuda if with_cuda else None,
         "with_cuda": with_cuda,
         "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
+        "sanitize": sanitize,
     }
     define_macros = [("SLIMKERN_BUILD_INFO", json.dumps(json.dumps(build)))]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    kwargs = dict(sources=sources, include_dirs=include_dirs, extra_link_args=["-fopenmp"])
+    kwargs = dict(sources=sources, include_dirs=include_dirs,
+                  extra_link_args=["-fopenmp"] + (SANITIZE if sanitize else []))
     if with_cuda:
         define_macros.append(("WITH_CUDA", None))
         include_dirs += _cuda_lib_includes()

@@ -18,9 +18,15 @@ __all__ = ["LOAD_ERROR", "CPU_CAPABILITIES", "build_info", "cpu_capability", "ha
 
 
 def _load():
+    # SLIMKERN_EXTENSION names another build of the extension to load instead of slimkern._C:
+    # `make test-sanitize` runs the tests against the sanitizer build in build/sanitize/.
+    other = os.environ.get("SLIMKERN_EXTENSION", "")
     try:
-        importlib.import_module("slimkern._C")  # runs the op registrations
-    except ImportError as exc:  # missing build, or an ABI mismatch with the running torch
+        if other:
+            torch.ops.load_library(other)
+        else:
+            importlib.import_module("slimkern._C")  # runs the op registrations
+    except (ImportError, OSError) as exc:  # missing build, or an ABI mismatch with the running torch
         return f"{type(exc).__name__}: {exc}"
     return None
 
