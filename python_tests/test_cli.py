@@ -124,3 +124,25 @@ def test_same_seed_same_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in tensors)
     tensors = [k for k in tensors if a[k].is_floating_point()]
     assert tensors and not all(torch.equal(a[k], c[k]) for k in tensors)
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_failed_experiment_command_leaves_no_half_written_folder(tmp_path, monkeypatch, finished):
+    # search / prune / sr / scaling / paradis / study: a failure removes the run folder the
+    # command created unless it holds a finished result (reruns skip finished jobs).
+    from slimkern import cli
+    from slimkern.prune import cli as prune_cli
+
+    out = tmp_path / "run"
+
+    def failing(args):
+        os.makedirs(args.out)
+        (out / "report.json.tmp123").write_text("{")
+        if finished:
+            (out / "job0.json").write_text("{}")
+        raise RuntimeError("late failure")
+
+    monkeypatch.setattr(prune_cli, "cmd_prune", failing)
+    with pytest.raises(RuntimeError, match="late failure"):
+        cli.main(["prune", "dac", "--out", str(out)])
+    assert out.exists() == finished

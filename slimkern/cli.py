@@ -229,16 +229,36 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _remove_unfinished_run(out: str, existed: bool) -> None:
+def _remove_unfinished_run(out: str, existed: bool, keep_finished: bool = False) -> None:
     """A command that failed leaves no half-written run folder: the folder it created goes
     unless it holds a checkpoint (``--resume`` continues from that; a kill runs no cleanup,
-    and the atomic writes keep that checkpoint whole)."""
+    and the atomic writes keep that checkpoint whole). ``keep_finished``: the experiment
+    commands (search, prune, sr, scaling, paradis, study) rerun skipping the jobs whose results
+    they find, so any whole file (not an atomic write's temporary) keeps the folder."""
     import glob
     import shutil
 
-    if existed or not os.path.isdir(out) or glob.glob(os.path.join(glob.escape(out), "**", "*.pt"), recursive=True):
+    if existed or not os.path.isdir(out):
+        return
+    files = [f for f in glob.glob(os.path.join(glob.escape(out), "**", "*"), recursive=True) if os.path.isfile(f)]
+    if any(f.endswith(".pt") for f in files):
+        return
+    if keep_finished and any(".tmp" not in os.path.basename(f) for f in files):
         return
     shutil.rmtree(out, ignore_errors=True)
+
+
+def _experiment(args, run) -> int:
+    """Runs an experiment command; on failure the run folder it created goes unless it holds
+    finished results (see _remove_unfinished_run)."""
+    out = getattr(args, "out", None)
+    existed = out is None or os.path.exists(out)
+    try:
+        return run(args)
+    except BaseException:
+        if out is not None:
+            _remove_unfinished_run(out, existed, keep_finished=True)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,23 +277,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "study":
             from slimkern.study.cli import cmd_study
 
-            return cmd_study(args)
+            return _experiment(args, cmd_study)
         if args.command == "search" or (args.command == "demo" and args.which == "nas"):
             from slimkern.nas import cli as nas_cli
 
-            return nas_cli.cmd_search(args) if args.command == "search" else nas_cli.cmd_demo(args)
+            return _experiment(args, nas_cli.cmd_search if args.command == "search" else nas_cli.cmd_demo)
         if args.command == "prune":
             from slimkern.prune import cli as prune_cli
 
-            return prune_cli.cmd_prune(args)
+            return _experiment(args, prune_cli.cmd_prune)
         if args.command in ("sr", "scaling", "deploy"):
             from slimkern import paper_cli
 
-            return paper_cli.cmd(args)
+            return _experiment(args, paper_cli.cmd)
         if args.command == "paradis":
             from slimkern.paradis import cli as paradis_cli
 
-            return paradis_cli.cmd_paradis(args)
+            return _experiment(args, paradis_cli.cmd_paradis)
         if args.command == "fl" or (args.command == "demo" and args.which == "fl"):
             from slimkern.fl import cli as fl_cli
 
