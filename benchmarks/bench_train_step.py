@@ -38,7 +38,7 @@ from _process import setup_allocator, write_results  # noqa: E402
 
 MALLOC = setup_allocator()
 
-BATCH, THREADS, MAX_WIDTH = 64, 2, 1.2
+BATCH, THREADS, MAX_WIDTH, RES = 64, 2, 1.2, 32  # RES: input height and width
 MODELS = {"mobilenet_v1": 1.0, "resnet20": 1.0}  # width_mult: a plain step well under 2 s here
 PROVIDERS = ("slimkern_packed", "slimkern_groups", "slimkern_single", "plain_torch")
 GROUP_SIZE = 2
@@ -63,7 +63,7 @@ def make_case(model: str, step: str, provider: str):
     torch.manual_seed(0)
     net = build(model, max_width=MAX_WIDTH, width_mult=MODELS[model]).train()
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, 3, 32, 32, generator=g)
+    x = torch.randn(BATCH, 3, RES, RES, generator=g)
     y = torch.randint(0, 10, (BATCH,), generator=g)
     sws = step_switches(step)
     loss_fn = P.paradis_loss(y, beta=1.0) if step == "paradis" else P.sandwich_loss(y)
