@@ -37,7 +37,7 @@ from slimkern.fl import rolex as _rolex
 from slimkern.fl import validate as _validate
 from slimkern.fl.aggregate import Aggregator, ClientUpdate
 
-__all__ = ["Task", "train_task", "local_train", "client_aggregator", "as_tensors"]
+__all__ = ["Task", "train_task", "local_train", "local_batches", "client_generators", "client_aggregator", "as_tensors"]
 
 
 @dataclass
@@ -86,6 +86,36 @@ def client_aggregator(model: torch.nn.Module) -> Aggregator:
     return Aggregator({n: p.shape for n, p in model.named_parameters()}, _rolex.windows_fn(model))
 
 
+def local_batches(X, Y, idx, sw, strategy, epochs: int, batch_size: int, gen: torch.Generator,
+                  pyrng: random.Random, augment=None):
+    """The local SGD steps of a client, in order: ``(switches, inputs, labels)`` per step.
+
+    Every epoch draws a permutation of ``idx`` from ``gen`` and cuts it into batches of
+    ``batch_size`` (a last batch of one sample is skipped when the client has two or more:
+    BN in train mode needs two); each step asks the rule for its switches
+    (``strategy.step_switches(sw, pyrng)``) and augments its inputs with ``gen``. A lazy
+    generator, so the draws happen in exactly this order whoever consumes it (the
+    sequential ``local_train`` or ``slimkern.fl.batched``)."""
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    sw = _rolex.train_switch(sw)
+    for _ in range(epochs):
+        perm = idx[torch.randperm(len(idx), generator=gen)]
+        for s in range(0, len(perm), batch_size):
+            bi = perm[s:s + batch_size]
+            if len(bi) < 2 and len(perm) >= 2:  # BN in train mode needs two samples
+                continue
+            sws = strategy.step_switches(sw, pyrng)
+            yield sws, (X[bi] if augment is None else augment(X[bi], gen)), Y[bi]
+
+
+def client_generators(task: "Task") -> tuple[torch.Generator, random.Random]:
+    """The client's batch/augmentation generator and its switch-draw ``random.Random``,
+    both seeded by ``(seed, round, client)`` only."""
+    s, r, c = int(task.seed), int(task.round), int(task.client)
+    gen = torch.Generator().manual_seed(int(np.random.default_rng([s, r, c, 7]).integers(2 ** 62)))
+    return gen, random.Random(hash((s, r, c)) & 0xFFFFFFFF)
+
+
 def local_train(net, X, Y, idx, sw, strategy, epochs, lr, batch_size, momentum, weight_decay,
                 gen: torch.Generator, pyrng: random.Random, kd_weight: float = 1.0, augment=None) -> None:
     """``epochs`` of SGD on samples ``idx`` at key ``sw`` under the rule ``strategy``'s
@@ -94,7 +124,6 @@ def local_train(net, X, Y, idx, sw, strategy, epochs, lr, batch_size, momentum, 
     from slimkern.nn import forward_switches, use_switch
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     net.train()
-    idx = torch.as_tensor(idx, dtype=torch.long)
     current, ctx = None, None
     # ``sw`` may be a SubModel key: the client runs its prefix switch on its re-indexed copy
     key, sw = sw, _rolex.train_switch(sw)
@@ -102,36 +131,29 @@ def local_train(net, X, Y, idx, sw, strategy, epochs, lr, batch_size, momentum, 
     local = strategy.local_context(net, sw)
     local.__enter__()
     try:
-        for _ in range(epochs):
-            perm = idx[torch.randperm(len(idx), generator=gen)]
-            for s in range(0, len(perm), batch_size):
-                bi = perm[s:s + batch_size]
-                if len(bi) < 2 and len(perm) >= 2:  # BN in train mode needs two samples
-                    continue
-                sws = strategy.step_switches(sw, pyrng)
-                xb = X[bi] if augment is None else augment(X[bi], gen)
-                if len(sws) == 1:
-                    if sws[0] != current:
-                        if ctx is not None:
-                            ctx.__exit__(None, None, None)
-                        ctx = use_switch(net, sws[0])
-                        ctx.__enter__()
-                        current = sws[0]
-                    loss = F.cross_entropy(strategy.train_logits(net(xb), key), Y[bi])
-                else:
-                    # one packed pass; the client's own switch teaches the others (in-place KD)
-                    outs = [strategy.train_logits(o, key) for o in forward_switches(net, xb, sws)]
-                    loss = F.cross_entropy(outs[0], Y[bi])
-                    soft = F.softmax(outs[0].detach(), dim=1)
-                    for o in outs[1:]:
-                        loss = loss + kd_weight * F.cross_entropy(o, soft)
-                if not bool(torch.isfinite(loss)):
-                    raise _validate.ClientFailure(f"the local loss is not finite ({float(loss.detach())})")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if clip is not None:
-                    torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-                opt.step()
+        for sws, xb, yb in local_batches(X, Y, idx, sw, strategy, epochs, batch_size, gen, pyrng, augment):
+            if len(sws) == 1:
+                if sws[0] != current:
+                    if ctx is not None:
+                        ctx.__exit__(None, None, None)
+                    ctx = use_switch(net, sws[0])
+                    ctx.__enter__()
+                    current = sws[0]
+                loss = F.cross_entropy(strategy.train_logits(net(xb), key), yb)
+            else:
+                # one packed pass; the client's own switch teaches the others (in-place KD)
+                outs = [strategy.train_logits(o, key) for o in forward_switches(net, xb, sws)]
+                loss = F.cross_entropy(outs[0], yb)
+                soft = F.softmax(outs[0].detach(), dim=1)
+                for o in outs[1:]:
+                    loss = loss + kd_weight * F.cross_entropy(o, soft)
+            if not bool(torch.isfinite(loss)):
+                raise _validate.ClientFailure(f"the local loss is not finite ({float(loss.detach())})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            opt.step()
     finally:
         if ctx is not None:
             ctx.__exit__(None, None, None)
@@ -166,8 +188,7 @@ def train_task(model: torch.nn.Module, task: Task, X: torch.Tensor, Y: torch.Ten
     if travel:  # the server's statistics of every width <= p_max (fresh where it has none)
         _fjord_bn.load_rows(model, task.bn_rows or {}, rule.bn_switches(task.key), fresh_missing=True)
     s, r, c = int(task.seed), int(task.round), int(task.client)
-    gen = torch.Generator().manual_seed(int(np.random.default_rng([s, r, c, 7]).integers(2 ** 62)))
-    pyrng = random.Random(hash((s, r, c)) & 0xFFFFFFFF)
+    gen, pyrng = client_generators(task)
     with _fp.client_rng(s, r, c):  # dropout layers draw from the (seed, round, client) stream
         local_train(model, X, Y, indices, task.key, rule, task.local_epochs, task.lr, task.batch_size,
                     task.momentum, task.weight_decay, gen, pyrng, augment=augment)
