@@ -93,8 +93,18 @@ def test_export_errors(net):
         def forward(self, x):
             return torch.softmax(super().forward(x), 1)
 
-    with pytest.raises(ValueError, match="must produce the net's output directly"):
-        sk.export(After(), "[1.0]x")
+    # an epilogue that reads only the fused output runs once on the sum (dep.fusion)
+    after = train_stats(After(), ["[0.5, 0.5]x"])
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad(), after.use_switch("[0.5, 0.5]x"):
+        torch.testing.assert_close(sk.export(after, "[0.5, 0.5]x")(x), after(x), rtol=1e-5, atol=1e-6)
+
+    class Leaky(TinyResNet):  # reads a branch's own channels after the classifier
+        def forward(self, x):
+            return super().forward(x) + self.stem(x).mean()
+
+    with pytest.raises(ValueError, match="depends on a branch's own channels"):
+        sk.export(train_stats(Leaky(), ["[0.5, 0.5]x"]), "[0.5, 0.5]x")
 
     class Untraceable(TinyResNet):
         def forward(self, x):

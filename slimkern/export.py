@@ -7,7 +7,12 @@ For a switch with branches ``b_0 .. b_{B-1}`` a slim net computes
 of standard torch layers (``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d`` with that switch's
 statistics row, or folded into the conv with ``fold_bn=True``), weights copied out. Device
 ``i`` runs ``dep.branches[i]`` alone; only the partial logits travel, and ``dep(x)`` sums
-them and adds the classifier bias once.
+them and adds the classifier bias once. When the fused layer is followed by an epilogue that
+reads only its output and shared values (WDSR: the image skip conv and the pixel shuffle),
+``dep.fusion`` holds it as a plain ``(x, fused) -> y`` module, run once on the sum:
+``y = E(x, sum_i W[:, b_i] @ f_i(x) + bias)``. Weight-normalised slim convs
+(``SlimWNConv2d``) become plain ``nn.Conv2d`` holding ``g v / ||v||`` over the switch's active
+inputs, computed once.
 
 Branches contain no slimkern code: they save with ``torch.save(branch.state_dict())``, load
 with ``torch.load(..., weights_only=True)`` and run under ``torch.export.export``;
@@ -30,11 +35,13 @@ __all__ = ["export", "save", "Deployable"]
 
 class Deployable(nn.Module):
     """``branches[i]``: the plain model device ``i`` runs; ``forward`` sums their partial
-    outputs and adds ``bias`` (the classifier's, once) broadcast over dim 1."""
+    outputs, adds ``bias`` (the classifier's, once) broadcast over dim 1, then runs
+    ``fusion(x, sum)`` when the net has an epilogue after its fused layer (else None)."""
 
-    def __init__(self, branches, bias: torch.Tensor | None, switch: str):
+    def __init__(self, branches, bias: torch.Tensor | None, switch: str, fusion: nn.Module | None = None):
         super().__init__()
         self.branches = nn.ModuleList(branches)
+        self.fusion = fusion
         if bias is not None:
             self.bias = nn.Parameter(bias)
         else:
@@ -47,6 +54,8 @@ class Deployable(nn.Module):
             y = y + b(x)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, *([1] * (y.dim() - 2)))
+        if self.fusion is not None:
+            y = self.fusion(x, y)
         return y
 
     def extra_repr(self) -> str:
@@ -83,20 +92,22 @@ def export(net: nn.Module, sw, fold_bn: bool = False) -> Deployable:
 
     Args:
         net: a net of slimkern layers (``slimmify`` output, or built from ``slimkern.nn``)
-            whose output is its fused classifier (``slice_in`` and not ``slice_out``).
+            with one fused layer (``slice_in`` and not ``slice_out``) whose output is the net's
+            output, or feeds an epilogue that reads only it and shared values (WDSR).
         sw: a Switch, notation string or width. Every switchable BN must hold statistics for
             it (trained with it, or ``slimkern.calibrate_bn``); otherwise ValueError.
         fold_bn: fold each BN into the conv before it (conv bias absorbs the shift).
 
     Returns a ``Deployable`` in eval mode: ``dep.branches[i]`` (a ``torch.fx.GraphModule`` of
-    standard layers) is what device ``i`` runs; ``dep(x)`` equals ``net`` under ``sw`` in eval
-    mode. The net is not modified.
+    standard layers) is what device ``i`` runs; ``dep.fusion`` (or None) the epilogue run once
+    where the partial outputs are summed; ``dep(x)`` equals ``net`` under ``sw`` in eval mode.
+    The net is not modified.
     """
     sw = as_switch(sw)
     bg = BranchGraph(net, "export")
     if not bg.slim:
         raise ValueError(f"export: {type(net).__name__} has no slimkern layers; slimmify it first")
-    fused = bg.check_fusion(sw, "export")
+    fused = bg.check_fusion(sw, "export", epilogue=True)
     for i in range(sw.num_branches):  # shapes only: a switch the net cannot run is reported as that first
         bg.branch(sw, i, meta=True)
     _check_bn_statistics(net, sw)
@@ -106,8 +117,11 @@ def export(net: nn.Module, sw, fold_bn: bool = False) -> Deployable:
         if fold_bn:
             gm = _fold_bn(gm)
         branches.append(gm)
+    fusion = bg.fusion(sw, class_name="Fusion")
+    if fusion is not None:
+        fusion = _fold_bn(fusion) if fold_bn else fusion.eval()
     bias = fused.bias.detach().clone() if fused is not None and fused.bias is not None else None
-    return Deployable(branches, bias, str(sw)).eval()
+    return Deployable(branches, bias, str(sw), fusion).eval()
 
 
 def save(dep: Deployable, folder: str | os.PathLike, example_input: torch.Tensor) -> list[str]:
@@ -117,7 +131,9 @@ def save(dep: Deployable, folder: str | os.PathLike, example_input: torch.Tensor
       and of the fused sum (``torch.export.load(path).module()(x)``), traced on ``example_input``
       with a dynamic batch dimension (``Dim.AUTO``: static where the graph needs it);
     * ``branch<i>.state_dict.pt`` / ``deployable.state_dict.pt``: the weights, for
-      ``torch.load(path, weights_only=True)``.
+      ``torch.load(path, weights_only=True)``;
+    * ``fusion.pt2`` / ``fusion.state_dict.pt`` when ``dep.fusion`` is not None: the epilogue,
+      called as ``fusion(x, sum of the partial outputs + bias)``.
 
     Every file is written atomically (temporary file + ``os.replace``). Returns the paths of
     the ``branch<i>.pt2`` files.
@@ -142,6 +158,14 @@ def save(dep: Deployable, folder: str | os.PathLike, example_input: torch.Tensor
             _atomic_write(os.path.join(folder, f"branch{i}.state_dict.pt"),
                           lambda fh, b=branch: torch.save(b.state_dict(), fh))
             paths.append(p)
+        if dep.fusion is not None:
+            summed = sum(b(example_input) for b in dep.branches)
+            if dep.bias is not None:
+                summed = summed + dep.bias.view(1, -1, *([1] * (summed.dim() - 2)))
+            program = torch.export.export(dep.fusion, (example_input, summed), dynamic_shapes=batch * 2)
+            _atomic_write(os.path.join(folder, "fusion.pt2"), lambda fh, prog=program: torch.export.save(prog, fh))
+            _atomic_write(os.path.join(folder, "fusion.state_dict.pt"),
+                          lambda fh: torch.save(dep.fusion.state_dict(), fh))
         program = torch.export.export(dep, (example_input,), dynamic_shapes=batch)
         _atomic_write(os.path.join(folder, "deployable.pt2"), lambda fh: torch.export.save(program, fh))
         _atomic_write(os.path.join(folder, "deployable.state_dict.pt"), lambda fh: torch.save(dep.state_dict(), fh))

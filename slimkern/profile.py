@@ -13,7 +13,11 @@ then closed forms per layer kind:
   slimmable / ParaDiS papers, which count multiply-accumulates of conv and linear layers).
 
 The fused classifier's bias is added once per switch, not per branch: it is counted in
-``fusion_params`` and in the total, not in any branch.
+``fusion_params`` and in the total, not in any branch. An epilogue after the fused layer
+(WDSR's image skip conv and pixel shuffle, see ``slimkern._branch``) also runs once, where the
+branches are fused: ``Profile.fusion`` profiles it, its parameters count in ``fusion_params``,
+its MACs in ``macs`` and -- on the device that fuses, the convention of ``WDSR.branch_macs``
+-- in ``max_device_macs``.
 
 Peak activation memory of a branch: the graph runs node by node; a tensor is alive from the
 node that makes it until its last reader has run (the input image included, parameters not).
@@ -71,26 +75,34 @@ class Profile:
     dtype: torch.dtype
     branches: list[BranchProfile]
     fusion_params: int
+    fusion: BranchProfile | None = None  # the epilogue after the fused layer, run once
+
+    @property
+    def fusion_macs(self) -> int:
+        """MACs done once where the branches are fused (the epilogue; 0 for a classifier)."""
+        return self.fusion.macs if self.fusion is not None else 0
 
     @property
     def macs(self) -> int:
-        """Total multiply-accumulates of the switch (all branches)."""
-        return sum(b.macs for b in self.branches)
+        """Total multiply-accumulates of the switch (all branches, the epilogue once)."""
+        return sum(b.macs for b in self.branches) + self.fusion_macs
 
     @property
     def params(self) -> int:
-        """Parameters the switch reads: all branches plus the fused bias once."""
+        """Parameters the switch reads: all branches plus the fused bias and epilogue once."""
         return sum(b.params for b in self.branches) + self.fusion_params
 
     @property
     def peak_activation_bytes(self) -> int:
-        """Sum over devices of each device's activation peak (all branches run at once)."""
-        return sum(b.peak_activation_bytes for b in self.branches)
+        """Sum over devices of each device's activation peak (all branches run at once), plus
+        the epilogue's peak."""
+        fp = self.fusion.peak_activation_bytes if self.fusion is not None else 0
+        return sum(b.peak_activation_bytes for b in self.branches) + fp
 
     @property
     def max_device_macs(self) -> int:
-        """MACs of the busiest device: the ParaDiS latency proxy."""
-        return max(b.macs for b in self.branches)
+        """MACs of the busiest device, which also runs the epilogue: the ParaDiS latency proxy."""
+        return max(b.macs for b in self.branches) + self.fusion_macs
 
     @property
     def max_device_params(self) -> int:
@@ -98,7 +110,9 @@ class Profile:
 
     @property
     def max_device_peak_activation_bytes(self) -> int:
-        return max(b.peak_activation_bytes for b in self.branches)
+        """The largest peak of one branch or of the epilogue (they run one after the other)."""
+        fp = [self.fusion.peak_activation_bytes] if self.fusion is not None else []
+        return max([b.peak_activation_bytes for b in self.branches] + fp)
 
     def as_dict(self) -> dict:
         return {"switch": str(self.switch) if self.switch is not None else None,
@@ -106,7 +120,7 @@ class Profile:
                 "macs": self.macs, "params": self.params, "peak_activation_bytes": self.peak_activation_bytes,
                 "max_device_macs": self.max_device_macs, "max_device_params": self.max_device_params,
                 "max_device_peak_activation_bytes": self.max_device_peak_activation_bytes,
-                "fusion_params": self.fusion_params,
+                "fusion_params": self.fusion_params, "fusion_macs": self.fusion_macs,
                 "branches": [{"macs": b.macs, "params": b.params,
                               "peak_activation_bytes": b.peak_activation_bytes} for b in self.branches]}
 
@@ -115,6 +129,10 @@ class Profile:
                  f"{'branch':>6} {'MMACs':>10} {'params':>11} {'peak act KiB':>13}"]
         for b in self.branches:
             lines.append(f"{b.index:>6} {b.macs / 1e6:>10.3f} {b.params:>11,} {b.peak_activation_bytes / 1024:>13.1f}")
+        if self.fusion is not None:
+            f = self.fusion
+            lines.append(f"{'fusion':>6} {f.macs / 1e6:>10.3f} {self.fusion_params:>11,} "
+                         f"{f.peak_activation_bytes / 1024:>13.1f}")
         lines.append(f"{'total':>6} {self.macs / 1e6:>10.3f} {self.params:>11,} "
                      f"{self.peak_activation_bytes / 1024:>13.1f}")
         lines.append(f"max per device: {self.max_device_macs / 1e6:.3f} MMACs")
@@ -235,8 +253,9 @@ class LiveStep:
         return self.owner is self.node
 
 
-def walk_liveness(gm: fx.GraphModule, x: torch.Tensor):
-    """Runs ``gm`` on ``x`` (the meta device: shapes only) node by node and yields a
+def walk_liveness(gm: fx.GraphModule, x: torch.Tensor, *more: torch.Tensor):
+    """Runs ``gm`` on ``x`` (and ``more``, for graphs of several inputs; the meta device:
+    shapes only) node by node and yields a
     :class:`LiveStep` per node; the last one is the ``output`` node (its value is the graph's
     output; it allocates nothing). A tensor is alive from the node that makes it until its
     last reader has run; views and in-place ops share their first input's storage. The one
@@ -251,9 +270,10 @@ def walk_liveness(gm: fx.GraphModule, x: torch.Tensor):
     storage: dict[fx.Node, fx.Node] = {}  # node -> node that owns its storage
     live: dict[fx.Node, int] = {}  # owner -> last position its storage is needed
     interp = fx.Interpreter(gm)
+    inputs = iter((x,) + more)
     for n in nodes:
         if n.op == "placeholder":
-            args, val = (), x
+            args, val = (), next(inputs)
         else:
             args, kwargs = interp.fetch_args_kwargs_from_env(n)
             if n.op == "output":
@@ -275,14 +295,14 @@ def walk_liveness(gm: fx.GraphModule, x: torch.Tensor):
             del live[o]
 
 
-def _run_branch(gm: fx.GraphModule, x: torch.Tensor, index: int) -> BranchProfile:
+def _run_branch(gm: fx.GraphModule, x: torch.Tensor, index: int, *more: torch.Tensor) -> BranchProfile:
     size: dict[fx.Node, tuple[int, int]] = {}  # owner -> (bytes, elements)
     peak_b = peak_e = 0
     layers: list[LayerCost] = []
     macs = params = 0
     seen_params: set[str] = set()
     out_shape: tuple = ()
-    for step in walk_liveness(gm, x):
+    for step in walk_liveness(gm, x, *more):
         n, val = step.node, step.value
         if n.op == "output":
             out_shape = tuple(val.shape) if isinstance(val, torch.Tensor) else ()
@@ -322,7 +342,8 @@ def profile(net: nn.Module, sw=None, input_size=(1, 3, 32, 32),
     Returns a ``Profile``: ``.branches[i]`` (``macs``, ``params``, ``peak_activation_bytes``,
     per-layer ``layers``), totals ``.macs``, ``.params`` (branches + fused bias once),
     ``.peak_activation_bytes`` (sum over devices) and the ParaDiS per-device maxima
-    ``.max_device_macs``, ``.max_device_params``, ``.max_device_peak_activation_bytes``.
+    ``.max_device_macs``, ``.max_device_params``, ``.max_device_peak_activation_bytes``;
+    ``.fusion``: the epilogue after the fused layer (WDSR's skip and pixel shuffle), or None.
     Nothing is computed on real data and the net is not modified.
     """
     if _is_switch_list(sw):
@@ -337,7 +358,7 @@ def profile(net: nn.Module, sw=None, input_size=(1, 3, 32, 32),
     bg = BranchGraph(net, "profile")
     if not bg.slim and sw != Switch([1.0]):
         raise ValueError(f"profile: {type(net).__name__} has no slimkern layers, so it only runs [1.0]x; got {sw}")
-    fused = bg.check_fusion(sw, "profile")
+    fused = bg.check_fusion(sw, "profile", epilogue=True)
     if dtype is None:
         p = next(iter(net.parameters()), None)
         dtype = p.dtype if p is not None else torch.get_default_dtype()
@@ -352,5 +373,17 @@ def profile(net: nn.Module, sw=None, input_size=(1, 3, 32, 32),
         except Exception as e:
             raise RuntimeError(f"profile: the shape pass of branch {i} of {sw} failed at input {input_size} "
                                f"({type(e).__name__}: {e})") from e
-    fusion = fused.out_full if fused is not None and fused.bias is not None else 0
-    return Profile(sw, input_size, dtype, branches, fusion)
+    fusion_params = fused.out_full if fused is not None and fused.bias is not None else 0
+    epi = bg.fusion(sw, meta=True)
+    fusion = None
+    if epi is not None:
+        summed = torch.empty(branches[0].output_shape, dtype=dtype, device="meta")
+        try:
+            fusion = _run_branch(epi.eval(), x, -1, summed)
+        except ValueError:
+            raise
+        except Exception as e:
+            raise RuntimeError(f"profile: the shape pass of the fusion epilogue of {sw} failed at input "
+                               f"{input_size} ({type(e).__name__}: {e})") from e
+        fusion_params += fusion.params
+    return Profile(sw, input_size, dtype, branches, fusion_params, fusion)

@@ -8,8 +8,9 @@ then sums the partial outputs in branch order and adds the classifier bias once:
 
 .. math:: y = \\Big(\\sum_{i=0}^{B-1} W[:, b_i]\\, f_i(x)\\Big) + b
 
-which is ``Deployable.forward`` term for term, so the result is bitwise the in-process
-deployable's (and equals the packed ``slimkern.forward_switches`` to float rounding). Only
+then, when the net has an epilogue after its fused layer (WDSR: image skip conv, pixel
+shuffle), runs ``Deployable.fusion(x, y)`` once. This is ``Deployable.forward`` term for term,
+so the result is bitwise the in-process deployable's (and equals the packed ``slimkern.forward_switches`` to float rounding). Only
 the input and the ``[N, classes]`` partial outputs travel, over local socket pairs
 (``multiprocessing.Pipe``).
 
@@ -44,20 +45,26 @@ class ParallelDeployment:
         branches: plain modules, one per worker (``slimkern.export(net, sw).branches``), or a
             ``Deployable`` (its branches and bias are taken).
         bias: added once to the sum (the fused classifier's bias); taken from a Deployable.
+        fusion: the epilogue ``fusion(x, sum)`` run in the coordinator after the bias; taken
+            from a Deployable (``Deployable.fusion``), None for a classifier.
         threads: CPU threads per worker (1: one core per branch, the paper's devices).
         timeout: seconds to wait for a worker's start or reply before raising.
 
     ``dep(x)`` returns the fused output; ``dep.pids`` the workers' process ids.
     """
 
-    def __init__(self, branches, bias: torch.Tensor | None = None, threads: int = 1, timeout: float = 120.0):
+    def __init__(self, branches, bias: torch.Tensor | None = None, threads: int = 1, timeout: float = 120.0,
+                 fusion: nn.Module | None = None):
         from slimkern.export import Deployable
 
         if isinstance(branches, Deployable):
-            if bias is not None:
-                raise ValueError("ParallelDeployment: a Deployable carries its own bias; do not pass bias")
+            if bias is not None or fusion is not None:
+                raise ValueError("ParallelDeployment: a Deployable carries its own bias and fusion; do not pass them")
             bias = branches.bias.detach().clone() if branches.bias is not None else None
+            fusion = branches.fusion
             branches = list(branches.branches)
+        if fusion is not None and not isinstance(fusion, nn.Module):
+            raise TypeError(f"ParallelDeployment: fusion must be an nn.Module or None, got {type(fusion).__name__}")
         branches = list(branches) if isinstance(branches, (list, tuple, nn.ModuleList)) else None
         if not branches or not all(isinstance(b, nn.Module) for b in branches):
             raise TypeError("ParallelDeployment: give a Deployable or a non-empty list of nn.Modules")
@@ -66,6 +73,7 @@ class ParallelDeployment:
         if not timeout > 0:
             raise ValueError(f"ParallelDeployment: timeout must be > 0, got {timeout!r}")
         self.bias = bias
+        self.fusion = fusion.eval() if fusion is not None else None
         self.timeout = float(timeout)
         self._procs: list[subprocess.Popen] = []
         self._conns: list[Connection] = []
@@ -151,6 +159,9 @@ class ParallelDeployment:
             y = y + p
         if self.bias is not None:
             y = y + self.bias.view(1, -1, *([1] * (y.dim() - 2)))
+        if self.fusion is not None:
+            with torch.no_grad():
+                y = self.fusion(x, y)
         return y
 
     def close(self, timeout: float = 10.0) -> None:

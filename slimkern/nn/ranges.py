@@ -10,6 +10,7 @@ import torch.nn as nn
 from slimkern.nn._base import ChannelMixin
 from slimkern.nn.batchnorm import _SwitchableBatchNorm
 from slimkern.nn.switching import _mods, as_switch
+from slimkern.nn.weight_norm import SlimWNConv2d
 
 
 def parameter_ranges(net: nn.Module, sw, buffers: bool = True) -> dict[str, list[tuple[slice, ...]]]:
@@ -17,7 +18,10 @@ def parameter_ranges(net: nn.Module, sw, buffers: bool = True) -> dict[str, list
     ``net.state_dict()[name][window]`` is what branch i reads and trains.
 
     * conv weight ``[C_out, C_in, kh, kw]``: ``(out, in, :, :)``; depthwise ``(out, :, :, :)``;
-      linear ``(out, in)``; biases ``(out,)``. A fused layer's (classifier's) bias is added
+      linear ``(out, in)``; biases ``(out,)``. A weight-normalised conv (``SlimWNConv2d``):
+      ``weight_v`` ``(out, in, :, :)``, ``weight_g`` ``(out,)``; its norm runs over the
+      branch's window, except in a fused layer, where it runs over the union of the
+      switch's windows (so a branch's effective weight also reads the other windows' ``v``). A fused layer's (classifier's) bias is added
       once per switch and listed in every branch's windows.
     * switchable BN: ``weight``/``bias`` ``(ch,)``; ``running_mean``/``running_var``
       ``(row:row+1, ch)``, ``num_batches_tracked`` ``(row:row+1,)`` with ``sw``'s statistics
@@ -34,12 +38,16 @@ def parameter_ranges(net: nn.Module, sw, buffers: bool = True) -> dict[str, list
             if isinstance(m, ChannelMixin):
                 win = m.windows(sw)
                 depthwise = getattr(m, "depthwise", False)
-                spatial = (slice(None),) * (m.weight.dim() - 2)
+                wn = isinstance(m, SlimWNConv2d)
+                weight = m.weight_v if wn else m.weight
+                spatial = (slice(None),) * (weight.dim() - 2)
                 w = []
                 for (i0, i1), (o0, o1) in win:
                     in_sl = slice(None) if depthwise else slice(i0, i1)
                     w.append((slice(o0, o1), in_sl) + spatial)
-                out[pre + "weight"] = w
+                out[pre + ("weight_v" if wn else "weight")] = w
+                if wn:
+                    out[pre + "weight_g"] = [(slice(o0, o1),) for _, (o0, o1) in win]
                 if m.bias is not None:
                     out[pre + "bias"] = [(slice(o0, o1),) for _, (o0, o1) in win]
             elif isinstance(m, _SwitchableBatchNorm):
