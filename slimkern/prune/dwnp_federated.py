@@ -30,6 +30,7 @@ Each pruned model's BN statistics are re-estimated on the device's data (``recal
 from __future__ import annotations
 
 import copy
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +49,8 @@ from slimkern.prune.groups import as_slim_net, channel_groups
 from slimkern.prune.hypernet import MaskHypernetwork
 from slimkern.prune.masks import apply_masks
 
-__all__ = ["DWNPResult", "dwnp_federated", "default_dwnp_groups", "merge_hypernetwork_states", "project_mask"]
+__all__ = ["DWNPResult", "dwnp_federated", "default_dwnp_groups", "merge_hypernetwork_states", "project_mask",
+           "state_problem"]
 
 
 @dataclass
@@ -130,19 +132,63 @@ def project_mask(fm: FlopsModel, scores: dict, allowed: dict, target_macs: float
     return a if abs(ta - target_macs) < abs(tb - target_macs) else b
 
 
-def merge_hypernetwork_states(states: Sequence[dict]) -> dict:
+def merge_hypernetwork_states(states: Sequence[dict], devices: Sequence[int] | None = None,
+                              previous: dict | None = None) -> dict:
     """Server aggregation of the hypernetwork: the equal-weight mean of ``states[i]`` (device
     ``i + 1``'s), except embedding row ``n >= 1``, taken from device ``n`` alone (no one else
-    trains it; the mean would shrink its update by ``1/N``); row 0 (the server's) is the mean."""
+    trains it; the mean would shrink its update by ``1/N``); row 0 (the server's) is the mean.
+
+    ``devices``/``previous``: when only some devices replied (the others dropped or were
+    rejected), ``states[i]`` is device ``devices[i]``'s and the rows of the silent devices keep
+    their values in ``previous`` (the server's hypernetwork before the round)."""
+    if devices is None:
+        devices = list(range(1, len(states) + 1))
+    elif len(devices) != len(states) or previous is None:
+        raise ValueError(f"merge_hypernetwork_states: {len(states)} states for devices {list(devices)}; a subset of "
+                         "devices needs one state each and the previous hypernetwork state")
     avg = average_states(states, [1.0] * len(states))
     emb = avg["embedding.weight"].clone()
-    if emb.shape[0] != len(states) + 1:
+    if previous is None and emb.shape[0] != len(states) + 1:
         raise ValueError(f"merge_hypernetwork_states: {len(states)} device states for an embedding of "
                          f"{emb.shape[0]} rows (expected devices + 1)")
-    for i, st in enumerate(states):
-        emb[i + 1] = st["embedding.weight"][i + 1]
+    if previous is not None:
+        keep = [n for n in range(1, emb.shape[0]) if n not in set(devices)]
+        emb[keep] = previous["embedding.weight"][keep].to(emb.dtype)
+    for n, st in zip(devices, states):
+        if not 1 <= n < emb.shape[0]:
+            raise ValueError(f"merge_hypernetwork_states: device {n} has no embedding row (1..{emb.shape[0] - 1})")
+        emb[n] = st["embedding.weight"][n]
     avg["embedding.weight"] = emb
     return avg
+
+
+def state_problem(state, reference: dict, what: str, same_shape=None) -> str | None:
+    """Why a device's returned state dict cannot be averaged, or None: it must have
+    ``reference``'s entries with their dtypes, finite floats, and ``reference``'s shapes for the
+    entries in ``same_shape`` (default: all). The federated core's rule (a bad reply is a
+    logged rejection, never an exception; ``slimkern.fl.validate``) applied to DWNP's two
+    state dicts. Switchable BN statistics gain rows when a switch first trains, so the first
+    reply of a round is held to the server's parameter shapes and the others to the first's."""
+    if not isinstance(state, dict) or list(state) != list(reference):
+        return f"its {what} state does not have the server's entries"
+    for k, v in state.items():
+        ref = reference[k]
+        if not isinstance(ref, torch.Tensor):  # a module's extra state (switchable BN's row names)
+            continue
+        if not isinstance(v, torch.Tensor) or v.dtype != ref.dtype:
+            return f"its {what} entry {k!r} is not a {ref.dtype} tensor"
+        if (same_shape is None or k in same_shape) and v.shape != ref.shape:
+            return f"its {what} entry {k!r} has shape {tuple(v.shape)}, expected {tuple(ref.shape)}"
+        if v.dtype.is_floating_point and not bool(torch.isfinite(v).all()):
+            return f"its {what} entry {k!r} is not finite"
+    return None
+
+
+def _weights_problem(w_state: dict, server: nn.Module, accepted: list) -> str | None:
+    """``state_problem`` of a reply's weights against the round's layout (see there)."""
+    if accepted:
+        return state_problem(w_state, accepted[0], "weights")
+    return state_problem(w_state, server.state_dict(), "weights", {n for n, _ in server.named_parameters()})
 
 
 def _check_ratio(p, what):
@@ -158,10 +204,27 @@ def dwnp_federated(model: nn.Module, client_sets: Sequence[Dataset], test: Datas
                    regularizer: str = "abs_log", hn_fraction: float = 0.2, batch_size: int = 32,
                    groups: Sequence[str] | None = None, project: bool = True, tol: float = 0.05,
                    base_fedavg: bool = True, calibrate_batches: int = 5, seed: int = 0,
+                   checkpoint: str | None = None, resume: bool = False,
+                   fault_fn: Callable[[int, int, dict, dict], tuple[dict, dict] | None] | None = None,
                    log: Callable[[str], None] | None = None) -> DWNPResult:
     """DWNP (module docstring). ``p_server``/``p_devices[n-1]`` are FLOPs (MACs) ratio targets
     of the full model at ``input_size``; a device model is a sub-network of the server's, so
-    ``p_devices[n-1] <= p_server``. Targets below the smallest reachable model are refused."""
+    ``p_devices[n-1] <= p_server``. Targets below the smallest reachable model are refused.
+
+    One bad device never stops a round (the federated core's promise, ``slimkern.fl.validate``):
+    a device whose local work raises is dropped with its reason, a reply whose weights or
+    hypernetwork state is not finite (or not shaped like the server's) is rejected with its
+    reason, and the round averages the others (``history[r]["accepted" | "rejected" |
+    "dropped"]``); a round nobody returns leaves ``W`` and ``HN`` unchanged. ``fault_fn(round,
+    device, w_state, hn_state) -> (w_state, hn_state) | None`` is applied to every DWNP reply
+    before the server sees it (robustness tests; None: the device never replies).
+
+    ``checkpoint``: a file written atomically after the baseline and every round;
+    ``resume=True`` continues it to the identical result, and refuses a checkpoint of another
+    run naming what differs (``slimkern.prune.dwnp_checkpoint``)."""
+    from slimkern.fl.validate import failure_reason
+    from slimkern.prune import dwnp_checkpoint as _ck
+
     t0 = time.perf_counter()
     say = log or (lambda s: None)
     n_dev = len(client_sets)
@@ -181,6 +244,10 @@ def dwnp_federated(model: nn.Module, client_sets: Sequence[Dataset], test: Datas
         raise ValueError(f"dwnp_federated: hn_fraction must be in (0, 1), got {hn_fraction!r}")
     if not tol > 0:
         raise ValueError(f"dwnp_federated: tol must be > 0, got {tol!r}")
+    if resume and checkpoint is None:
+        raise ValueError("dwnp_federated: resume=True needs a checkpoint path")
+    if fault_fn is not None and not callable(fault_fn):
+        raise TypeError(f"dwnp_federated: fault_fn must be callable (round, device, w_state, hn_state), got {fault_fn!r}")
     torch.manual_seed(seed)
     net = copy.deepcopy(as_slim_net(model, "dwnp_federated"))
     all_groups = channel_groups(net, "dwnp_federated")
@@ -207,59 +274,121 @@ def dwnp_federated(model: nn.Module, client_sets: Sequence[Dataset], test: Datas
     def loader(ds, s):
         return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(s))
 
-    base_acc = None
-    if base_fedavg:
+    desc, start, base_acc, history = None, 0, None, []
+    if checkpoint is not None:
+        desc = _ck.run_description(net, client_sets, method="dwnp", seed=seed, rounds=rounds,
+                                   local_epochs=local_epochs, lr_w=lr_w, momentum=momentum, lr_hn=lr_hn, lam=lam,
+                                   regularizer=regularizer, hn_fraction=hn_fraction, batch_size=batch_size,
+                                   groups=names, p_server=p_server, p_devices=p_devices, base_fedavg=base_fedavg,
+                                   input_size=list(input_size))
+    resumed = bool(resume and os.path.exists(checkpoint))
+    if resumed:
+        ck = _ck.load_round(checkpoint, desc)
+        net.load_state_dict(ck["net"])
+        hn.load_state_dict(ck["hn"])
+        start, base_acc, history = int(ck["round"]), ck["base_accuracy"], ck["history"]
+        torch.set_rng_state(ck["rng"])
+        say(f"resuming from {checkpoint} after round {start}")
+
+    if base_fedavg and not resumed:
         base = copy.deepcopy(net)
         for r in range(rounds):
             states = []
             for i, (d, _) in enumerate(splits):
                 local = copy.deepcopy(base)
-                local_sgd(local, loader(d, seed * 7919 + r * 101 + i), local_epochs, lr_w, momentum)
-                states.append(local.state_dict())
-            base.load_state_dict(average_states(states, [1.0] * n_dev))
+                try:
+                    local_sgd(local, loader(d, seed * 7919 + r * 101 + i), local_epochs, lr_w, momentum)
+                except Exception as exc:  # noqa: BLE001 - one device never stops the baseline either
+                    say(f"unpruned FedAvg round {r + 1}: device {i + 1} dropped: {failure_reason(exc)}")
+                    continue
+                st = local.state_dict()
+                why = _weights_problem(st, base, states)
+                if why is not None:
+                    say(f"unpruned FedAvg round {r + 1}: rejected device {i + 1}: {why}")
+                    continue
+                states.append(st)
+            if states:
+                base.load_state_dict(average_states(states, [1.0] * len(states)))
         base_acc = accuracy(base, test_loader)
         say(f"unpruned FedAvg: accuracy {base_acc:.4f}")
+    if checkpoint is not None and not resumed:
+        _ck.save_round(checkpoint, 0, desc, net, hn, history, base_acc)
 
-    history = []
-    for r in range(rounds):
-        w_states, hn_states, parts = [], [], []
+    def device_round(r, n, d, da):
+        """Device ``n``'s round: lower-level SGD on ``W`` under its mask, then the upper-level
+        pass over ``D_n^a`` on ``HN``. Returns its ``(W, HN)`` states and objective parts."""
+        local, lhn = copy.deepcopy(net), copy.deepcopy(hn)
+        m = _ensure_one(_mul(lhn.deterministic_masks(0), lhn.deterministic_masks(n)), lhn.logits(n))
+
+        def fwd(x, local=local, m=m):
+            with apply_masks(local, m, all_groups):
+                return local(x)
+
+        local_sgd(local, loader(d, seed * 7919 + r * 101 + n), local_epochs, lr_w, momentum, forward=fwd)
+        opt = torch.optim.Adam(lhn.parameters(), lr=lr_hn)
+        local.train()
+        g = torch.Generator().manual_seed(seed * 31 + r * 1009 + n)
+        parts = []
+        for x, y in loader(da, seed + r * 13 + n):
+            a0, an = lhn.masks(0, generator=g), lhn.masks(n, generator=g)
+            a = _mul(a0, an)
+            with apply_masks(local, a, all_groups):
+                task = F.cross_entropy(local(x), y)
+            loss, part = dwnp_objective([task], fm.flops(a0), [fm.flops(a)], p_server, [p_devices[n - 1]], total,
+                                        lam, regularizer)
+            opt.zero_grad(set_to_none=True)
+            local.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            parts.append(part)
+        return local.state_dict(), lhn.state_dict(), parts
+
+    for r in range(start, rounds):
+        ref_hn = hn.state_dict()
+        replies, rejected, dropped, parts = [], [], [], []
         for i, (d, da) in enumerate(splits):
             n = i + 1
-            local, lhn = copy.deepcopy(net), copy.deepcopy(hn)
-            m = _ensure_one(_mul(lhn.deterministic_masks(0), lhn.deterministic_masks(n)), lhn.logits(n))
-
-            def fwd(x, local=local, m=m):
-                with apply_masks(local, m, all_groups):
-                    return local(x)
-
-            local_sgd(local, loader(d, seed * 7919 + r * 101 + n), local_epochs, lr_w, momentum, forward=fwd)
-            opt = torch.optim.Adam(lhn.parameters(), lr=lr_hn)
-            local.train()
-            g = torch.Generator().manual_seed(seed * 31 + r * 1009 + n)
-            for x, y in loader(da, seed + r * 13 + n):
-                a0, an = lhn.masks(0, generator=g), lhn.masks(n, generator=g)
-                a = _mul(a0, an)
-                with apply_masks(local, a, all_groups):
-                    task = F.cross_entropy(local(x), y)
-                loss, part = dwnp_objective([task], fm.flops(a0), [fm.flops(a)], p_server, [p_devices[i]], total,
-                                            lam, regularizer)
-                opt.zero_grad(set_to_none=True)
-                local.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                parts.append(part)
-            w_states.append(local.state_dict())
-            hn_states.append(lhn.state_dict())
-        net.load_state_dict(average_states(w_states, [1.0] * n_dev))
-        hn.load_state_dict(merge_hypernetwork_states(hn_states))
+            try:
+                w_state, hn_state, dev_parts = device_round(r, n, d, da)
+            except Exception as exc:  # noqa: BLE001 - a failing device is dropped, the round goes on
+                dropped.append((n, failure_reason(exc)))
+                say(f"DWNP round {r + 1}: device {n} dropped: {dropped[-1][1]}")
+                continue
+            if fault_fn is not None:
+                out = fault_fn(r, n, w_state, hn_state)
+                if out is None:
+                    dropped.append((n, "no reply"))
+                    continue
+                w_state, hn_state = out
+            why = (_weights_problem(w_state, net, [w for _, w, _ in replies])
+                   or state_problem(hn_state, ref_hn, "hypernetwork"))
+            if why is not None:
+                rejected.append((n, why))
+                say(f"DWNP round {r + 1}: rejected device {n}: {why}")
+                continue
+            replies.append((n, w_state, hn_state))
+            parts += dev_parts
+        note = ""
+        if replies:
+            devs = [n for n, _, _ in replies]
+            w_new = average_states([w for _, w, _ in replies], [1.0] * len(replies))
+            hn_new = merge_hypernetwork_states([h for _, _, h in replies], devs, ref_hn)
+            net.load_state_dict(w_new)
+            hn.load_state_dict(hn_new)
+        else:
+            note = "nobody returned a valid update: W and HN are left unchanged"
+            say(f"DWNP round {r + 1}: {note}")
         with torch.no_grad():
             a0 = hn.deterministic_masks(0)
             ratios = [float(fm.flops(_mul(a0, hn.deterministic_masks(n)))) / total for n in range(1, n_dev + 1)]
         rec = {"round": r + 1, "server_ratio": float(fm.flops(a0)) / total, "device_ratios": ratios,
                "task": sum(p["task"] for p in parts) / max(len(parts), 1),
                "server_reg": sum(p["server"] for p in parts) / max(len(parts), 1),
-               "device_reg": sum(p["devices"] for p in parts) / max(len(parts), 1)}
+               "device_reg": sum(p["devices"] for p in parts) / max(len(parts), 1),
+               "accepted": [n for n, _, _ in replies], "rejected": rejected, "dropped": dropped, "note": note}
         history.append(rec)
+        if checkpoint is not None:
+            _ck.save_round(checkpoint, r + 1, desc, net, hn, history, base_acc)
         say(f"DWNP round {r + 1}: task {rec['task']:.4f}, server ratio {rec['server_ratio']:.3f}, devices "
             + ", ".join(f"{x:.3f}" for x in ratios))
 
