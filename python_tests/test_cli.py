@@ -68,6 +68,23 @@ def test_python_dash_m_slimkern_help():
     assert r.returncode == 0 and "demo" in r.stdout and "train" in r.stdout
 
 
+def test_help_names_every_registered_command():
+    """The usage line and the command list of `slimkern -h` name every command the parser
+    registers (a fixed metavar once hid sr, scaling, deploy and study)."""
+    import argparse
+    import re
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    commands = list(sub.choices)
+    assert {"train", "fl", "search", "prune", "sr", "scaling", "deploy", "paradis", "study"} <= set(commands)
+    text = parser.format_help()
+    usage = re.search(r"\{([a-z,]+)\}", text).group(1).split(",")
+    assert usage == commands
+    listed = re.findall(r"^    (\w+)\s", text, flags=re.M)  # one help line per command
+    assert listed == commands
+
+
 def test_malformed_and_unknown_config(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [resnet20\nlr: 0.1\n")

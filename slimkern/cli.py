@@ -97,7 +97,7 @@ def _add_options(p: argparse.ArgumentParser, defaults: dict) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimkern", description="Slimmable and ParaDiS networks: train, "
                                      "evaluate, export.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,export,info,demo,fl,search,prune,paradis}")
+    sub = parser.add_subparsers(dest="command")  # no fixed metavar: argparse lists every command added
     sub.required = True
     _add_options(sub.add_parser("train", help="train a slimmable / ParaDiS network"), {})
     pe = sub.add_parser("eval", help="calibrate BN and evaluate a run's checkpoint")
