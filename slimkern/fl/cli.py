@@ -29,7 +29,8 @@ _HELP = {
              "chosen on the model's profile: 'phone={macs=2M,devices=2}:0.3' (keys macs, params, "
              "memory = parameter + peak activation bytes, devices; suffixes k/M/G, memory also "
              "KB/MB/GB/KiB/MiB/GiB); both forms mix",
-    "strategies": "paradis, heterofl, fedavg, fedrolex, fjord, clustered (several to compare)",
+    "strategies": "paradis, heterofl, fedavg, fedrolex, fjord, clustered, otfusion (several to compare); "
+                  "dwnp alone (device-wise pruning with a hypernetwork; slimkern.fl.dwnp)",
     "clients": "number of clients", "partition": "iid, dirichlet or shards",
     "alpha": "Dirichlet concentration (label skew; smaller = more skewed)",
     "classes_per_client": "shards: classes per client",
@@ -55,10 +56,16 @@ _HELP = {
                 "statistics travel and are averaged)",
     "fjord_kd": "fjord: self-distillation from p_max in every local step",
     "engine": "simulate (in process) or flower (write a Flower app to --out; see docs/flower.md)",
+    "p_server": "dwnp: the server model's FLOPs ratio target (0: the largest device target)",
+    "p_devices": "dwnp: device FLOPs ratio targets, one for all or one per client (default: from each "
+                 "client's tier: [w] -> MACs at [w] / MACs at [1.0], {macs=M} -> M / MACs at [1.0])",
+    "lr_hn": "dwnp: Adam learning rate of the mask hypernetwork", "lam": "dwnp: lambda of eq. 4 (FLOPs term)",
+    "regularizer": "dwnp: R of eq. 4, abs_log |log(T/T*)| or sq_log (log(T/T*))^2",
+    "project": "dwnp: project a learned mask off its target by more than 5%% onto the target",
 }
 
 
-_CHOICES = {"engine": ("simulate", "flower"), "fjord_bn": ("server", "travel")}
+_CHOICES = {"engine": ("simulate", "flower"), "fjord_bn": ("server", "travel"), "regularizer": ("abs_log", "sq_log")}
 
 
 def _add_options(p: argparse.ArgumentParser, defaults: dict) -> None:
@@ -125,17 +132,27 @@ def _load_config(path: str) -> dict:
     return data
 
 
-def resolve(args: argparse.Namespace, preset: dict | None = None) -> dict:
+def given(args: argparse.Namespace, preset: dict | None = None) -> dict:
+    """The options the user gave (preset, then the config file, then the flags)."""
     cfg = dict(preset or {})
     if getattr(args, "config", None):
         cfg.update(_load_config(args.config))
     cfg.update({k: v for k, v in vars(args).items() if k in DEMO_FL})
-    return {**DEMO_FL, **cfg}
+    return cfg
 
 
-def _run(cfg: dict, args) -> int:
+def resolve(args: argparse.Namespace, preset: dict | None = None) -> dict:
+    return {**DEMO_FL, **given(args, preset)}
+
+
+def _run(cfg: dict, args, preset: dict | None = None) -> int:
     from slimkern.fl.demo import run_fl_demo
     from slimkern.fl.strategy import STRATEGIES
+
+    if "dwnp" in cfg["strategies"]:  # not a rule of the round object: its own loop (slimkern.fl.dwnp)
+        from slimkern.fl.dwnp import run_fl_dwnp
+        run_fl_dwnp(given(args, preset), progress=getattr(args, "progress", True), resume=getattr(args, "resume", False))
+        return 0
 
     bad = [s for s in cfg["strategies"] if s not in STRATEGIES]
     if bad:
@@ -177,7 +194,7 @@ def _guarded(command: str, cfg_preset: dict, args) -> int:
     traceback (Ctrl-C still stops the run)."""
     try:
         cfg = resolve(args, cfg_preset)
-        return _run(cfg, args)
+        return _run(cfg, args, cfg_preset)
     except Exception as exc:  # noqa: BLE001 - the command line reports, it does not crash
         print(f"slimkern {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -50,6 +50,9 @@ DEMO_FL: dict = {
     # rule options (slimkern.fl.heterofl_local for heterofl/fedrolex, slimkern.fl.fjord_bn for fjord)
     "label_split": True, "scaler": True, "clip_norm": 1.0, "dynamic": False, "fjord_bn": "server", "fjord_kd": False,
     "engine": "simulate",
+    # DWNP options (slimkern fl --strategy dwnp; slimkern.fl.dwnp): FLOPs targets (p_devices empty: from the
+    # tiers; p_server 0: the largest device target), hypernetwork Adam lr, lambda of eq. 4, R, mask projection
+    "p_server": 0.0, "p_devices": [], "lr_hn": 1e-3, "lam": 2.0, "regularizer": "abs_log", "project": True,
 }
 
 

@@ -185,13 +185,8 @@ def _dwnp(args, seed, log):
                        p_devices=p_dev, rounds=args.rounds, local_epochs=args.local_epochs, lr_w=args.lr_w,
                        lr_hn=args.lr_hn, lam=args.lam, regularizer=args.regularizer, batch_size=args.batch_size,
                        project=not args.no_project, base_fedavg=not args.no_base, seed=seed, log=log)
-    s = r.summary()
-    s["seed"] = seed
-    s["models"] = {f"p{d.index}": d.model.state_dict() for d in [r.server] + r.devices}
-    s["server"]["keep"] = r.server.keep
-    for d, ds in zip(r.devices, s["devices"]):
-        ds["keep"] = d.keep
-    return s
+    from slimkern.prune.run_folder import dwnp_record
+    return dwnp_record(r, seed)
 
 
 def _server_data(args, seed):

@@ -15,7 +15,7 @@ import os
 from slimkern.report import atomic_write_text
 from slimkern.train.checkpoint import atomic_save
 
-__all__ = ["write_dac_run", "write_dwnp_run", "write_gate_run", "write_sweep_run"]
+__all__ = ["dwnp_record", "write_dac_run", "write_dwnp_run", "write_gate_run", "write_sweep_run"]
 
 
 def _csv(rows: list[dict], fields: list[str]) -> str:
@@ -75,6 +75,19 @@ def write_dac_run(out: str, runs: list[dict], meta: dict) -> list[str]:
     _savefig(fig, os.path.join(out, "dac.png"))
     plt.close(fig)
     return paths + [os.path.join(out, "dac.png")]
+
+
+def dwnp_record(result, seed: int) -> dict:
+    """One seed's entry of a DWNP run folder: ``result.summary()`` (a ``DWNPResult``) with the
+    seed, every participant's kept channels and ``models`` (``{"p<n>": state_dict}``, n = 0 the
+    server) for ``write_dwnp_run``."""
+    s = result.summary()
+    s["seed"] = seed
+    s["models"] = {f"p{d.index}": d.model.state_dict() for d in [result.server] + result.devices}
+    s["server"]["keep"] = result.server.keep
+    for d, ds in zip(result.devices, s["devices"]):
+        ds["keep"] = d.keep
+    return s
 
 
 def write_dwnp_run(out: str, runs: list[dict], meta: dict) -> list[str]:
