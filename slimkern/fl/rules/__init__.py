@@ -52,6 +52,9 @@ def get_rule(rule) -> Rule:
         return rule
     if isinstance(rule, str) and rule in REGISTRY:
         return RULES[rule]()
+    if rule == "dwnp":  # per-device masks + a hypernetwork: not a rule of the round object
+        raise ValueError("dwnp is not a rule of slimkern.fl.server: run it with slimkern.fl.dwnp.run_fl_dwnp or "
+                         "slimkern.prune.dwnp_federated (slimkern fl --strategy dwnp does)")
     raise ValueError(f"unknown strategy {rule!r}; choose one of {sorted(REGISTRY)}")
 
 
