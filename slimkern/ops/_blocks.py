@@ -183,8 +183,17 @@ def choose_backend(backend, x: torch.Tensor, op: str) -> str:
     return "torch"
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def _has_kernel(op: str, device_type: str) -> bool:
+    """Whether the loaded extension has a ``device_type`` kernel for ``slimkern::<op>``.
+
+    torch.compile folds this to a constant: the dispatcher query returns a bool, which Dynamo
+    cannot put in a graph (without the mark every op call was a graph break)."""
+    return _has_kernel_cached(op, device_type)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_kernel_cached(op: str, device_type: str) -> bool:
     # Cached: the loaded extension's registrations do not change, and the dispatcher query
     # cost 20-40 us per op call on a busy 2-core machine (a tenth of a small conv).
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)

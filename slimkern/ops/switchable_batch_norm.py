@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from slimkern import _library
-from slimkern.ops._blocks import as_index, int_tensor_list
+from slimkern.ops._blocks import _has_kernel, as_index, int_tensor_list
 
 __all__ = ["switchable_batch_norm", "not_supported_reasons", "ACTIVATIONS", "BACKENDS"]
 
@@ -132,7 +132,7 @@ def not_supported_reasons(x: torch.Tensor, backend: str) -> list[str]:
             reasons.append(f"the C++ CPU kernels support float32 and float64, got {x.dtype}")
         elif x.device.type not in ("cpu", "cuda"):
             reasons.append(f"no C++ kernels for device {x.device.type}")
-        elif x.device.type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(f"slimkern::{_OP}", "CUDA"):
+        elif x.device.type == "cuda" and not _has_kernel(_OP, "cuda"):
             reasons.append("slimkern was built without CUDA kernels")
     elif backend == "triton":
         if not _triton_available():

@@ -15,5 +15,5 @@ from slimkern.train.trainer import Trainer, run_switches
 
 __all__ = ["IndividualTrainer", "ParaDiSTrainer", "SandwichTrainer", "Trainer", "atomic_save", "feature_mse",
            "kd_loss", "load_checkpoint", "lr_factor", "make_optimizer", "make_scheduler", "run_switches", "set_seed"]
-from slimkern.train.packed_step import packed_step  # noqa: E402,F401
+from slimkern.train.packed_step import packed_loss, packed_step  # noqa: E402,F401
 from slimkern.train.memory import keep_freed_memory  # noqa: E402,F401

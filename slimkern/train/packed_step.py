@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["packed_step"]
+__all__ = ["packed_loss", "packed_step"]
 
 
 def packed_step(net: nn.Module, x: torch.Tensor, switches: Sequence,
@@ -59,21 +59,57 @@ def packed_step(net: nn.Module, x: torch.Tensor, switches: Sequence,
     prev: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     losses: list[torch.Tensor] = []
     for g0 in range(0, len(sws), group_size):
-        group = sws[g0:g0 + group_size]
-        if features:
-            logits, feats = slimkern.forward_switches(net, x, group, return_features=True)
-        else:
-            logits, feats = slimkern.forward_switches(net, x, group), [None] * len(group)
-        total = None
-        for j, (z, f) in enumerate(zip(logits, feats)):
-            i = g0 + j
-            loss = loss_fn(i, z, f, prev)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                raise ValueError(f"loss_fn must return a scalar tensor, got {got} for switch {i}")
-            prev.append((z.detach(), f.detach() if f is not None else None))
-            losses.append(loss.detach())
-            total = loss if total is None else total + loss
+        total, group_losses = packed_loss(net, x, sws[g0:g0 + group_size], loss_fn, features=features, prev=prev)
+        losses += group_losses
         if total.requires_grad:
             total.backward()
     return losses
+
+
+def packed_loss(net: nn.Module, x: torch.Tensor, switches: Sequence,
+                loss_fn: Callable[[int, torch.Tensor, torch.Tensor | None, list], torch.Tensor],
+                features: bool = True, prev: list | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The forward half of :func:`packed_step` for one packed group: :math:`\\sum_i \\mathcal{L}_i`
+    over ``switches`` from ONE ``forward_switches`` pass, without the backward.
+
+    It is the part to hand to ``torch.compile``: with the slimkern ops' fake kernels and
+    autograd registrations the whole pass (plan, packed ops, fusion, losses) is one graph
+    (``fullgraph=True`` holds), and ``total.backward()`` runs the compiled backward::
+
+        step = torch.compile(slimkern.train.packed_loss, fullgraph=True)
+        total, losses = step(net, x, switches, loss_fn)
+        total.backward()
+
+    Args as in :func:`packed_step`; ``prev`` is the list of detached ``(logits, feats)`` of the
+    switches of earlier groups (None: this group is the first). Switch ``j`` of this group is
+    switch ``i = len(prev)`` for ``loss_fn`` when its turn comes; its targets are appended to
+    ``prev`` in place, so consecutive groups chain.
+
+    Returns ``(total, losses)``: the summed loss (with its graph) and the per-switch losses
+    (detached).
+    """
+    import slimkern
+
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if prev is None:
+        prev = []
+    elif not isinstance(prev, list):
+        raise TypeError(f"prev must be a list of (logits, feats) pairs or None, got {type(prev).__name__}")
+    if features:
+        logits, feats = slimkern.forward_switches(net, x, switches, return_features=True)
+    else:
+        logits = slimkern.forward_switches(net, x, switches)
+        feats = [None] * len(logits)
+    total = None
+    losses: list[torch.Tensor] = []
+    for z, f in zip(logits, feats):
+        i = len(prev)
+        loss = loss_fn(i, z, f, prev)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"loss_fn must return a scalar tensor, got {got} for switch {i}")
+        prev.append((z.detach(), f.detach() if f is not None else None))
+        losses.append(loss.detach())
+        total = loss if total is None else total + loss
+    return total, losses
