@@ -137,7 +137,24 @@ def run_fl_dwnp(cfg: Mapping | None = None, progress: bool = True, resume: bool 
     """Runs DWNP with ``DWNP_FL`` overridden by ``cfg`` (the options the user gave; keys of
     ``slimkern.fl.demo.DEMO_FL``) and writes the run folder ``cfg["out"]``; returns the report
     (``{"meta", "runs": [DWNPResult.summary() + seed, device tiers, kept channels]}``).
-    ``fault_fn``: as ``dwnp_federated``'s (robustness tests)."""
+    ``fault_fn``: as ``dwnp_federated``'s (robustness tests). A run that fails removes the
+    folder it created unless it holds a checkpoint."""
+    given = dict(cfg or {})
+    if isinstance(given.get("strategies"), str):
+        given["strategies"] = [given["strategies"]]
+    cfg = {**DWNP_FL, **given}
+    ignored = _check(given, cfg)
+    out = cfg["out"]
+    existed = os.path.exists(out)
+    try:
+        return _run(cfg, ignored, progress, resume, fault_fn)
+    except BaseException:
+        from slimkern.cli import _remove_unfinished_run  # the experiment commands' rule: no half-written folder
+        _remove_unfinished_run(out, existed)
+        raise
+
+
+def _run(cfg: dict, ignored: list[str], progress: bool, resume: bool, fault_fn) -> dict:
     from torch.utils.data import Subset, TensorDataset
 
     from slimkern.fl.demo import load_digits_split
@@ -148,11 +165,6 @@ def run_fl_dwnp(cfg: Mapping | None = None, progress: bool = True, resume: bool 
     from slimkern.prune.summary import dwnp_summary
     from slimkern.report import atomic_write_text
 
-    given = dict(cfg or {})
-    if isinstance(given.get("strategies"), str):
-        given["strategies"] = [given["strategies"]]
-    cfg = {**DWNP_FL, **given}
-    ignored = _check(given, cfg)
     t0 = time.perf_counter()
     out = cfg["out"]
     os.makedirs(out, exist_ok=True)
