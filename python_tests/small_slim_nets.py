@@ -28,6 +28,21 @@ class TinyResNet(SlimNet):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class TinyConvBN(SlimNet):
+    """conv3x3 (3 -> 8, image not sliced) -> BN(relu) -> spatial mean -> classifier 8 -> 4 (fused):
+    the smallest net with every kind of slim layer a training recipe touches."""
+
+    def __init__(self, max_width=1.5):
+        super().__init__()
+        kw = dict(max_width=max_width)
+        self.c1 = SlimConv2d(3, 8, 3, 1, 1, bias=False, slice_in=False, **kw)
+        self.b1 = SwitchableBatchNorm2d(8, activation="relu", **kw)
+        self.fc = SlimLinear(8, 4, slice_out=False, **kw)
+
+    def forward(self, x):
+        return self.fc(self.b1(self.c1(x)).mean((2, 3)))
+
+
 def train_stats(net, switches, steps=3, shape=(4, 3, 8, 8), seed=0):
     """A few training-mode passes per switch so every BN row holds real statistics."""
     g = torch.Generator().manual_seed(seed)

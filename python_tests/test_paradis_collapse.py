@@ -15,22 +15,11 @@ from torch.utils.data import TensorDataset
 import slimkern as sk
 from slimkern import train as T
 from slimkern.train.collapse import CollapseGuard, TrainingCollapsed
+from small_slim_nets import TinyConvBN
 
 
 class _Stop(Exception):
     pass
-
-
-class Tiny(sk.nn.SlimNet):
-    def __init__(self, max_width=1.5):
-        super().__init__()
-        kw = dict(max_width=max_width)
-        self.c1 = sk.nn.SlimConv2d(3, 8, 3, 1, 1, bias=False, slice_in=False, **kw)
-        self.b1 = sk.nn.SwitchableBatchNorm2d(8, activation="relu", **kw)
-        self.fc = sk.nn.SlimLinear(8, 4, slice_out=False, **kw)
-
-    def forward(self, x):
-        return self.fc(self.b1(self.c1(x)).mean((2, 3)))
 
 
 def _separable(n=64, seed=0):
@@ -87,7 +76,7 @@ def test_guard_validates():
     with pytest.raises(RuntimeError, match="no step"):
         CollapseGuard().chance()
     with pytest.raises(ValueError, match="clip_grad_norm"):
-        T.IndividualTrainer(Tiny(), "[1.0]x", clip_grad_norm=0.0, progress=False)
+        T.IndividualTrainer(TinyConvBN(), "[1.0]x", clip_grad_norm=0.0, progress=False)
 
 
 @pytest.mark.parametrize("recipe", ["paradis", "sandwich", "individual"])
@@ -96,7 +85,7 @@ def test_dead_network_is_reported(recipe):
     data = _separable()
 
     def make(**kw):
-        net = _dead(Tiny())
+        net = _dead(TinyConvBN())
         if recipe == "paradis":
             return T.ParaDiSTrainer(net, ["[1.5]x", "[1.0]x", "[0.5, 0.5]x"], lr=0.05, progress=False, **kw)
         if recipe == "sandwich":
@@ -117,7 +106,7 @@ def test_dead_network_is_reported(recipe):
 
 def test_healthy_run_is_not_reported():
     torch.manual_seed(0)
-    tr = T.ParaDiSTrainer(Tiny(), ["[1.5]x", "[1.0]x", "[0.5, 0.5]x"], lr=0.05, progress=False,
+    tr = T.ParaDiSTrainer(TinyConvBN(), ["[1.5]x", "[1.0]x", "[0.5, 0.5]x"], lr=0.05, progress=False,
                           fail_on_collapse=True)
     hist = tr.fit(_separable(), epochs=3, batch_size=16)
     assert all("collapsed" not in h for h in hist)
@@ -130,7 +119,7 @@ def test_clipping_bounds_the_step():
     torch.manual_seed(0)
     data = _separable(16)
     x, y = data.tensors
-    net = Tiny()
+    net = TinyConvBN()
     ref = {n: p.detach().clone() for n, p in net.named_parameters()}
     with sk.use_switch(net, sk.Switch([1.0])):
         loss = F.cross_entropy(net(x), y)

@@ -41,6 +41,26 @@ class SwitchResult:
         return self.macs / 1e6
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: float | None = None, **savefig_kw) -> None:
+    """Saves a matplotlib figure atomically and closes it: a temporary file in the target's
+    folder (created if missing), then ``os.replace``; the temporary file is removed on error.
+    ``dpi`` None keeps the figure's own dpi; ``savefig_kw`` go to ``fig.savefig``."""
+    import matplotlib.pyplot as plt
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1] or ".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, **({"dpi": dpi} if dpi is not None else {}), **savefig_kw)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -153,15 +173,4 @@ class Report:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1] or ".png")
-        os.close(fd)
-        try:
-            fig.savefig(tmp)
-            os.replace(tmp, path)
-        finally:
-            plt.close(fig)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        save_figure(fig, path)

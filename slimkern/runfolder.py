@@ -55,17 +55,6 @@ def summarize(rows: Sequence[dict], keys: Sequence[str], value: str, carry: Sequ
     return out
 
 
-def save_figure(fig, path: str | os.PathLike) -> None:
-    """Saves a matplotlib figure atomically (tmp file + ``os.replace``) and closes it."""
-    import matplotlib.pyplot as plt
-
-    path = os.fspath(path)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def add_options(p, defaults: dict, list_types: dict | None = None) -> None:
     """One ``--flag`` per key of ``defaults`` (dashes for underscores): booleans as
     ``--x/--no-x``, lists as ``nargs="+"`` of ``list_types[key]`` (default str)."""

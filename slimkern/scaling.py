@@ -25,8 +25,9 @@ import logging
 import os
 import time
 
+from slimkern.report import save_figure
 from slimkern.runfolder import add_options as _add
-from slimkern.runfolder import experiment_main, save_figure, start, summarize, write_csv, write_json
+from slimkern.runfolder import experiment_main, start, summarize, write_csv, write_json
 
 log = logging.getLogger("slimkern.scaling")
 
@@ -122,7 +123,7 @@ def plot(summary: list[dict], path: str) -> None:
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, dpi=130)
 
 
 def run(cfg: dict) -> dict:

@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import torch
 
-from slimkern.runfolder import experiment_main, save_figure, write_csv, write_json
+from slimkern.runfolder import experiment_main, write_csv, write_json
+from slimkern.report import save_figure
+from slimkern.timing import time_calls, timing_stats
 
 DEFAULTS: dict = {
     "model": "mobilenet_v1", "width_mult": 1.0, "image_size": 32, "batch_sizes": [1, 16], "iters": 30,
@@ -59,17 +59,6 @@ def _net(cfg):
         torch.manual_seed(cfg["seed"])
         net = build(cfg["model"], num_classes=10, width_mult=cfg["width_mult"])
     return net.eval(), (1, 3, cfg["image_size"], cfg["image_size"])
-
-
-def _time(f, x, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        f(x)
-    out = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        f(x)
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def run(cfg: dict) -> dict:
@@ -111,12 +100,11 @@ def run(cfg: dict) -> dict:
                     ref = slimkern.forward_switches(net, x, [sw])[0]
                     diff = float((f(x) - ref).abs().max())
                     load = os.getloadavg()[0]
-                    ts = _time(f, x, cfg["warmup"], cfg["iters"])
-                med = statistics.median(ts)
-                q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [med] * 9
+                    t = timing_stats(time_calls(f, x, warmup=cfg["warmup"], repeats=cfg["iters"]))
+                med = t["median"]
                 rows.append({"config": name, "switch": str(sw), "workers": workers, "batch": bs,
-                             "latency_ms_median": round(1e3 * med, 3), "latency_ms_p10": round(1e3 * q[0], 3),
-                             "latency_ms_p90": round(1e3 * q[-1], 3), "throughput_img_s": round(bs / med, 1),
+                             "latency_ms_median": round(1e3 * med, 3), "latency_ms_p10": round(1e3 * t["p10"], 3),
+                             "latency_ms_p90": round(1e3 * t["p90"], 3), "throughput_img_s": round(bs / med, 1),
                              "macs_total": prof.macs * bs, "macs_max_device": prof.max_device_macs * bs,
                              "max_abs_diff_vs_forward_switches": diff, "load_avg_1min": round(load, 2)})
         finally:
@@ -157,7 +145,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.grid(True, axis="y", alpha=0.3)
     fig.suptitle("ParaDiS deployment: one worker process (1 thread) per branch", fontsize=10)
     fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, dpi=130)
 
 
 def add_options(p: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ from slimkern.nas.platforms import WEIGHT_SETTINGS, Platform
 from slimkern.nas.search import search
 from slimkern.nas.space import AOWS_FRACTIONS, search_space
 from slimkern.nas.train import ConfigTrainer, WidthSearchTrainer
-from slimkern.report import atomic_write_text
+from slimkern.report import atomic_write_text, save_figure
 from slimkern.switch import Switch
 
 log = logging.getLogger("slimkern.nas")
@@ -308,8 +308,6 @@ def _write_reports(c, run, done) -> dict:
 
 def _plot_channels(c, run, done, path):
     """Channels per layer of platforms #6 and #7 (first seed's OWS / AOWS searches) against uniform scaling."""
-    import tempfile
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -331,16 +329,7 @@ def _plot_channels(c, run, done, path):
         ax.set_ylabel("channels")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_figure(fig, path, dpi=110)
 
 
 def format_table(summary: list[dict]) -> str:

@@ -19,7 +19,6 @@ held-out configurations.
 from __future__ import annotations
 
 import numbers
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -42,6 +41,7 @@ def measure_latency(net, space: SearchSpace, paths, input_size, repeats: int = 5
 
     from slimkern.nas.train import drop_bn_rows
     from slimkern.nn.switching import use_switch
+    from slimkern.timing import time_calls, timing_stats
 
     for what, v in (("repeats", repeats), ("warmup", warmup)):
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < (1 if what == "repeats" else 0):
@@ -57,14 +57,8 @@ def measure_latency(net, space: SearchSpace, paths, input_size, repeats: int = 5
             for path in tqdm(list(paths), desc="timing configurations", disable=not progress, leave=False):
                 sw = space.switch(path)
                 with use_switch(net, sw):
-                    for _ in range(warmup):
-                        net(x)
-                    ts = []
-                    for _ in range(repeats):
-                        t0 = time.perf_counter()
-                        net(x)
-                        ts.append(time.perf_counter() - t0)
-                out.append(float(np.median(ts) if reduction == "median" else np.min(ts)))
+                    ts = timing_stats(time_calls(net, x, warmup=warmup, repeats=repeats))
+                out.append(ts[reduction])
                 drop_bn_rows(net, [sw])
     finally:
         net.train(was_training)

@@ -196,7 +196,7 @@ def _plot(out, sets, seconds, models, macs):
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         return
-    from slimkern.prune.run_folder import _savefig
+    from slimkern.report import save_figure
 
     yv = seconds["validation"] * 1e3
     names = [k for k in models if k[0] == "biased"]
@@ -212,5 +212,4 @@ def _plot(out, sets, seconds, models, macs):
         ax.set_xlabel("measured ms")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("predicted ms")
-    _savefig(fig, os.path.join(out, "latency.png"))
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "latency.png"), dpi=120, bbox_inches="tight")

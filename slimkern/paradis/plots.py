@@ -2,30 +2,12 @@
 grouped bars with the seeds' standard deviation as error bars."""
 from __future__ import annotations
 
-import os
-import tempfile
+from slimkern.report import save_figure
 
 
 def _macs_label(v: float, _=None) -> str:
     """0.25M, 1M, 3.1M: millions of multiply-adds, short enough for a tick."""
     return f"{v / 1e6:.2g}M" if v >= 1e5 else f"{v / 1e3:.3g}k"
-
-
-def _save(fig, path) -> None:
-    import matplotlib.pyplot as plt
-
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def figure4(points: dict, path, title: str) -> None:
@@ -90,7 +72,7 @@ def figure4(points: dict, path, title: str) -> None:
     uniq = dict(zip(labels, handles))
     ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="lower right")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def grouped_bars(groups: list[str], series: list[tuple[str, list]], path, title: str, ylabel: str) -> None:
@@ -120,4 +102,4 @@ def grouped_bars(groups: list[str], series: list[tuple[str, list]], path, title:
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="lower left", ncol=2)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

@@ -38,8 +38,9 @@ import time
 
 import torch
 
+from slimkern.report import save_figure
 from slimkern.runfolder import add_options as _add
-from slimkern.runfolder import experiment_main, save_figure, start, summarize, write_csv, write_json
+from slimkern.runfolder import experiment_main, start, summarize, write_csv, write_json
 
 log = logging.getLogger("slimkern.sr")
 
@@ -192,7 +193,7 @@ def plot(summary: list[dict], path: str, title: str, us_label: str = "US-Nets (s
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, dpi=130)
 
 
 def run(cfg: dict) -> dict:

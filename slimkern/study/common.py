@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slimkern.report import atomic_write_text
+from slimkern.report import atomic_write_text, save_figure  # save_figure: re-exported for the studies
 
 __all__ = ["train_central", "accuracy", "calibrate", "mean_std", "fmt", "write_json", "write_csv", "save_figure"]
 
@@ -93,12 +93,3 @@ def write_csv(path: str, rows: list[dict]) -> None:
 
 def makedirs(path: str) -> None:
     os.makedirs(path, exist_ok=True)
-
-
-def save_figure(fig, path: str, dpi: int = 120) -> None:
-    """Writes a matplotlib figure atomically (temp file, ``os.replace``) and closes it."""
-    import matplotlib.pyplot as plt
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
