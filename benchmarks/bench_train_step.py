@@ -39,6 +39,7 @@ from _process import setup_allocator, write_results  # noqa: E402
 MALLOC = setup_allocator()
 
 BATCH, THREADS, MAX_WIDTH, RES = 64, 2, 1.2, 32  # RES: input height and width
+DEVICE = "cpu"  # --device cuda: the same steps on a GPU (benchmarks/gpu_check.py)
 MODELS = {"mobilenet_v1": 1.0, "resnet20": 1.0}  # width_mult: a plain step well under 2 s here
 PROVIDERS = ("slimkern_packed", "slimkern_groups", "slimkern_single", "plain_torch")
 GROUP_SIZE = 2
@@ -61,15 +62,17 @@ def make_case(model: str, step: str, provider: str):
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    net = build(model, max_width=MAX_WIDTH, width_mult=MODELS[model]).train()
+    net = build(model, max_width=MAX_WIDTH, width_mult=MODELS[model]).train().to(DEVICE)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, 3, RES, RES, generator=g)
     y = torch.randint(0, 10, (BATCH,), generator=g)
+    x, y = x.to(DEVICE), y.to(DEVICE)
     sws = step_switches(step)
     loss_fn = P.paradis_loss(y, beta=1.0) if step == "paradis" else P.sandwich_loss(y)
     features = step == "paradis"
     if provider == "plain_torch":
-        plain = P.build_plain(model, max_width=MAX_WIDTH, width_mult=MODELS[model], num_switches=len(sws)).train()
+        plain = P.build_plain(model, max_width=MAX_WIDTH, width_mult=MODELS[model], num_switches=len(sws))
+        plain = plain.train().to(DEVICE)
         P.load_from_slim(plain, net)
         branches = [sk.Switch.parse(s).branches for s in sws]
 
@@ -168,12 +171,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=ROUNDS)
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                     help="measure each provider's peak memory in a fresh process")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (no memory measurement on cuda)")
     args = ap.parse_args(argv)
+    if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
+        ap.error(f"--device must be cpu or cuda (with a CUDA device present), got {args.device!r}")
+    global DEVICE
+    DEVICE = args.device
     warnings.simplefilter("ignore")
     benches = []
     for model in MODELS:
         for step in ("paradis", "sandwich"):
-            mem = {p: measure_memory(model, step, p) if args.memory else {} for p in PROVIDERS}
+            mem = {p: measure_memory(model, step, p) if args.memory and DEVICE == "cpu" else {} for p in PROVIDERS}
             cases = {p: make_case(model, step, p) for p in PROVIDERS}
             for run, _ in cases.values():
                 run()
@@ -182,6 +190,8 @@ def main(argv=None) -> int:
                 for p in PROVIDERS[r % len(PROVIDERS):] + PROVIDERS[:r % len(PROVIDERS)]:
                     c0, t0 = time.process_time(), time.perf_counter()
                     cases[p][0]()
+                    if DEVICE != "cpu":
+                        torch.cuda.synchronize()
                     cpu[p].append(time.process_time() - c0)
                     wall[p].append(time.perf_counter() - t0)
             group = f"train_step/{model}/{step}"
@@ -193,7 +203,7 @@ def main(argv=None) -> int:
                     extra_info=dict(provider=p, model=model, step=step, switches=cases[p][1], batch=BATCH,
                                     threads=torch.get_num_threads(), width_mult=MODELS[model], max_width=MAX_WIDTH,
                                     group_size=GROUP_SIZE if p == "slimkern_groups" else None, malloc=MALLOC,
-                                    interleaved=True, cpu_median_s=statistics.median(cpu[p]), **mem[p]),
+                                    interleaved=True, cpu_median_s=statistics.median(cpu[p]), device=DEVICE, **mem[p]),
                     options=dict(timer="time.perf_counter"),
                     stats=dict(min=min(d), max=max(d), mean=statistics.fmean(d), median=statistics.median(d),
                                rounds=len(d), data=d)))
