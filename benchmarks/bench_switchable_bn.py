@@ -8,6 +8,9 @@ one 1.0x switch, ParaDiS [0.5, 0.5] (two blocks sharing one stat row), and the s
     python benchmarks/summarize.py benchmarks/results/switchable_bn.json --bn
 
 SK_BENCH_THREADS=1 runs both providers on one thread (steadier on a shared, loaded machine).
+SK_BENCH_ROUNDS sets the timed rounds (15). SK_BENCH_DEVICE=cuda runs the same cases on a GPU
+with a third provider, slimkern_triton (the default backend there); slimkern_cpp is then the
+C++ CUDA kernel (benchmarks/gpu_check.py).
 """
 import os
 
@@ -34,6 +37,7 @@ TABLES = {
     "sandwich_1.0_0.5_0.25": lambda c: ([(0, c), (0, c // 2), (0, c // 4)], [0, 2, 3]),
 }
 BATCH = 64
+DEVICE = os.environ.get("SK_BENCH_DEVICE", "cpu")
 if os.environ.get("SK_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["SK_BENCH_THREADS"]))
 
@@ -57,10 +61,15 @@ def make_step(provider, shape, table):
     b = torch.randn(c, generator=g).requires_grad_(True)
     rm, rv = torch.zeros(4, c), torch.ones(4, c)
     gy = torch.randn(BATCH, cp, h, h, generator=g)
+    if DEVICE != "cpu":
+        x, w, b = (t.detach().to(DEVICE).requires_grad_(True) for t in (x, w, b))
+        rm, rv, gy = rm.to(DEVICE), rv.to(DEVICE), gy.to(DEVICE)
 
-    if provider == "slimkern_cpp":
+    if provider.startswith("slimkern_"):
+        backend = provider[len("slimkern_"):]
+
         def fwd():
-            return switchable_batch_norm(x, w, b, rm, rv, blocks, rows, True, 0.1, 1e-5, "relu", backend="cpp")
+            return switchable_batch_norm(x, w, b, rm, rv, blocks, rows, True, 0.1, 1e-5, "relu", backend=backend)
     else:
         def fwd():
             return per_block_reference(x, w, b, rm, rv, blocks, rows)
@@ -68,20 +77,24 @@ def make_step(provider, shape, table):
     def step():
         x.grad = w.grad = b.grad = None
         fwd().backward(gy)
+        if DEVICE != "cpu":
+            torch.cuda.synchronize()
 
     return step
 
 
-@pytest.mark.parametrize("provider", ["slimkern_cpp", "torch_per_block"])
+@pytest.mark.parametrize("provider", ["slimkern_cpp", "slimkern_triton", "torch_per_block"])
 @pytest.mark.parametrize("table", list(TABLES))
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_bn_relu_fwd_bwd(benchmark, provider, shape, table):
+    if provider == "slimkern_triton" and DEVICE == "cpu":
+        pytest.skip("the Triton provider runs on SK_BENCH_DEVICE=cuda")
     benchmark.group = f"bn_relu_fwd_bwd/{shape}/{table}"
     benchmark.extra_info.update(provider=provider, shape=shape, table=table, batch=BATCH, malloc=MALLOC,
-                                threads=torch.get_num_threads())
+                                threads=torch.get_num_threads(), device=DEVICE)
     step = make_step(provider, shape, table)
     step()
-    benchmark.pedantic(step, rounds=15, iterations=1, warmup_rounds=2)
+    benchmark.pedantic(step, rounds=int(os.environ.get("SK_BENCH_ROUNDS", "15")), iterations=1, warmup_rounds=2)
 
 
 if __name__ == "__main__":  # quick side-by-side without pytest-benchmark
