@@ -201,7 +201,7 @@ def graph_search(cm: GraphCostModel, stats, platforms, cost: str | None = None, 
     """Per platform, the configuration minimising the unary statistics under its MACs / params
     budget on a residual net (module docstring); same inputs and result as
     :func:`slimkern.nas.search` (``stats``: ``UnaryStats`` or an ``[L, K]`` array)."""
-    from slimkern.nas.search import PlatformResult, SearchResult, _cost_kind, _unary
+    from slimkern.nas.search import SearchResult, _cost_kind, _least_resource, _platform_results, _unary
 
     if not isinstance(cm, GraphCostModel):
         raise TypeError(f"graph_search needs a GraphCostModel (graph_cost_model(net, space, input_size)), "
@@ -212,11 +212,7 @@ def graph_search(cm: GraphCostModel, stats, platforms, cost: str | None = None, 
     space = cm.space
     u = _unary(stats, space)
     factors = cm.factors(kind)
-    least = float(cm.of_path(space.min_path(), kind))
-    for p in platforms:
-        if p.budget < least:
-            raise ValueError(f"platform {p.name!r}: budget {p.budget:.6g} {kind} is infeasible: the narrowest "
-                             f"configuration already needs {least:.6g} ({100 * p.budget / least:.1f}% of it)")
+    least = _least_resource(platforms, cm, kind)
     t0 = time.perf_counter()
     solve = _Lagrangian(space, u, factors, max_factor)
     P = len(platforms)
@@ -250,10 +246,4 @@ def graph_search(cm: GraphCostModel, stats, platforms, cost: str | None = None, 
             take = search_ & fits
             hi[take], best[take], gam[take] = mid[take], pm[take], mid[take]
             lo[search_ & ~fits] = mid[search_ & ~fits]
-    details = {}
-    for k, p in enumerate(platforms):
-        path = [int(i) for i in best[k]]
-        ch = space.channels(path)
-        details[p.name] = PlatformResult(p, Switch.from_channels(ch), path, ch, float(cm.evaluate(ch, kind)),
-                                         float(sum(u[l, i] for l, i in enumerate(path))), float(gam[k]))
-    return SearchResult(details, time.perf_counter() - t0)
+    return SearchResult(_platform_results(platforms, best, gam, cm, kind, u), time.perf_counter() - t0)

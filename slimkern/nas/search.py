@@ -109,6 +109,28 @@ def _cost_kind(platforms, cost):
     return kind
 
 
+def _least_resource(platforms, cm, kind) -> float:
+    """The resource of the narrowest configuration (every cost is monotone in the channels, so
+    no configuration needs less); ValueError naming the first platform whose budget is below."""
+    least = float(cm.of_path(cm.space.min_path(), kind))
+    for p in platforms:
+        if p.budget < least:
+            raise ValueError(f"platform {p.name!r}: budget {p.budget:.6g} {kind} is infeasible: the narrowest "
+                             f"configuration already needs {least:.6g} ({100 * p.budget / least:.1f}% of it)")
+    return least
+
+
+def _platform_results(platforms, paths, gammas, cm, kind, u) -> dict:
+    """``{platform name: PlatformResult}`` of one chosen choice path (and multiplier) per platform."""
+    details = {}
+    for k, p in enumerate(platforms):
+        path = [int(i) for i in paths[k]]
+        ch = cm.space.channels(path)
+        details[p.name] = PlatformResult(p, Switch.from_channels(ch), path, ch, float(cm.evaluate(ch, kind)),
+                                         float(sum(u[l, i] for l, i in enumerate(path))), float(gammas[k]))
+    return details
+
+
 def search(net, stats, platforms, cost: str | None = None, *, input_size=None, max_iter: int = 40,
            require_weights: bool = False) -> SearchResult:
     """Optimal width configuration of every platform (module docstring).
@@ -141,11 +163,7 @@ def search(net, stats, platforms, cost: str | None = None, *, input_size=None, m
     table = cm.table(kind)
     t0 = time.perf_counter()
     budgets = np.array([p.budget for p in platforms], dtype=np.float64)
-    least = float(cm.of_path(space.min_path(), kind))  # every cost is monotone in the channels
-    for p in platforms:
-        if p.budget < least:
-            raise ValueError(f"platform {p.name!r}: budget {p.budget:.6g} {kind} is infeasible: the narrowest "
-                             f"configuration already needs {least:.6g} ({100 * p.budget / least:.1f}% of it)")
+    _least_resource(platforms, cm, kind)
     from slimkern import solvers
     P = len(platforms)
     if kind == "peak_activation":
@@ -157,12 +175,8 @@ def search(net, stats, platforms, cost: str | None = None, *, input_size=None, m
                                      np.broadcast_to(table, (P,) + table.shape).copy(), budgets, max_iter)
         paths, gammas = res.path, res.gamma
     seconds = time.perf_counter() - t0
-    details = {}
-    for k, p in enumerate(platforms):
-        path = [int(i) for i in paths[k]]
-        ch = space.channels(path)
-        details[p.name] = PlatformResult(p, Switch.from_channels(ch), path, ch, float(cm.evaluate(ch, kind)),
-                                         float(sum(u[l, i] for l, i in enumerate(path))), float(gammas[k]))
+    details = _platform_results(platforms, paths, gammas, cm, kind, u)
+    for p in platforms:
         assert details[p.name].resource <= p.budget * (1 + 1e-9), "internal error: a path over its budget"
     return SearchResult(details, seconds)
 
