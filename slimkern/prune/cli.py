@@ -62,7 +62,14 @@ def _dac_server_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--last-channels", type=int, default=128)
     p.add_argument("--image-size", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--budgets", type=_budget, nargs="+", default=[{"macs_ratio": 0.5}, {"macs_ratio": 0.8}])
+    _dac_algorithm_args(p)
+
+
+def _dac_algorithm_args(p: argparse.ArgumentParser) -> None:
+    """DAC's budgets, server reference data, optimiser and Algorithm-1 options (dac, dac-sweep, dac-gates)."""
+    p.add_argument("--budgets", type=_budget, nargs="+", default=[{"macs_ratio": 0.5}, {"macs_ratio": 0.8}],
+                   help="budgets, assigned to clients round-robin: macs=.. / params=.. or macs_ratio=.. / "
+                        "params_ratio=..")
     p.add_argument("--reference-fraction", type=float, default=0.2, help="server reference data (of train)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--momentum", type=float, default=0.5)
@@ -87,20 +94,10 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     ps.required = True
     d = ps.add_parser("dac", help="DAC: Algorithm 1 per budget, then clustered FedAvg (Li & Sanyal)")
     _common(d, "runs/prune-dac")
-    d.add_argument("--budgets", type=_budget, nargs="+", default=[{"macs_ratio": 0.5}, {"macs_ratio": 0.8}],
-                   help="budgets, assigned to clients round-robin: macs=.. / params=.. or macs_ratio=.. / "
-                        "params_ratio=..")
-    d.add_argument("--reference-fraction", type=float, default=0.2, help="server reference data (of train)")
+    _dac_algorithm_args(d)
     d.add_argument("--local-epochs", type=_epochs, default=1, help="int or 'random' ({3,4,5} per client/round)")
-    d.add_argument("--lr", type=float, default=0.01)
-    d.add_argument("--momentum", type=float, default=0.5)
-    d.add_argument("--pretrain-epochs", type=int, default=5)
-    d.add_argument("--threshold", type=float, default=0.1)
-    d.add_argument("--guard-fraction", type=float, default=0.2)
-    d.add_argument("--finetune-epochs", type=int, default=1)
     d.add_argument("--no-width-baselines", action="store_true")
     d.add_argument("--full-baseline", action="store_true", help="also FedAvg the 1.0x model over all clients")
-    d.add_argument("--gate-lr", type=float, default=None, help="learning rate of the gates (default: --lr)")
     sw = ps.add_parser("dac-sweep", help="DAC Figures 4-5: clustered FedAvg vs number of clients, per scenario")
     _dac_server_args(sw, "runs/prune-dac-sweep")
     sw.add_argument("--client-counts", type=int, nargs="+", default=[2, 4, 8, 16])
