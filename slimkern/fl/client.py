@@ -37,7 +37,8 @@ from slimkern.fl import rolex as _rolex
 from slimkern.fl import validate as _validate
 from slimkern.fl.aggregate import Aggregator, ClientUpdate
 
-__all__ = ["Task", "train_task", "local_train", "local_batches", "client_generators", "client_aggregator", "as_tensors"]
+__all__ = ["Task", "train_task", "local_train", "local_batches", "client_generators", "client_indices", "received",
+           "client_aggregator", "as_tensors"]
 
 
 @dataclass
@@ -160,6 +161,26 @@ def local_train(net, X, Y, idx, sw, strategy, epochs, lr, batch_size, momentum, 
         local.__exit__(None, None, None)
 
 
+def client_indices(task: Task, indices, num_samples: int) -> np.ndarray:
+    """``indices`` as an array, checked non-empty and within the ``num_samples`` samples."""
+    indices = np.asarray(indices)
+    if indices.size == 0 or indices.min() < 0 or indices.max() >= num_samples:
+        raise ValueError(f"client {task.client}: indices must be non-empty and within the {num_samples} samples")
+    return indices
+
+
+def received(agg: Aggregator, flat: torch.Tensor, task: Task) -> torch.Tensor:
+    """A copy of the flat parameters ``flat`` with the task's received values written at the
+    elements of its download key (in the client's local, re-indexed coordinates)."""
+    where = agg.layout(_rolex.local_key(_rolex.download_key(task.key))).index
+    if task.values.shape != where.shape:
+        raise ValueError(f"task of client {task.client}: {task.values.numel()} values received, "
+                         f"the key {task.key} needs {where.numel()}")
+    flat = flat.clone()
+    flat[where] = task.values.to(flat.dtype)
+    return flat
+
+
 def train_task(model: torch.nn.Module, task: Task, X: torch.Tensor, Y: torch.Tensor, indices,
                augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
                agg: Aggregator | None = None) -> ClientUpdate:
@@ -168,19 +189,11 @@ def train_task(model: torch.nn.Module, task: Task, X: torch.Tensor, Y: torch.Ten
     the model's ``client_aggregator`` when the caller keeps one (its layouts are cached)."""
     if not isinstance(task, Task):
         raise TypeError(f"task must be a slimkern.fl.client.Task, got {type(task).__name__}")
-    indices = np.asarray(indices)
-    if indices.size == 0 or indices.min() < 0 or indices.max() >= len(X):
-        raise ValueError(f"client {task.client}: indices must be non-empty and within the {len(X)} samples")
+    indices = client_indices(task, indices, len(X))
     agg = agg or client_aggregator(model)
     params = dict(model.named_parameters())
-    down = _rolex.download_key(task.key)
-    where = agg.layout(_rolex.local_key(down)).index
-    if task.values.shape != where.shape:
-        raise ValueError(f"task of client {task.client}: {task.values.numel()} values received, "
-                         f"the key {task.key} needs {where.numel()}")
     with torch.no_grad():
-        flat = agg.flatten(params).clone()
-        flat[where] = task.values.to(flat.dtype)
+        flat = received(agg, agg.flatten(params), task)
         for n, t in agg.unflatten(flat).items():
             params[n].copy_(t)
     rule = task.rule

@@ -42,6 +42,7 @@ import torch
 
 from slimkern.fl.aggregate import ClientUpdate
 from slimkern.fl.partition import partition as _partition
+from slimkern.fl import batched as _batched
 from slimkern.fl import fingerprint as _fp
 from slimkern.fl import validate as _validate
 from slimkern.fl.client import as_tensors as _as_tensors, client_aggregator, local_train as _local_train, train_task
@@ -215,7 +216,7 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
              augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
              max_update_norm: float | None = None, max_num_samples: float | None = _validate.MAX_NUM_SAMPLES,
              switch_candidates: Sequence | None = None, server_step: ServerStep | None = None,
-             log: Callable[[str], None] | None = None) -> History:
+             client_batching: bool = False, log: Callable[[str], None] | None = None) -> History:
     """Federated training of ``net`` (a slimmable / ParaDiS net; see the module docstring).
 
     Args:
@@ -246,6 +247,13 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
             after aggregation every round (FedDF distillation, OT fusion, ...): the extension
             point documented in ``slimkern.fl.server``; its metrics land in
             ``RoundRecord.metrics``, its time in ``RoundRecord.server_time``.
+        client_batching: train the clients that run the same switch together, one batched
+            pass per local step (``slimkern.fl.batched``: stacked weights, grouped convolutions,
+            per-client BN statistics and SGD); equal to the one-by-one clients to float
+            rounding, not bit for bit. Where it cannot be exact (a rule with custom client
+            hooks, travelling BN statistics, modules not known to act per sample, ...) the
+            clients train one by one and the log says why. Off by default: the one-by-one
+            clients are bit-identical to a Flower ClientApp's.
         checkpoint / resume: file written atomically after every round; with ``resume`` an
             existing file is continued only if it was written by the same run: the
             checkpoint's run description (``slimkern.fl.fingerprint``: strategy and its
@@ -283,6 +291,13 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
 
     work = copy.deepcopy(net)  # the clients' working copy
     work_agg = client_aggregator(work)
+    batcher = None
+    if client_batching:
+        why = _batched.unsupported_reason(net, server.rule)
+        if why is None:
+            batcher = _batched.ClientBatcher(work, server.rule, work_agg)
+        else:
+            log(f"client batching off: {why}; the clients train one by one")
     bar = None
     if progress:
         try:
@@ -293,9 +308,19 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
     for r in range(start, rounds):
         plan = server.begin_round(r)
         replies, dropped, reasons = [], [], []
+        batched: dict = {}
+        if batcher is not None:
+            batched, _ = batcher.train(list(plan.tasks.values()), Xtr, Ytr,
+                                       {cid: server.by_id[cid].indices for cid in plan.tasks}, augment)
+            for why in dict.fromkeys(batcher.reasons):
+                log(f"round {r}: some clients train one by one: {why}")
         for cid, task in plan.tasks.items():
             try:  # a client whose training fails (any exception, a NaN loss) is dropped, the round goes on
-                u = train_task(work, task, Xtr, Ytr, server.by_id[cid].indices, augment, work_agg)
+                u = batched.get(cid)
+                if isinstance(u, BaseException):
+                    raise u
+                if u is None:
+                    u = train_task(work, task, Xtr, Ytr, server.by_id[cid].indices, augment, work_agg)
             except Exception as exc:  # noqa: BLE001
                 why = _validate.failure_reason(exc)
                 dropped.append(cid)

@@ -1,0 +1,554 @@
+"""Client-batched local training: the clients of a round that run the same switches train as one.
+
+In a federated round every client of a tier runs the same local recipe -- the same switch
+(so the same channel windows of every layer), epochs, batch size and optimiser -- on its
+own data and its own copy of the weights. ``ClientBatcher`` trains K such clients in one
+pass per local step instead of K passes:
+
+* **weights** are stacked, ``W[k]`` = client k's copy (one flat ``[K, P]`` tensor, viewed
+  per parameter), and every sliced layer runs all clients at once: a convolution of the
+  window ``W[k][out_b, in_b]`` is one grouped ``F.conv2d`` with ``groups = K`` (the
+  clients' inputs stacked along channels, ``[N, K*C_in, H, W]``), a linear layer one
+  ``torch.bmm``. The activations between layers are ``[K*N, C, ...]`` (client-major), so
+  the net's own ``forward`` and every per-sample module (ReLU, pooling, flatten, HeteroFL's
+  Scaler hooks) run unchanged; the packed multi-switch pass (``forward_switches``, ParaDiS
+  nested training with in-place distillation) too.
+* **batch norm** normalises with each client's own batch statistics (training mode), over
+  its valid rows only: with ``m[k, i]`` = 1 for a real sample and 0 for padding,
+  ``mu_kc = sum_i,s m_ki x_kics / (n_k S)``, ``var_kc = sum_i,s m_ki (x_kics - mu_kc)^2 / (n_k S)``
+  (S spatial positions), ``y = (x - mu) / sqrt(var + eps) * gamma_k + beta_k``. Running
+  statistics are not kept: in training mode they never enter the output, and in the
+  federated protocol they never travel (rules whose statistics travel -- FjORD
+  ``bn="travel"`` -- are not batched).
+* **batches** are the ones the sequential client draws, in the same generator order
+  (``slimkern.fl.client.local_batches`` is shared: per epoch a permutation, per step the
+  rule's switches and the augmentation). Clients with fewer samples have fewer or smaller
+  steps: step t of every client that has one runs together, padded to the largest batch of
+  that step, and the loss of client k is ``L_k = sum_i m_ki l_ki / n_k`` (its own mean);
+  the backward pass of ``sum_k L_k`` gives each client exactly its own gradient.
+* **SGD** is ``torch.optim.SGD``'s update per client, element-wise the same operations:
+  ``d = g + wd * w``, ``b = mu * b + d`` (``b = d`` on the first step), ``w = w - lr * b``;
+  gradient clipping (HeteroFL) scales each client's gradient by
+  ``min(1, c / (||g_k|| + 1e-6))`` as ``clip_grad_norm_`` does.
+
+The result equals the sequential client's (``train_task``) to float rounding: the order of
+the sums inside a grouped convolution and a masked mean differs from the per-client
+kernels, nothing else (``python_tests/test_fl_batched_clients.py`` compares the weights of
+every client after a round, and the aggregate, to 1e-5).
+
+What is not batched (``unsupported_reason`` says why, and ``simulate`` then trains those
+clients one by one): a rule whose client hooks are not the known ones (a custom
+``train_logits``, ``local_context``, ``step_switches`` ...), travelling BN statistics,
+modules that are not known to act per sample (dropout with p > 0, a BN that is not a
+switchable one, forward hooks), a net whose forward mixes samples (checked once per switch
+set against the net's own forward), clients with a single sample, and a group of one client.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from slimkern.fl import fingerprint as _fp
+from slimkern.fl import rolex as _rolex
+from slimkern.fl import validate as _validate
+from slimkern.fl.aggregate import Aggregator, ClientUpdate
+from slimkern.fl.client import (Task, client_aggregator, client_generators, client_indices, local_batches,
+                                received)
+
+__all__ = ["ClientBatcher", "unsupported_reason"]
+
+# modules whose output row i depends on input row i only (the batched activations stack the
+# clients' samples along the batch, so these run unchanged)
+_PER_SAMPLE = (nn.ReLU, nn.ReLU6, nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.AdaptiveAvgPool2d,
+               nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU,
+               nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU, nn.Softmax, nn.LogSoftmax)
+
+
+def _known_hooks() -> dict[str, tuple]:
+    from slimkern.fl.heterofl_local import HeteroFLRecipe
+    from slimkern.fl.rules.base import Rule
+    from slimkern.fl.rules.fjord import FjORD
+    from slimkern.fl.rules.paradis import ParaDiSFL
+    return {"step_switches": (Rule.step_switches, ParaDiSFL.step_switches, FjORD.step_switches),
+            "step_switch": (Rule.step_switch, FjORD.step_switch),
+            "train_logits": (Rule.train_logits, HeteroFLRecipe.train_logits),
+            "local_context": (Rule.local_context, HeteroFLRecipe.local_context)}
+
+
+def unsupported_reason(model: nn.Module, rule) -> str | None:
+    """Why the clients of ``rule`` on ``model`` cannot be trained batched to the sequential
+    result (one sentence), or None when they can (module docstring)."""
+    from slimkern.nn import SlimConv2d, SlimLinear
+    from slimkern.nn.batchnorm import _SwitchableBatchNorm
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for hook, known in _known_hooks().items():
+        if hook in vars(rule):
+            return f"rule {type(rule).__name__} sets its own client hook {hook!r} on the instance"
+        fn = getattr(type(rule), hook, None)
+        if fn is not None and fn not in known:
+            return f"rule {type(rule).__name__} has a custom client hook {hook!r} (only the built-in ones are batched)"
+    if getattr(rule, "bn_travel", False):
+        return f"rule {type(rule).__name__} sends BN statistics back (bn='travel'): they are per-client running state"
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            return f"parameter {name!r} is frozen (requires_grad=False)"
+        if not p.is_floating_point():
+            return f"parameter {name!r} is not floating point"
+    for name, m in model.named_modules():
+        label = f"module {name or '(root)'!r} ({type(m).__name__})"
+        if m._forward_hooks or m._forward_pre_hooks or getattr(m, "_backward_hooks", None):
+            return f"{label} has hooks"
+        if isinstance(m, (SlimConv2d, SlimLinear)):
+            if type(m) not in (SlimConv2d, SlimLinear):
+                return f"{label} subclasses a slim layer"
+            continue
+        if isinstance(m, _SwitchableBatchNorm):
+            if getattr(m, "process_group", None) is not None:
+                return f"{label} synchronises its statistics over processes"
+            continue
+        if isinstance(m, nn.Dropout) and type(m) is nn.Dropout:
+            if m.p > 0:
+                return f"{label} draws random masks (p={m.p}): batched clients would draw other ones"
+            continue
+        if m is model and not list(m.parameters(recurse=False)) and not list(m.buffers(recurse=False)):
+            continue  # the root: its forward is checked against the net's own (``ClientBatcher._check``)
+        if type(m) in _PER_SAMPLE:
+            continue
+        if m is not model and not list(m.parameters(recurse=False)) and not list(m.buffers(recurse=False)) and \
+                type(m).forward is nn.Module.forward:
+            continue
+        if m is not model and list(m.children()) and not list(m.parameters(recurse=False)) \
+                and not list(m.buffers(recurse=False)):
+            continue  # a container block whose own forward is checked with the net's
+        return f"{label} is not known to act per sample"
+    return None
+
+
+# -- the layers, client-batched ----------------------------------------------------------------
+
+class _Layout:
+    """The batch of one batched pass: ``k`` clients x ``n`` rows (padded), ``mask`` ``[k, n]``
+    (None when nobody is padded) and ``count`` ``[k]`` real rows per client."""
+    __slots__ = ("k", "n", "mask", "count")
+
+    def __init__(self):
+        self.k, self.n, self.mask, self.count = 1, 0, None, None
+
+
+def _nhwc(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``[K*N, C, H, W]`` (any memory format) -> a ``[K, N, H, W, C]`` view or copy."""
+    n = x.shape[0] // k
+    return x.permute(0, 2, 3, 1).reshape(k, n, x.shape[2], x.shape[3], x.shape[1])
+
+
+def _from_nhwc(y: torch.Tensor) -> torch.Tensor:
+    """``[N, Ho, Wo, K, C]`` -> ``[K*N, C, Ho, Wo]`` in channels-last memory (one copy)."""
+    n, ho, wo, k, c = y.shape
+    return y.permute(3, 0, 1, 2, 4).reshape(k * n, ho, wo, c).permute(0, 3, 1, 2)
+
+
+def _grouped(x5: torch.Tensor) -> torch.Tensor:
+    """``[K, N, H, W, C]`` -> ``[N, K*C, H, W]`` channels-last: the clients along channels
+    for one grouped convolution (channels-last: oneDNN's grouped kernels run 1-2x faster on
+    these small maps than in NCHW, measured)."""
+    k, n, h, w, c = x5.shape
+    return x5.permute(1, 2, 3, 0, 4).reshape(n, h, w, k * c).permute(0, 3, 1, 2)
+
+
+def _gather(m, w: torch.Tensor, blocks, depthwise: bool) -> torch.Tensor:
+    """The windows of ``blocks`` of the stacked weight ``w`` ``[K, out, in, kh, kw]``,
+    concatenated along the output channels, in ONE gather (one zero-filled gradient in the
+    backward pass instead of one per window)."""
+    key = (tuple(blocks), depthwise)
+    cache = m.__dict__.setdefault("_skb_gather", {})
+    idx = cache.get(key)
+    if idx is None:
+        pos = torch.arange(math.prod(w.shape[1:])).view(w.shape[1:])
+        idx = torch.cat([(pos[o0:o1] if depthwise else pos[o0:o1, i0:i1]).reshape(-1)
+                         for i0, i1, o0, o1 in blocks]).to(w.device)
+        cache[key] = idx
+    i0, i1, o0, o1 = blocks[0]
+    cin = w.shape[2] if depthwise else i1 - i0
+    return w.reshape(w.shape[0], -1)[:, idx].view(w.shape[0], -1, cin, *w.shape[3:])
+
+
+def _runs(blocks, offsets) -> list[tuple[int, int]]:
+    """Consecutive blocks ``[g0, g1)`` of equal shape whose inputs follow each other in the
+    packed input: one grouped convolution computes a run."""
+    runs: list[list[int]] = []
+    for g, (i0, i1, o0, o1) in enumerate(blocks):
+        if runs:
+            j0, j1, p0, p1 = blocks[g - 1]
+            if (j1 - j0, p1 - p0) == (i1 - i0, o1 - o0) and offsets[g] == offsets[g - 1] + (j1 - j0):
+                runs[-1][1] = g + 1
+                continue
+        runs.append([g, g + 1])
+    return [(a, b) for a, b in runs]
+
+
+def _out_size(hw, m) -> tuple[int, ...]:
+    return tuple((s + 2 * p - d * (kk - 1) - 1) // st + 1
+                 for s, p, d, kk, st in zip(hw, m.padding, m.dilation, m.kernel_size, m.stride))
+
+
+def _assemble(parts: list[torch.Tensor], bias, t, bias_cols):
+    """Per block ``[N, *sp, K, C_b]`` -> the layer's output. ``blocks`` mode: packed along
+    channels (+ each block's bias); ``fuse``: per switch the sum of its blocks plus the bias
+    once, the switches stacked along the batch. Returns ``[N, *sp, K, C]`` tensors per
+    switch (fuse) or one (blocks)."""
+    if t["mode"] == "fuse":
+        outs = []
+        for g0, g1 in t["segments"]:
+            z = parts[g0]
+            for q in parts[g0 + 1:g1]:
+                z = z + q
+            outs.append(z if bias is None else z + bias)
+        return outs
+    if bias is not None:
+        parts = [q + bias[:, o0:o1] for q, (o0, o1) in zip(parts, bias_cols)]
+    return [parts[0] if len(parts) == 1 else torch.cat(parts, -1)]
+
+
+def _conv_forward(m, lay: "_Layout", x: torch.Tensor) -> torch.Tensor:
+    _, t = m._sk_current()
+    k, w, b = lay.k, m.weight, m.bias  # w: [K, C_out, C_in/groups, kh, kw], b: [K, C_out]
+    n = x.shape[0] // k
+    ho, wo = _out_size(x.shape[2:], m)
+
+    def conv(x5, wg, groups):  # [K, N, H, W, C_in'] x [K, C_out', ...] -> [N, Ho, Wo, K, C_out']
+        y = F.conv2d(_grouped(x5), wg.reshape(-1, *wg.shape[2:]), None, m.stride, m.padding, m.dilation, groups)
+        return y.permute(0, 2, 3, 1).reshape(n, ho, wo, k, wg.shape[1])
+
+    if t["mode"] == "plain":
+        y = conv(_nhwc(x, k), w, k * m.groups)
+        return _from_nhwc(y if b is None else y + b)
+    blocks = t["blocks"]
+    outs_cols = [(o0, o1) for _, _, o0, o1 in blocks]
+    if not x.requires_grad and not m.depthwise and t["x_offsets"] is not None:
+        # every block reads the whole input (the image, no gradient): one im2col, one bmm
+        ws = _gather(m, w, blocks, False)  # [K, sum C_out, C_in, kh, kw]
+        cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # [K*N, C_in*kh*kw, L]
+        cols = cols.view(k, n, cols.shape[1], -1).transpose(2, 3).reshape(k, n * ho * wo, -1)
+        y = torch.bmm(cols, ws.reshape(k, ws.shape[1], -1).transpose(1, 2)).view(k, n, ho, wo, -1)
+        if t["mode"] == "blocks" and b is None:  # the packed output is y itself
+            return y.reshape(k * n, ho, wo, -1).permute(0, 3, 1, 2)
+        y = y.permute(1, 2, 3, 0, 4)
+        parts = list(y.split([o1 - o0 for o0, o1 in outs_cols], -1))
+    else:
+        from slimkern.nn._fallback import _offsets
+        offs = _offsets(blocks, t["x_offsets"])
+        x5 = _nhwc(x, k)
+        parts = []
+        for g0, g1 in _runs(blocks, offs):
+            i0, i1, o0, o1 = blocks[g0]
+            r = g1 - g0
+            xg = x5[..., offs[g0]:offs[g0] + (r * (o1 - o0) if m.depthwise else r * (i1 - i0))]
+            groups = k * r * (o1 - o0) if m.depthwise else k * r
+            parts += list(conv(xg, _gather(m, w, blocks[g0:g1], m.depthwise), groups).split(o1 - o0, -1))
+    outs = _assemble(parts, b, t, outs_cols)
+    if t["mode"] == "fuse":
+        return torch.cat([_from_nhwc(o) for o in outs], 0)
+    return _from_nhwc(outs[0])
+
+
+def _linear_forward(m, lay: "_Layout", x: torch.Tensor) -> torch.Tensor:
+    _, t = m._sk_current()
+    k, w, b = lay.k, m.weight, m.bias  # w: [K, out, in], b: [K, out]
+    n = x.shape[0] // k
+    xk = x.reshape(k, n, -1)
+
+    def lin(xg, wg):  # -> [N, K, out']
+        return torch.bmm(xg, wg.transpose(1, 2)).transpose(0, 1)
+
+    if t["mode"] == "plain":
+        y = lin(xk, w)
+        outs = [y if b is None else y + b]
+    else:
+        from slimkern.nn._fallback import _offsets
+        offs = _offsets(t["blocks"], t["x_offsets"])
+        parts = [lin(xk[..., off:off + i1 - i0], w[:, o0:o1, i0:i1])
+                 for (i0, i1, o0, o1), off in zip(t["blocks"], offs)]
+        outs = _assemble(parts, b, t, [(o0, o1) for _, _, o0, o1 in t["blocks"]])
+    return torch.cat([o.transpose(0, 1).reshape(k * n, -1) for o in outs], 0)
+
+
+_ACT = {"none": None, "relu": F.relu, "relu6": F.relu6}
+
+
+def _bn_forward(m, lay: "_Layout", x: torch.Tensor) -> torch.Tensor:
+    """Training-mode switchable BN with each client's batch statistics over its real rows."""
+    _, t = m._sk_current()
+    k = lay.k
+    n, c = x.shape[0] // k, x.shape[1]
+    if x.dim() == 2:
+        xs, back = x.view(k, n, 1, c), (lambda y: y.view(k * n, c))
+    else:  # [K, N, S, C]: channels last, the layout the batched convolutions produce
+        hw = x.shape[2:]
+        xs = x.permute(0, *range(2, x.dim()), 1).reshape(k, n, -1, c)
+        back = (lambda y: y.reshape(k * n, *hw, c).permute(0, x.dim() - 1, *range(1, x.dim() - 1)))
+    if lay.mask is None:
+        var, mean = torch.var_mean(xs, (1, 2), correction=0, keepdim=True)
+    else:  # sums per row over space first, so the mask multiplies [K, N, C] only
+        mk = lay.mask.view(k, n, 1)
+        cnt = (lay.count * xs.shape[2]).view(k, 1, 1)
+        mean = ((xs.sum(2) * mk).sum(1, keepdim=True) / cnt).unsqueeze(1)
+        var = (((xs - mean).square().sum(2) * mk).sum(1, keepdim=True) / cnt).unsqueeze(1)
+    y = (xs - mean) * torch.rsqrt(var + m.eps)
+    if m.weight is not None:
+        blocks = t["blocks"]
+        if len(blocks) == 1:
+            wb, bb = m.weight[:, blocks[0][0]:blocks[0][1]], m.bias[:, blocks[0][0]:blocks[0][1]]
+        else:
+            idx = torch.cat([torch.arange(s, e) for s, e in blocks]).to(m.weight.device)
+            wb, bb = m.weight[:, idx], m.bias[:, idx]
+        y = torch.addcmul(bb.view(k, 1, 1, c), y, wb.view(k, 1, 1, c))
+    act = _ACT[m.activation]
+    if act is not None:
+        y = act(y)
+    return back(y)
+
+
+class _Packed(nn.Module):
+    """``forward_switches`` of the wrapped net as a module (for ``torch.func.functional_call``)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, switches):
+        from slimkern.nn import forward_switches
+        return forward_switches(self.net, x, list(switches))
+
+
+# -- the trainer -------------------------------------------------------------------------------
+
+class ClientBatcher:
+    """Trains the tasks of a round in client batches (module docstring).
+
+    ``ClientBatcher(model, rule)`` raises ValueError with ``unsupported_reason`` when the
+    rule or the net cannot be batched. ``train(tasks, X, Y, indices, augment)`` returns
+    ``(replies, rest)``: ``replies`` maps a client id to its ``ClientUpdate`` (or to the
+    exception that stopped its training: a ``ClientFailure`` for a non-finite loss), ``rest``
+    lists the tasks to train one by one (clients with one sample, groups of one, groups whose
+    switches the net's forward check refused: ``reasons`` then says why).
+    """
+
+    def __init__(self, model: nn.Module, rule, agg: Aggregator | None = None):
+        from slimkern.nn import SlimConv2d, SlimLinear
+        from slimkern.nn.batchnorm import _SwitchableBatchNorm
+        why = unsupported_reason(model, rule)
+        if why is not None:
+            raise ValueError(f"clients cannot be batched: {why}")
+        self.rule = rule
+        self.model = model
+        self.net = copy.deepcopy(model).train()
+        self.layout = _Layout()
+        for m in self.net.modules():
+            if isinstance(m, SlimConv2d):
+                m.forward = functools.partial(_conv_forward, m, self.layout)
+            elif isinstance(m, SlimLinear):
+                m.forward = functools.partial(_linear_forward, m, self.layout)
+            elif isinstance(m, _SwitchableBatchNorm):
+                m.forward = functools.partial(_bn_forward, m, self.layout)
+        self.packed = _Packed(self.net)
+        self.agg = agg or client_aggregator(self.net)
+        self.shapes = dict(self.agg.shapes)
+        self.base = self.agg.flatten(dict(self.net.named_parameters()))
+        self._checked: dict[tuple, str | None] = {}
+        self.reasons: list[str] = []
+
+    # -- one batched pass -----------------------------------------------------------------
+    def _forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor, switches) -> list[torch.Tensor]:
+        """Per switch ``[K, N, classes]`` logits of the K clients whose stacked weights are
+        ``params`` (name -> ``[K, *shape]``) on inputs ``x`` ``[K, N, ...]`` (``self.layout`` set)."""
+        k, n = x.shape[0], x.shape[1]
+        self.layout.k, self.layout.n = k, n
+        outs = torch.func.functional_call(self.packed, {f"net.{name}": v for name, v in params.items()},
+                                          (x.reshape(k * n, *x.shape[2:]), tuple(switches)))
+        return [o.reshape(k, n, *o.shape[1:]) for o in outs]
+
+    def _stacked(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``[K, P]`` flat parameters -> name -> ``[K, *shape]`` (contiguous copies)."""
+        return {name: flat[:, o:o + math.prod(s)].reshape(flat.shape[0], *s).contiguous()
+                for (name, s), o in zip(self.shapes.items(), self.agg.offsets.values())}
+
+    def _check(self, switches, sample: torch.Tensor) -> str | None:
+        """Once per switch set: the batched pass of two clients (different weights, different
+        inputs) equals the net's own forward of each (None), else why not."""
+        key = tuple(switches)
+        if key in self._checked:
+            return self._checked[key]
+        from slimkern.nn import forward_switches
+        g = torch.Generator().manual_seed(0)
+        flat = torch.stack([self.base, self.base * (1 + 0.1 * torch.randn(self.base.shape, generator=g))])
+        x = sample[:1].repeat(2, 3, *([1] * (sample.dim() - 1)))
+        x = x + 0.5 * torch.randn(x.shape, generator=g, dtype=x.dtype)
+        ref = copy.deepcopy(self.model).train()
+        why = None
+        with torch.no_grad():
+            self.layout.mask = self.layout.count = None
+            got = self._forward(self._stacked(flat), x, switches)
+            for kk in range(2):
+                for name, t in self.agg.unflatten(flat[kk]).items():
+                    ref.get_parameter(name).copy_(t)
+                want = forward_switches(ref, x[kk], list(switches))
+                for s, (a, b) in enumerate(zip(got, want)):
+                    err = float((a[kk] - b).abs().max())
+                    if not err <= 1e-4 * (1 + float(b.abs().max())):
+                        why = (f"the net's forward at {[str(w) for w in switches]} differs batched (max error "
+                               f"{err:.3g}): it mixes samples or runs modules the batched pass does not know")
+                        break
+        self._checked[key] = why
+        return why
+
+    # -- a round ----------------------------------------------------------------------------
+    def train(self, tasks: Sequence[Task], X: torch.Tensor, Y: torch.Tensor, indices: Mapping[int, Any],
+              augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+              ) -> tuple[dict[int, ClientUpdate | BaseException], list[Task]]:
+        """Trains ``tasks`` (client ``task.client`` on ``X[indices[client]]``); see the class."""
+        groups: dict[tuple, list[Task]] = {}
+        rest: list[Task] = []
+        for task in tasks:
+            if not isinstance(task, Task):
+                raise TypeError(f"tasks must be slimkern.fl.client.Task, got {type(task).__name__}")
+            if task.rule is not self.rule:
+                raise ValueError(f"task of client {task.client} runs another rule than this batcher's")
+            idx = client_indices(task, indices[task.client], len(X))
+            if len(idx) < 2:
+                rest.append(task)
+                continue
+            key = (_rolex.train_switch(task.key), float(task.lr), float(task.momentum), float(task.weight_decay))
+            groups.setdefault(key, []).append(task)
+        replies: dict[int, ClientUpdate | BaseException] = {}
+        self.reasons = []
+        for (sw, lr, mom, wd), group in groups.items():
+            if len(group) < 2:
+                rest.extend(group)
+                continue
+            done = self._train_group(group, sw, lr, mom, wd, X, Y, indices, augment)
+            if done is None:
+                rest.extend(group)
+            else:
+                replies.update(done)
+        return replies, rest
+
+    def _train_group(self, group, sw, lr, mom, wd, X, Y, indices, augment):
+        rule = self.rule
+        out: dict[int, ClientUpdate | BaseException] = {}
+        steps: list[list] = []
+        flats = []
+        for task in group:
+            c = int(task.client)
+            try:
+                idx = client_indices(task, indices[c], len(X))
+                flat = received(self.agg, self.base, task)
+                gen, pyrng = client_generators(task)
+                with _fp.client_rng(int(task.seed), int(task.round), c):  # as the sequential client draws
+                    steps.append([(tuple(s), xb, yb) for s, xb, yb in local_batches(
+                        X, Y, idx, task.key, rule, task.local_epochs, task.batch_size, gen, pyrng, augment)])
+                flats.append(flat)
+            except Exception as exc:  # noqa: BLE001 - a client whose task fails is dropped with the reason
+                out[c] = exc
+                steps.append(None)
+                flats.append(None)
+        live = [i for i, s in enumerate(steps) if s is not None]
+        if not live:
+            return out
+        for sws in dict.fromkeys(st[0] for i in live for st in steps[i]):
+            why = self._check(sws, next(st[1] for i in live for st in steps[i] if st[0] == sws))
+            if why is not None:  # trained one by one instead (``reasons`` says why)
+                self.reasons.append(why)
+                return None
+        # row j of every stacked tensor = client group[live[j]]
+        params = self._stacked(torch.stack([flats[i] for i in live]))
+        bufs = {name: torch.zeros_like(v) for name, v in params.items()}
+        row = {i: j for j, i in enumerate(live)}
+        clip = getattr(rule, "clip_norm", None)
+        base_logits = type(rule).train_logits is _known_hooks()["train_logits"][0]
+        failed: set[int] = set()
+        local = rule.local_context(self.net, sw)
+        with local:
+            for t in range(max(len(steps[i]) for i in live)):
+                active = [i for i in live if i not in failed and t < len(steps[i])]
+                by_sws: dict[tuple, list[int]] = {}
+                for i in active:
+                    by_sws.setdefault(steps[i][t][0], []).append(i)
+                for sws, members in by_sws.items():
+                    self._step(members, t, sws, steps, group, params, bufs, row, lr, mom, wd, clip, base_logits,
+                               failed, out)
+        flat = torch.cat([v.reshape(len(live), -1) for v in params.values()], 1)
+        for i in live:
+            task = group[i]
+            if i in failed:
+                continue
+            c = int(task.client)
+            n = float(len(client_indices(task, indices[c], len(X))))
+            out[c] = ClientUpdate(c, task.key, _rolex.from_local(self.agg, flat[row[i]], task.key), n)
+        return out
+
+    def _step(self, members, t, sws, steps, group, params, bufs, row, lr, mom, wd, clip, base_logits, failed, out):
+        """One local SGD step of the clients ``members`` (all at step ``t``, same switches)."""
+        k = len(members)
+        whole = k == next(iter(params.values())).shape[0]
+        rows = None if whole else torch.tensor([row[i] for i in members])
+        xs = [steps[i][t][1] for i in members]
+        ys = [steps[i][t][2] for i in members]
+        counts = [len(v) for v in ys]
+        n = max(counts)
+        if min(counts) == n:
+            x, y, mask, cnt = torch.stack(xs), torch.stack(ys), None, None
+        else:  # padded to the largest batch; the mask keeps padding out of BN statistics and losses
+            x = xs[0].new_zeros(k, n, *xs[0].shape[1:])
+            y = ys[0].new_zeros(k, n)
+            mask = torch.zeros(k, n, dtype=x.dtype)
+            for j, (a, b) in enumerate(zip(xs, ys)):
+                x[j, :len(a)] = a
+                y[j, :len(b)] = b
+                mask[j, :len(b)] = 1
+            cnt = torch.tensor(counts, dtype=x.dtype)
+        self.layout.mask, self.layout.count = mask, cnt
+        leaves = {name: (v if whole else v[rows]).detach().requires_grad_(True) for name, v in params.items()}
+        outs = self._forward(leaves, x, sws)
+        if not base_logits:
+            outs = [torch.stack([self.rule.train_logits(o[j], group[i].key) for j, i in enumerate(members)])
+                    for o in outs]
+        ncls = outs[0].shape[-1]
+
+        def mean_rows(v):  # each client's mean over its real rows
+            return v.mean(1) if mask is None else (v * mask).sum(1) / cnt
+
+        loss = mean_rows(F.cross_entropy(outs[0].reshape(k * n, ncls), y.reshape(-1), reduction="none").view(k, n))
+        if len(outs) > 1:  # in-place distillation from the client's own switch, as local_train
+            soft = F.softmax(outs[0].detach(), dim=-1).reshape(k * n, ncls)
+            for o in outs[1:]:
+                loss = loss + mean_rows(F.cross_entropy(o.reshape(k * n, ncls), soft, reduction="none").view(k, n))
+        ok = torch.isfinite(loss.detach())
+        if not bool(ok.all()):
+            for j in torch.nonzero(~ok).flatten().tolist():
+                i = members[j]
+                failed.add(i)
+                out[int(group[i].client)] = _validate.ClientFailure(
+                    f"the local loss is not finite ({float(loss[j].detach())})")
+            loss = torch.where(ok, loss, torch.zeros_like(loss))
+        grads = torch.autograd.grad(loss.sum(), list(leaves.values()))
+        with torch.no_grad():
+            if clip is not None:  # clip_grad_norm_ per client: the norm of the per-parameter norms
+                norm = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g.reshape(k, -1), dim=1) for g in grads]), dim=0)
+                coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
+                grads = [g * coef.view(k, *([1] * (g.dim() - 1))) for g in grads]
+            for (name, p), g in zip(leaves.items(), grads):  # torch.optim.SGD's update, element for element
+                d = g.add(p, alpha=wd)
+                bf = (bufs[name] if whole else bufs[name][rows]).mul_(mom).add_(d)
+                new = p.detach().add_(bf, alpha=-lr)
+                if not whole:
+                    params[name][rows] = new
+                    bufs[name][rows] = bf
