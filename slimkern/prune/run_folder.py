@@ -12,7 +12,7 @@ import io
 import json
 import os
 
-from slimkern.report import atomic_write_text
+from slimkern.report import atomic_write_text, save_figure
 from slimkern.train.checkpoint import atomic_save
 
 __all__ = ["dwnp_record", "write_dac_run", "write_dwnp_run", "write_gate_run", "write_sweep_run"]
@@ -25,12 +25,6 @@ def _csv(rows: list[dict], fields: list[str]) -> str:
     for r in rows:
         w.writerow(r)
     return buf.getvalue()
-
-
-def _savefig(fig, path: str) -> None:
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
 
 
 def write_dac_run(out: str, runs: list[dict], meta: dict) -> list[str]:
@@ -72,8 +66,7 @@ def write_dac_run(out: str, runs: list[dict], meta: dict) -> list[str]:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(meta.get("title", "DAC"))
-    _savefig(fig, os.path.join(out, "dac.png"))
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "dac.png"), dpi=120, bbox_inches="tight")
     return paths + [os.path.join(out, "dac.png")]
 
 
@@ -134,8 +127,7 @@ def write_dwnp_run(out: str, runs: list[dict], meta: dict) -> list[str]:
     axes[1].set_ylabel("FLOPs ratio")
     axes[1].legend(fontsize=8)
     fig.suptitle(meta.get("title", "DWNP"))
-    _savefig(fig, os.path.join(out, "dwnp.png"))
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "dwnp.png"), dpi=120, bbox_inches="tight")
     return paths + [os.path.join(out, "dwnp.png")]
 
 
@@ -194,8 +186,7 @@ def write_sweep_run(out: str, runs: list[dict], meta: dict) -> list[str]:
     axes[0, 0].legend(fontsize=8)
     axes[1, 0].legend(fontsize=7)
     fig.suptitle(meta.get("title", "DAC client sweep"))
-    _savefig(fig, os.path.join(out, "sweep.png"))
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "sweep.png"), dpi=120, bbox_inches="tight")
     return paths + [os.path.join(out, "sweep.png")]
 
 
@@ -231,6 +222,5 @@ def write_gate_run(out: str, runs: list[dict], meta: dict) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(meta.get("title", "DAC gates"), fontsize=9)
-    _savefig(fig, os.path.join(out, "gates.png"))
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "gates.png"), dpi=120, bbox_inches="tight")
     return paths + [os.path.join(out, "gates.png")]
