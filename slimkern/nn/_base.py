@@ -31,6 +31,13 @@ class SlimModule:
         raise NotImplementedError
 
     def _sk_commit(self, plan: Plan | None, tables) -> None:
+        if plan is None:
+            # Back to the class defaults rather than None in the instance dict: the layer's
+            # state is then the same before and after a forward_switches call, and a
+            # torch.compile'd step is not recompiled on its second call (a guard on the dict).
+            self.__dict__.pop("_sk_plan", None)
+            self.__dict__.pop("_sk_tables", None)
+            return
         object.__setattr__(self, "_sk_plan", plan)
         object.__setattr__(self, "_sk_tables", tables)
 
