@@ -66,6 +66,26 @@ def varies_by_branch(m: nn.Module) -> bool:
     return isinstance(m, SlimModule) and not (isinstance(m, ChannelMixin) and not m.slice_out)
 
 
+def input_shape(input_size) -> tuple[int, ...]:
+    """``input_size`` (batch included) as a tuple of positive ints, else a clear error."""
+    try:
+        input_size = tuple(int(s) for s in input_size)
+    except TypeError:
+        raise TypeError(f"input_size must be a sequence of ints like (1, 3, 32, 32), got {input_size!r}") from None
+    if not input_size or any(s <= 0 for s in input_size):
+        raise ValueError(f"input_size must be positive dims, got {input_size}")
+    return input_size
+
+
+def with_activation(bn: nn.Module, activation: str) -> nn.Module:
+    """A plain BN followed by the activation a switchable BN fuses (``"none"``: the BN alone)."""
+    if activation == "relu":
+        return nn.Sequential(bn, nn.ReLU())
+    if activation == "relu6":
+        return nn.Sequential(bn, nn.ReLU6())
+    return bn
+
+
 def _bn_row(m: _SwitchableBatchNorm, sw: Switch, name: str) -> int:
     row = m.switch_row(sw)
     if row is None:
@@ -138,11 +158,7 @@ def plain_layer(m: nn.Module, sw: Switch, i: int, name: str, meta: bool = False)
                     p.running_mean.copy_(m.running_mean[row, o0:o1])
                     p.running_var.copy_(m.running_var[row, o0:o1])
                     p.num_batches_tracked.copy_(m.num_batches_tracked[row])
-            if m.activation == "relu":
-                return nn.Sequential(p, nn.ReLU())
-            if m.activation == "relu6":
-                return nn.Sequential(p, nn.ReLU6())
-            return p
+            return with_activation(p, m.activation)
     except ValueError as e:
         prefix = f"layer {name!r} ({type(m).__name__})"
         raise ValueError(str(e) if str(e).startswith(prefix) else f"{prefix}: {e}") from None  # said once

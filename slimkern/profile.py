@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from slimkern._branch import BranchGraph
+from slimkern._branch import BranchGraph, input_shape
 from slimkern.nn.switching import as_switch
 from slimkern.switch import Switch
 
@@ -349,12 +349,7 @@ def profile(net: nn.Module, sw=None, input_size=(1, 3, 32, 32),
     if _is_switch_list(sw):
         return ProfileTable(profile(net, s, input_size, dtype) for s in sw)
     sw = Switch([1.0]) if sw is None else as_switch(sw)
-    try:
-        input_size = tuple(int(s) for s in input_size)
-    except TypeError:
-        raise TypeError(f"input_size must be a sequence of ints like (1, 3, 32, 32), got {input_size!r}") from None
-    if not input_size or any(s <= 0 for s in input_size):
-        raise ValueError(f"input_size must be positive dims, got {input_size}")
+    input_size = input_shape(input_size)
     bg = BranchGraph(net, "profile")
     if not bg.slim and sw != Switch([1.0]):
         raise ValueError(f"profile: {type(net).__name__} has no slimkern layers, so it only runs [1.0]x; got {sw}")

@@ -277,16 +277,13 @@ class CostModel:
 
 def cost_model(net: nn.Module, space: SearchSpace, input_size=(1, 3, 32, 32)) -> CostModel:
     """The :class:`CostModel` of ``net`` over ``space`` at ``input_size`` (batch included)."""
+    from slimkern._branch import input_shape
+
     if not isinstance(space, SearchSpace):
         raise TypeError(f"space must be a SearchSpace (slimkern.nas.search_space(net)), got {type(space).__name__}")
     if not space.is_chain:
         raise ValueError("cost_model needs a chain search space; this one was built with require_chain=False "
                          "(its groups need not form a chain), so pairwise costs are not defined for it")
-    try:
-        input_size = tuple(int(s) for s in input_size)
-    except TypeError:
-        raise TypeError(f"input_size must be a sequence of ints like (1, 3, 32, 32), got {input_size!r}") from None
-    if not input_size or any(s <= 0 for s in input_size):
-        raise ValueError(f"input_size must be positive dims, got {input_size}")
+    input_size = input_shape(input_size)
     layers, node_terms, fusion = _trace_layers(net, space, input_size)
     return CostModel(space, layers, node_terms, fusion, input_size)

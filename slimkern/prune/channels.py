@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from slimkern._branch import BranchGraph, is_fused
+from slimkern._branch import BranchGraph, is_fused, with_activation
 from slimkern.nn._base import SlimModule
 from slimkern.nn.batchnorm import SlimBatchNorm1d, SwitchableBatchNorm2d, _SwitchableBatchNorm
 from slimkern.nn.conv import SlimConv2d
@@ -86,11 +86,7 @@ def _pruned_layer(m: nn.Module, keep: dict[str, torch.Tensor], name: str) -> nn.
             p.running_mean.copy_(m.running_mean[row].index_select(0, k))
             p.running_var.copy_(m.running_var[row].index_select(0, k))
             p.num_batches_tracked.copy_(m.num_batches_tracked[row])
-            if m.activation == "relu":
-                return nn.Sequential(p, nn.ReLU())
-            if m.activation == "relu6":
-                return nn.Sequential(p, nn.ReLU6())
-            return p
+            return with_activation(p, m.activation)
     raise TypeError(f"prune_channels: layer {name!r}: no plain equivalent is known for {type(m).__name__}")
 
 
