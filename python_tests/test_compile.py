@@ -152,3 +152,73 @@ def test_compiled_step_equals_eager_inductor():
         torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5)
         _assert_same_state(net_c, net, gc, ge, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("exact_fp32")
+def test_compiled_step_on_cuda_is_one_graph_and_equals_eager():
+    """The same fullgraph compile on CUDA tensors, where the ops pick Triton (else the C++ CUDA
+    kernels): never run on a GPU before `make gpu-check`, so this is its first check."""
+    net, x, sws, loss_fn = _case()
+    net = net.cuda()
+    x = x.cuda()
+    y = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(3)).cuda()
+    loss_fn = _paradis_loss(y)
+    net_c = copy.deepcopy(net)
+    ex = _explain(net, x, sws, loss_fn)
+    assert ex.graph_break_count == 0, [b.reason for b in ex.break_reasons]
+    compiled = torch.compile(packed_loss, fullgraph=True)
+    for _ in range(2):
+        le, ge = _step(packed_loss, net, x, sws, loss_fn)
+        lc, gc = _step(compiled, net_c, x, sws, loss_fn)
+        torch.testing.assert_close(lc, le, rtol=1e-4, atol=1e-5)
+        _assert_same_state(net_c, net, gc, ge, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.triton
+def test_triton_ops_compile_as_one_graph():
+    """The Triton backends are ops of their own with fake kernels and autograd formulas, so a
+    fullgraph compile keeps them opaque (runs on CUDA, or on the CPU with TRITON_INTERPRET=1):
+    outputs and gradients equal the uncompiled calls'."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("Triton needs TRITON_INTERPRET=1 (CPU) or a CUDA device")
+    pytest.importorskip("triton")
+    dev = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, generator=g).to(dev)
+    w = torch.randn(8, 8, 3, 3, generator=g).to(dev).requires_grad_(True)
+    wl = torch.randn(5, 8, generator=g).to(dev).requires_grad_(True)
+    b = torch.randn(8, generator=g).to(dev).requires_grad_(True)
+    rm, rv = torch.zeros(2, 8, device=dev), torch.ones(2, 8, device=dev)
+
+    def f(x):
+        y = sk.ops.block_conv2d(x, w, b, [(0, 4, 0, 4), (4, 8, 4, 8)], None, 1, 1, 1, False, backend="triton")
+        y = sk.ops.switchable_batch_norm(y, b, b, rm.clone(), rv.clone(), [(0, 4), (4, 8)], [0, 1], True,
+                                         activation="relu", backend="triton")
+        z = sk.ops.block_linear(y.mean((2, 3)), wl, None, [(0, 4, 0, 5), (4, 8, 0, 5)], backend="triton")
+        return (z * torch.arange(10, device=dev)).sum()
+
+    def grads(fn):
+        for t in (w, wl, b):
+            t.grad = None
+        out = fn(x)
+        out.backward()
+        return out.detach(), [t.grad.clone() for t in (w, wl, b)]
+
+    ex = _explain_fn(f, x)
+    assert ex.graph_break_count == 0, [r.reason for r in ex.break_reasons]
+    eager = grads(f)
+    compiled = grads(torch.compile(f, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def _explain_fn(fn, *args):
+    torch._dynamo.reset()
+    try:
+        return torch._dynamo.explain(fn)(*args)
+    finally:
+        torch._dynamo.reset()

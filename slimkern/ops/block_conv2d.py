@@ -17,6 +17,8 @@ weight space; the weight gradient is the sum over blocks.
 """
 from __future__ import annotations
 
+from typing import List, Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -67,7 +69,8 @@ def block_conv2d(x, weight, bias, blocks, x_offsets=None, stride=1, padding=0, d
     if which == "torch":
         return _torch_path(x, weight, bias, flat, offs, stride, padding, dilation, depthwise)
     if which == "triton":
-        return _TritonBlockConv2d.apply(x, weight, bias, flat, offs, stride, padding, dilation, depthwise)
+        return torch.ops.slimkern.block_conv2d_triton(x, weight, bias, flat, offs, stride, padding, dilation,
+                                                      depthwise)
     op = _library.require_op(_OP)
     return op(x, weight, bias, flat, offs, stride, padding, dilation, depthwise)
 
@@ -84,40 +87,63 @@ def _torch_path(x, weight, bias, flat, offs, stride, padding, dilation, depthwis
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
-class _TritonBlockConv2d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, flat, offs, stride, padding, dilation, depthwise):
-        ctx.save_for_backward(x, weight)
-        ctx.args = (flat, offs, stride, padding, dilation, depthwise)
-        ctx.has_bias = bias is not None
-        return triton_module(_OP).forward(x, weight, bias, flat, offs, stride, padding, dilation, depthwise)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        gx, gw, gb = triton_module(_OP).backward(grad_out.contiguous(), x, weight, *ctx.args, mask)
-        return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
-                None, None, None, None, None, None)
-
-
 def _out_size(n, k, s, p, d):
     return (n + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-if _library.has_op(_OP):
-    @torch.library.register_fake("slimkern::block_conv2d")
-    def _(x, weight, bias, blocks, x_offsets, stride, padding, dilation, depthwise):
-        c_out = sum(blocks[4 * g + 3] - blocks[4 * g + 2] for g in range(len(blocks) // 4))
-        ho = _out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
-        wo = _out_size(x.shape[3], weight.shape[3], stride[-1], padding[-1], dilation[-1])
-        return x.new_empty((x.shape[0], c_out, ho, wo))
+def _fake_forward(x, weight, bias, blocks, x_offsets, stride, padding, dilation, depthwise):
+    c_out = sum(blocks[4 * g + 3] - blocks[4 * g + 2] for g in range(len(blocks) // 4))
+    ho = _out_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    wo = _out_size(x.shape[3], weight.shape[3], stride[-1], padding[-1], dilation[-1])
+    return x.new_empty((x.shape[0], c_out, ho, wo))
 
-    @torch.library.register_fake("slimkern::block_conv2d_backward")
-    def _(grad_out, x, weight, blocks, x_offsets, stride, padding, dilation, depthwise, output_mask):
-        return (x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,)),
-                weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty((0,)),
-                weight.new_empty((weight.shape[0],)) if output_mask[2] else weight.new_empty((0,)))
+
+def _fake_backward(grad_out, x, weight, blocks, x_offsets, stride, padding, dilation, depthwise, output_mask):
+    return (x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,)),
+            weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty((0,)),
+            weight.new_empty((weight.shape[0],)) if output_mask[2] else weight.new_empty((0,)))
+
+
+# The Triton kernels as ops of their own (not an autograd.Function around Python launches), so
+# torch.compile keeps them opaque, like the C++ ones: one graph on CUDA too.
+@torch.library.custom_op("slimkern::block_conv2d_triton", mutates_args=())
+def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], blocks: List[int],
+                    x_offsets: List[int], stride: List[int], padding: List[int], dilation: List[int],
+                    depthwise: bool) -> torch.Tensor:
+    return triton_module(_OP).forward(x, weight, bias, blocks, x_offsets, stride, padding, dilation, depthwise)
+
+
+@torch.library.custom_op("slimkern::block_conv2d_triton_backward", mutates_args=())
+def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, blocks: List[int],
+                     x_offsets: List[int], stride: List[int], padding: List[int], dilation: List[int],
+                     depthwise: bool, output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gx, gw, gb = triton_module(_OP).backward(grad_out.contiguous(), x, weight, blocks, x_offsets, stride, padding,
+                                             dilation, depthwise, output_mask)
+    # a masked-off gradient comes back as one shared empty tensor; an op's outputs must not alias
+    return tuple(t if on else t.new_empty((0,)) for t, on in zip((gx, gw, gb), output_mask))
+
+
+def _triton_setup_context(ctx, inputs, output):
+    x, weight, bias, *args = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.args, ctx.has_bias = args, bias is not None
+
+
+def _triton_autograd(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    gx, gw, gb = torch.ops.slimkern.block_conv2d_triton_backward(grad_out, x, weight, *ctx.args, mask)
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
+            None, None, None, None, None, None)
+
+
+_triton_forward.register_fake(_fake_forward)
+_triton_backward.register_fake(_fake_backward)
+_triton_forward.register_autograd(_triton_autograd, setup_context=_triton_setup_context)
+
+if _library.has_op(_OP):
+    torch.library.register_fake("slimkern::block_conv2d")(_fake_forward)
+    torch.library.register_fake("slimkern::block_conv2d_backward")(_fake_backward)
 
     # Autograd is registered in C++ (csrc/ops/autograd/block_conv2d.cpp): its backward is the
     # block_conv2d_backward op above.

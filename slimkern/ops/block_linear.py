@@ -14,6 +14,8 @@ weight gradients.
 """
 from __future__ import annotations
 
+from typing import List, Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 
@@ -47,7 +49,7 @@ def block_linear(x, weight, bias, blocks, x_offsets=None, backend=None):
     if which == "torch":
         return _torch_path(x, weight, bias, flat, offs)
     if which == "triton":
-        return _TritonBlockLinear.apply(x, weight, bias, flat, offs)
+        return torch.ops.slimkern.block_linear_triton(x, weight, bias, flat, offs)
     return _library.require_op(_OP)(x, weight, bias, flat, offs)
 
 
@@ -59,33 +61,53 @@ def _torch_path(x, weight, bias, flat, offs):
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
-class _TritonBlockLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, flat, offs):
-        ctx.save_for_backward(x, weight)
-        ctx.args = (flat, offs)
-        ctx.has_bias = bias is not None
-        return triton_module(_OP).forward(x, weight, bias, flat, offs)
+def _fake_forward(x, weight, bias, blocks, x_offsets):
+    c_out = sum(blocks[4 * g + 3] - blocks[4 * g + 2] for g in range(len(blocks) // 4))
+    return x.new_empty((x.shape[0], c_out))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        gx, gw, gb = triton_module(_OP).backward(grad_out.contiguous(), x, weight, *ctx.args, mask)
-        return gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None
 
+def _fake_backward(grad_out, x, weight, blocks, x_offsets, output_mask):
+    return (x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,)),
+            weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty((0,)),
+            weight.new_empty((weight.shape[0],)) if output_mask[2] else weight.new_empty((0,)))
+
+
+# The Triton kernels as ops of their own (not an autograd.Function around Python launches), so
+# torch.compile keeps them opaque, like the C++ ones: one graph on CUDA too.
+@torch.library.custom_op("slimkern::block_linear_triton", mutates_args=())
+def _triton_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], blocks: List[int],
+                    x_offsets: List[int]) -> torch.Tensor:
+    return triton_module(_OP).forward(x, weight, bias, blocks, x_offsets)
+
+
+@torch.library.custom_op("slimkern::block_linear_triton_backward", mutates_args=())
+def _triton_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, blocks: List[int],
+                     x_offsets: List[int], output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gx, gw, gb = triton_module(_OP).backward(grad_out.contiguous(), x, weight, blocks, x_offsets, output_mask)
+    # a masked-off gradient comes back as one shared empty tensor; an op's outputs must not alias
+    return tuple(t if on else t.new_empty((0,)) for t, on in zip((gx, gw, gb), output_mask))
+
+
+def _triton_setup_context(ctx, inputs, output):
+    x, weight, bias, blocks, x_offsets = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.args, ctx.has_bias = (blocks, x_offsets), bias is not None
+
+
+def _triton_autograd(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    gx, gw, gb = torch.ops.slimkern.block_linear_triton_backward(grad_out, x, weight, *ctx.args, mask)
+    return gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None
+
+
+_triton_forward.register_fake(_fake_forward)
+_triton_backward.register_fake(_fake_backward)
+_triton_forward.register_autograd(_triton_autograd, setup_context=_triton_setup_context)
 
 if _library.has_op(_OP):
-    @torch.library.register_fake("slimkern::block_linear")
-    def _(x, weight, bias, blocks, x_offsets):
-        c_out = sum(blocks[4 * g + 3] - blocks[4 * g + 2] for g in range(len(blocks) // 4))
-        return x.new_empty((x.shape[0], c_out))
-
-    @torch.library.register_fake("slimkern::block_linear_backward")
-    def _(grad_out, x, weight, blocks, x_offsets, output_mask):
-        return (x.new_empty(x.shape) if output_mask[0] else x.new_empty((0,)),
-                weight.new_empty(weight.shape) if output_mask[1] else weight.new_empty((0,)),
-                weight.new_empty((weight.shape[0],)) if output_mask[2] else weight.new_empty((0,)))
+    torch.library.register_fake("slimkern::block_linear")(_fake_forward)
+    torch.library.register_fake("slimkern::block_linear_backward")(_fake_backward)
 
     # Autograd is registered in C++ (csrc/ops/autograd/block_linear.cpp): its backward is the
     # block_linear_backward op above.
