@@ -178,6 +178,8 @@ def test_run_folder(run):
     (["--aug-rotate", "10"], "without augmentation"),
     (["--clients-per-round", "2"], "--clients-per-round 2 is not supported"),
     (["--strategy", "dwnp", "fedavg"], "dwnp runs alone"),
+    (["--lr-hn", "0"], "lr_hn must be a positive number"),
+    (["--lam", "-1"], "lam must be a number >= 0"),
 ])
 def test_argument_errors_are_one_line(tmp_path, capsys, extra, message):
     out = tmp_path / "run"

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from slimkern.prune.bn_calibration import recalibrate_bn
 from slimkern.prune.channels import prune_channels
-from slimkern.prune.dwnp_objective import dwnp_objective
+from slimkern.prune.dwnp_objective import REGULARIZERS, dwnp_objective
 from slimkern.prune.fedavg import accuracy, average_states, local_sgd
 from slimkern.prune.flops import FlopsModel
 from slimkern.prune.groups import as_slim_net, channel_groups
@@ -242,6 +242,15 @@ def dwnp_federated(model: nn.Module, client_sets: Sequence[Dataset], test: Datas
             raise ValueError(f"dwnp_federated: {k} must be an int >= 0, got {v!r}")
     if not 0 < hn_fraction < 1:
         raise ValueError(f"dwnp_federated: hn_fraction must be in (0, 1), got {hn_fraction!r}")
+    for k, v in {"lr_w": lr_w, "lr_hn": lr_hn}.items():  # checked here, not after the baseline has run
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise ValueError(f"dwnp_federated: {k} must be a positive number, got {v!r}")
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < float("inf"):
+        raise ValueError(f"dwnp_federated: lam must be a number >= 0, got {lam!r}")
+    if regularizer not in REGULARIZERS:
+        raise ValueError(f"dwnp_federated: regularizer must be one of {REGULARIZERS}, got {regularizer!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"dwnp_federated: batch_size must be an int >= 1, got {batch_size!r}")
     if not tol > 0:
         raise ValueError(f"dwnp_federated: tol must be > 0, got {tol!r}")
     if resume and checkpoint is None:
