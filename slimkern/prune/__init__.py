@@ -13,7 +13,8 @@
   ``T(a)``), ``MaskHypernetwork`` (embeddings -> GRU -> per-layer heads), ``dwnp_objective``
   (eq. 4) with ``resource_regularizer``.
 * Federated: ``dac_federated`` (DAC + clustered FedAvg), ``dwnp_federated`` (DWNP's bilevel loop);
-  ``slimkern prune dac|dwnp`` runs them on digits and writes a run folder (docs/prune.md).
+  ``slimkern prune dac|dwnp`` runs them on digits and writes a run folder (docs/prune.md);
+  ``slimkern fl --strategy dwnp`` runs DWNP on the fl command's clients (``slimkern.fl.dwnp``).
 """
 from slimkern.prune.budget import Budget, parse_budgets
 from slimkern.prune.channels import prune_channels
