@@ -316,6 +316,26 @@ def _bn_forward(m, lay: "_Layout", x: torch.Tensor) -> torch.Tensor:
     return back(y)
 
 
+def _chunks(members: list[int], sizes: list[int], pass_rows: int) -> list[list[int]]:
+    """Splits the clients of one step into passes, each padded to its largest batch: the
+    split minimising ``sum over passes (pass_rows + clients x largest batch)`` (padded rows
+    cost like real ones; ``pass_rows`` is a pass's fixed cost in rows). Exact by dynamic
+    programming over the clients sorted by batch size."""
+    order = sorted(range(len(members)), key=lambda j: -sizes[j])
+    sz = [sizes[j] for j in order]
+    best, cut = [0.0] + [math.inf] * len(sz), [0] * (len(sz) + 1)
+    for j in range(1, len(sz) + 1):
+        for i in range(j):
+            c = best[i] + pass_rows + (j - i) * sz[i]
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], len(sz)
+    while j > 0:
+        out.append(sorted(members[order[q]] for q in range(cut[j], j)))
+        j = cut[j]
+    return out[::-1]
+
+
 class _Packed(nn.Module):
     """``forward_switches`` of the wrapped net as a module (for ``torch.func.functional_call``)."""
 
@@ -341,7 +361,7 @@ class ClientBatcher:
     switches the net's forward check refused: ``reasons`` then says why).
     """
 
-    def __init__(self, model: nn.Module, rule, agg: Aggregator | None = None):
+    def __init__(self, model: nn.Module, rule, agg: Aggregator | None = None, pass_rows: int = 64):
         from slimkern.nn import SlimConv2d, SlimLinear
         from slimkern.nn.batchnorm import _SwitchableBatchNorm
         why = unsupported_reason(model, rule)
@@ -364,6 +384,9 @@ class ClientBatcher:
         self.base = self.agg.flatten(dict(self.net.named_parameters()))
         self._checked: dict[tuple, str | None] = {}
         self.reasons: list[str] = []
+        if isinstance(pass_rows, bool) or not isinstance(pass_rows, int) or pass_rows < 0:
+            raise ValueError(f"pass_rows must be an int >= 0, got {pass_rows!r}")
+        self.pass_rows = pass_rows
 
     # -- one batched pass -----------------------------------------------------------------
     def _forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor, switches) -> list[torch.Tensor]:
@@ -481,9 +504,10 @@ class ClientBatcher:
                 by_sws: dict[tuple, list[int]] = {}
                 for i in active:
                     by_sws.setdefault(steps[i][t][0], []).append(i)
-                for sws, members in by_sws.items():
-                    self._step(members, t, sws, steps, group, params, bufs, row, lr, mom, wd, clip, base_logits,
-                               failed, out)
+                for sws, same in by_sws.items():
+                    for members in _chunks(same, [len(steps[i][t][2]) for i in same], self.pass_rows):
+                                self._step(members, t, sws, steps, group, params, bufs, row, lr, mom, wd, clip,
+                                       base_logits, failed, out)
         flat = torch.cat([v.reshape(len(live), -1) for v in params.values()], 1)
         for i in live:
             task = group[i]
