@@ -30,7 +30,7 @@ _HELP = {
              "memory = parameter + peak activation bytes, devices; suffixes k/M/G, memory also "
              "KB/MB/GB/KiB/MiB/GiB); both forms mix",
     "strategies": "paradis, heterofl, fedavg, fedrolex, fjord, clustered, otfusion (several to compare); "
-                  "dwnp alone (device-wise pruning with a hypernetwork; slimkern.fl.dwnp)",
+                  "dwnp alone (device-wise pruning with a hypernetwork; its defaults differ: slimkern.fl.dwnp.DWNP_FL)",
     "clients": "number of clients", "partition": "iid, dirichlet or shards",
     "alpha": "Dirichlet concentration (label skew; smaller = more skewed)",
     "classes_per_client": "shards: classes per client",
@@ -59,7 +59,8 @@ _HELP = {
     "p_server": "dwnp: the server model's FLOPs ratio target (0: the largest device target)",
     "p_devices": "dwnp: device FLOPs ratio targets, one for all or one per client (default: from each "
                  "client's tier: [w] -> MACs at [w] / MACs at [1.0], {macs=M} -> M / MACs at [1.0])",
-    "lr_hn": "dwnp: Adam learning rate of the mask hypernetwork", "lam": "dwnp: lambda of eq. 4 (FLOPs term)",
+    "lr_hn": "dwnp: Adam learning rate of the mask hypernetwork (dwnp's default: 0.01)",
+    "lam": "dwnp: lambda of eq. 4 (FLOPs term)",
     "regularizer": "dwnp: R of eq. 4, abs_log |log(T/T*)| or sq_log (log(T/T*))^2",
     "project": "dwnp: project a learned mask off its target by more than 5%% onto the target",
 }
