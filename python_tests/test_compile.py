@@ -222,3 +222,20 @@ def _explain_fn(fn, *args):
         return torch._dynamo.explain(fn)(*args)
     finally:
         torch._dynamo.reset()
+
+
+def test_eval_forward_is_one_graph_and_equals_eager():
+    """Inference too: the eval-mode packed forward (BN from the statistics rows) is one graph."""
+    net, x, sws, loss_fn = _case()
+    with torch.no_grad():
+        packed_loss(net, x, sws, loss_fn)  # one training pass: the rows hold statistics
+    net.eval()
+
+    def fwd(x):
+        return torch.cat(sk.forward_switches(net, x, sws))
+
+    ex = _explain_fn(fwd, x)
+    assert ex.graph_break_count == 0, [r.reason for r in ex.break_reasons]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fwd, fullgraph=True, backend="aot_eager")(x), fwd(x))
+    torch._dynamo.reset()

@@ -190,7 +190,8 @@ class _SwitchableBatchNorm(SlimModule, nn.Module):
             else:
                 factors = [self.momentum] * len(rows)
         else:
-            if not bool((self.num_batches_tracked[rows] > 0).all()):
+            # The check reads a tensor into Python: torch.compile skips it rather than break the graph.
+            if not torch.compiler.is_compiling() and not bool((self.num_batches_tracked[rows] > 0).all()):
                 fresh = [str(plan.switches[i]) for i, r in enumerate(rows)
                          if int(self.num_batches_tracked[r]) == 0]
                 warnings.warn(f"{type(self).__name__}: switch(es) {fresh} have no BN statistics yet (never trained "
