@@ -192,6 +192,20 @@ def test_argument_errors_are_one_line(tmp_path, capsys, extra, message):
     assert not out.exists()  # nothing half-written is left behind
 
 
+def test_config_file_and_explicit_device_targets(tmp_path, capsys):
+    out = tmp_path / "run"
+    conf = tmp_path / "dwnp.json"
+    conf.write_text(json.dumps({"strategy": "dwnp", "clients": 4, "rounds": 1, "partition": "iid",
+                                "p_devices": [0.5, 0.3, 0.5, 0.3], "label_split": False}))
+    assert main(["fl", "--config", str(conf), "--out", str(out), "--no-progress"]) == 0
+    assert f"report: {out / 'report.json'}" in capsys.readouterr().out
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["meta"]["targets_from"] == "--p-devices" and rep["meta"]["ignored"] == ["label_split"]
+    run = rep["runs"][0]
+    assert [d["target"] for d in run["devices"]] == [0.5, 0.3, 0.5, 0.3] and run["server"]["target"] == 0.5
+    assert all(abs(d["ratio"] / d["target"] - 1) <= 0.05 for d in run["devices"])
+
+
 def test_get_rule_names_the_dwnp_entry():
     from slimkern.fl.rules import get_rule
     with pytest.raises(ValueError, match="run_fl_dwnp"):

@@ -152,7 +152,10 @@ def _run(cfg: dict, args, preset: dict | None = None) -> int:
 
     if "dwnp" in cfg["strategies"]:  # not a rule of the round object: its own loop (slimkern.fl.dwnp)
         from slimkern.fl.dwnp import run_fl_dwnp
-        run_fl_dwnp(given(args, preset), progress=getattr(args, "progress", True), resume=getattr(args, "resume", False))
+        rep = run_fl_dwnp(given(args, preset), progress=getattr(args, "progress", True),
+                          resume=getattr(args, "resume", False))
+        out = rep["meta"]["config"]["out"]
+        print(f"report: {os.path.join(out, 'report.json')}  plot: {os.path.join(out, 'dwnp.png')}")
         return 0
 
     bad = [s for s in cfg["strategies"] if s not in STRATEGIES]
