@@ -45,6 +45,7 @@ set against the net's own forward), clients with a single sample, and a group of
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -163,21 +164,34 @@ def _grouped(x5: torch.Tensor) -> torch.Tensor:
     return x5.permute(1, 2, 3, 0, 4).reshape(n, h, w, k * c).permute(0, 3, 1, 2)
 
 
-def _gather(m, w: torch.Tensor, blocks, depthwise: bool) -> torch.Tensor:
-    """The windows of ``blocks`` of the stacked weight ``w`` ``[K, out, in, kh, kw]``,
-    concatenated along the output channels, in ONE gather (one zero-filled gradient in the
-    backward pass instead of one per window)."""
-    key = (tuple(blocks), depthwise)
-    cache = m.__dict__.setdefault("_skb_gather", {})
-    idx = cache.get(key)
-    if idx is None:
-        pos = torch.arange(math.prod(w.shape[1:])).view(w.shape[1:])
-        idx = torch.cat([(pos[o0:o1] if depthwise else pos[o0:o1, i0:i1]).reshape(-1)
-                         for i0, i1, o0, o1 in blocks]).to(w.device)
-        cache[key] = idx
-    i0, i1, o0, o1 = blocks[0]
-    cin = w.shape[2] if depthwise else i1 - i0
-    return w.reshape(w.shape[0], -1)[:, idx].view(w.shape[0], -1, cin, *w.shape[3:])
+class _Windows(torch.autograd.Function):
+    """``cat([w[(slice(None),) + win] for win in windows], 1)``: the windows (index tuples on
+    the dims after the first) of a stacked weight ``w`` ``[K, ...]``, concatenated along dim 1.
+    Its backward allocates one zero gradient and adds each window's gradient into its place
+    (slicing each window under autograd would zero-fill one full-size gradient per window)."""
+
+    @staticmethod
+    def forward(ctx, w, windows):
+        ctx.windows, ctx.shape = windows, w.shape
+        parts = [w[(slice(None),) + win] for win in windows]
+        return parts[0].clone() if len(parts) == 1 else torch.cat(parts, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        gw = g.new_zeros(ctx.shape)
+        at = 0
+        for win in ctx.windows:
+            view = gw[(slice(None),) + win]
+            view += g[:, at:at + view.shape[1]]
+            at += view.shape[1]
+        return gw, None
+
+
+def _gather(w: torch.Tensor, blocks, depthwise: bool) -> torch.Tensor:
+    """The windows of ``blocks`` of a stacked conv weight ``w`` ``[K, out, in, kh, kw]``
+    concatenated along the output channels (``_Windows``)."""
+    wins = tuple((slice(o0, o1),) if depthwise else (slice(o0, o1), slice(i0, i1)) for i0, i1, o0, o1 in blocks)
+    return _Windows.apply(w, wins)
 
 
 def _runs(blocks, offsets) -> list[tuple[int, int]]:
@@ -234,7 +248,7 @@ def _conv_forward(m, lay: "_Layout", x: torch.Tensor) -> torch.Tensor:
     outs_cols = [(o0, o1) for _, _, o0, o1 in blocks]
     if not x.requires_grad and not m.depthwise and t["x_offsets"] is not None:
         # every block reads the whole input (the image, no gradient): one im2col, one bmm
-        ws = _gather(m, w, blocks, False)  # [K, sum C_out, C_in, kh, kw]
+        ws = _gather(w, blocks, False)  # [K, sum C_out, C_in, kh, kw]
         cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # [K*N, C_in*kh*kw, L]
         cols = cols.view(k, n, cols.shape[1], -1).transpose(2, 3).reshape(k, n * ho * wo, -1)
         y = torch.bmm(cols, ws.reshape(k, ws.shape[1], -1).transpose(1, 2)).view(k, n, ho, wo, -1)
@@ -252,7 +266,7 @@ def _conv_forward(m, lay: "_Layout", x: torch.Tensor) -> torch.Tensor:
             r = g1 - g0
             xg = x5[..., offs[g0]:offs[g0] + (r * (o1 - o0) if m.depthwise else r * (i1 - i0))]
             groups = k * r * (o1 - o0) if m.depthwise else k * r
-            parts += list(conv(xg, _gather(m, w, blocks[g0:g1], m.depthwise), groups).split(o1 - o0, -1))
+            parts += list(conv(xg, _gather(w, blocks[g0:g1], m.depthwise), groups).split(o1 - o0, -1))
     outs = _assemble(parts, b, t, outs_cols)
     if t["mode"] == "fuse":
         return torch.cat([_from_nhwc(o) for o in outs], 0)
@@ -280,7 +294,56 @@ def _linear_forward(m, lay: "_Layout", x: torch.Tensor) -> torch.Tensor:
     return torch.cat([o.transpose(0, 1).reshape(k * n, -1) for o in outs], 0)
 
 
-_ACT = {"none": None, "relu": F.relu, "relu6": F.relu6}
+
+class _MaskedBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm + activation per (client, channel) over a client's real rows.
+
+    ``xs`` ``[K, N, S, C]`` (S spatial positions), ``mask`` ``[K, N, 1, 1]`` (1: a real row;
+    None: all real), ``cnt`` ``[K, 1, 1, 1]`` = real rows x S. Forward:
+    ``mu = sum m x / cnt``, ``var = sum m (x - mu)^2 / cnt``, ``xh = (x - mu) / sqrt(var + eps)``,
+    ``y = act(w xh + b)``. Backward with ``g = dL/d(w xh + b)`` (zero on padded rows: their
+    loss is masked): ``db = sum g``, ``dw = sum g xh``,
+    ``dx = m / sqrt(var + eps) * (w g - w db / cnt - xh w dw / cnt)`` -- the textbook BN
+    gradient with the means over real rows, which the sums over all rows already are since
+    ``g`` vanishes on padding. One autograd node instead of a dozen elementwise ones."""
+
+    @staticmethod
+    def forward(ctx, xs, w, b, mask, cnt, eps, activation):
+        if mask is None:
+            var, mean = torch.var_mean(xs, (1, 2), correction=0, keepdim=True)
+        else:
+            mean = (xs.sum(2, keepdim=True) * mask).sum(1, keepdim=True) / cnt
+            var = ((xs - mean).square().sum(2, keepdim=True) * mask).sum(1, keepdim=True) / cnt
+        rstd = torch.rsqrt(var + eps)
+        scale = rstd if w is None else rstd * w
+        shift = -mean * scale if b is None else b - mean * scale
+        y = torch.addcmul(shift, xs, scale)  # w (x - mu) rstd + b in one pass
+        if activation == "relu":
+            y.relu_()
+        elif activation == "relu6":
+            y.clamp_(0.0, 6.0)
+        ctx.save_for_backward(xs, mean, rstd, w, mask, cnt, y if activation != "none" else None)
+        ctx.activation = activation
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xs, mean, rstd, w, mask, cnt, y = ctx.saved_tensors
+        g = gy
+        if ctx.activation == "relu":
+            g = torch.ops.aten.threshold_backward(gy, y, 0.0)
+        elif ctx.activation == "relu6":
+            g = torch.ops.aten.hardtanh_backward(gy, y, 0.0, 6.0)
+        xh = torch.addcmul(-mean * rstd, xs, rstd)
+        db = g.sum((1, 2), keepdim=True)
+        dw = (g * xh).sum((1, 2), keepdim=True)
+        a = rstd if w is None else rstd * w
+        if mask is not None:
+            a = a * mask  # [K, N, 1, C]: padded rows get no gradient
+        dx = (g - torch.addcmul(db / cnt, xh, dw / cnt)) * a
+        if w is None:
+            return dx, None, None, None, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
 def _bn_forward(m, lay: "_Layout", x: torch.Tensor) -> torch.Tensor:
@@ -294,25 +357,16 @@ def _bn_forward(m, lay: "_Layout", x: torch.Tensor) -> torch.Tensor:
         hw = x.shape[2:]
         xs = x.permute(0, *range(2, x.dim()), 1).reshape(k, n, -1, c)
         back = (lambda y: y.reshape(k * n, *hw, c).permute(0, x.dim() - 1, *range(1, x.dim() - 1)))
-    if lay.mask is None:
-        var, mean = torch.var_mean(xs, (1, 2), correction=0, keepdim=True)
-    else:  # sums per row over space first, so the mask multiplies [K, N, C] only
-        mk = lay.mask.view(k, n, 1)
-        cnt = (lay.count * xs.shape[2]).view(k, 1, 1)
-        mean = ((xs.sum(2) * mk).sum(1, keepdim=True) / cnt).unsqueeze(1)
-        var = (((xs - mean).square().sum(2) * mk).sum(1, keepdim=True) / cnt).unsqueeze(1)
-    y = (xs - mean) * torch.rsqrt(var + m.eps)
     if m.weight is not None:
-        blocks = t["blocks"]
-        if len(blocks) == 1:
-            wb, bb = m.weight[:, blocks[0][0]:blocks[0][1]], m.bias[:, blocks[0][0]:blocks[0][1]]
-        else:
-            idx = torch.cat([torch.arange(s, e) for s, e in blocks]).to(m.weight.device)
-            wb, bb = m.weight[:, idx], m.bias[:, idx]
-        y = torch.addcmul(bb.view(k, 1, 1, c), y, wb.view(k, 1, 1, c))
-    act = _ACT[m.activation]
-    if act is not None:
-        y = act(y)
+        wins = tuple((slice(s, e),) for s, e in t["blocks"])
+        wb, bb = _Windows.apply(m.weight, wins).view(k, 1, 1, c), _Windows.apply(m.bias, wins).view(k, 1, 1, c)
+    else:
+        wb = bb = None
+    if lay.mask is None:
+        mask, cnt = None, torch.full((k, 1, 1, 1), float(n * xs.shape[2]), dtype=xs.dtype)
+    else:
+        mask, cnt = lay.mask.view(k, n, 1, 1), (lay.count * xs.shape[2]).view(k, 1, 1, 1)
+    y = _MaskedBatchNorm.apply(xs, wb, bb, mask, cnt, float(m.eps), m.activation)
     return back(y)
 
 
@@ -334,6 +388,13 @@ def _chunks(members: list[int], sizes: list[int], pass_rows: int) -> list[list[i
         out.append(sorted(members[order[q]] for q in range(cut[j], j)))
         j = cut[j]
     return out[::-1]
+
+
+def _global_rng(augment) -> bool:
+    """Whether ``augment`` may draw from torch's global generator (anything but None and
+    ``RandomAffine``, which draws from the generator it is given only)."""
+    from slimkern.fl.augment import RandomAffine
+    return augment is not None and type(augment) is not RandomAffine
 
 
 class _Packed(nn.Module):
@@ -474,7 +535,11 @@ class ClientBatcher:
                 idx = client_indices(task, indices[c], len(X))
                 flat = received(self.agg, self.base, task)
                 gen, pyrng = client_generators(task)
-                with _fp.client_rng(int(task.seed), int(task.round), c):  # as the sequential client draws
+                # the sequential client forks torch's global generator for the client; only an
+                # augmentation of unknown kind could draw from it here (no dropout is batched)
+                fork = _fp.client_rng(int(task.seed), int(task.round), c) if _global_rng(augment) \
+                    else contextlib.nullcontext()
+                with fork:
                     steps.append([(tuple(s), xb, yb) for s, xb, yb in local_batches(
                         X, Y, idx, task.key, rule, task.local_epochs, task.batch_size, gen, pyrng, augment)])
                 flats.append(flat)
