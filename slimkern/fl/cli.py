@@ -56,6 +56,10 @@ _HELP = {
                 "statistics travel and are averaged)",
     "fjord_kd": "fjord: self-distillation from p_max in every local step",
     "engine": "simulate (in process) or flower (write a Flower app to --out; see docs/flower.md)",
+    "batch_clients": "train the clients of a switch together, one batched pass per local step "
+                     "(slimkern.fl.batched; equal to one by one to float rounding); where that cannot be "
+                     "exact (custom rule hooks, travelling BN statistics, ...) they train one by one and "
+                     "the log says why",
     "p_server": "dwnp: the server model's FLOPs ratio target (0: the largest device target)",
     "p_devices": "dwnp: device FLOPs ratio targets, one for all or one per client (default: from each "
                  "client's tier: [w] -> MACs at [w] / MACs at [1.0], {macs=M} -> M / MACs at [1.0])",

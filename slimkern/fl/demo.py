@@ -53,6 +53,7 @@ DEMO_FL: dict = {
     # DWNP options (slimkern fl --strategy dwnp; slimkern.fl.dwnp): FLOPs targets (p_devices empty: from the
     # tiers; p_server 0: the largest device target), hypernetwork Adam lr, lambda of eq. 4, R, mask projection
     "p_server": 0.0, "p_devices": [], "lr_hn": 1e-3, "lam": 2.0, "regularizer": "abs_log", "project": True,
+    "batch_clients": True,  # clients of a switch train batched (slimkern.fl.batched) where that is exact
 }
 
 
@@ -204,7 +205,8 @@ def run_fl_demo(cfg: dict | None = None, progress: bool = True, console=None, re
                         seed=cfg["seed"], progress=progress, calib_set=calib, lr_schedule=cfg["lr_schedule"],
                         eval_every=cfg["eval_every"], calib_batches=cfg["calib_batches"], augment=augment,
                         checkpoint=os.path.join(out, f"checkpoint-{strat}.pt"), resume=resume,
-                        server_step=server_step, log=lambda m, s=strat: log(f"[{s}] {m}"))
+                        server_step=server_step, client_batching=bool(cfg.get("batch_clients", False)),
+                        log=lambda m, s=strat: log(f"[{s}] {m}"))
         acc = hist.last_accuracy()
         nbytes = hist.total_bytes()
         tier_rows = [{"tier": t.name, "switch": hist.tiers[t.name], "top1": acc[t.name],
