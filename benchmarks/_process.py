@@ -53,3 +53,34 @@ def write_results(path: str, benches: list[dict], threads: int) -> None:
     with open(tmp, "w") as f:
         json.dump(out, f, indent=1)
     os.replace(tmp, path)
+
+
+def interleaved(runs: dict, rounds: int, sync=None) -> tuple[dict, dict]:
+    """Times every ``runs[provider]()`` once per round, in an order rotating by one each round
+    (a load swing then lands on every provider alike, not in one provider's ratio); ``sync``
+    (e.g. ``torch.cuda.synchronize``) runs inside each timing. Returns ``(cpu, wall)``: per
+    provider the list of ``process_time`` and ``perf_counter`` seconds."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    names = list(runs)
+    cpu, wall = {p: [] for p in names}, {p: [] for p in names}
+    for r in range(rounds):
+        for p in names[r % len(names):] + names[:r % len(names)]:
+            c0, t0 = time.process_time(), time.perf_counter()
+            runs[p]()
+            if sync is not None:
+                sync()
+            cpu[p].append(time.process_time() - c0)
+            wall[p].append(time.perf_counter() - t0)
+    return cpu, wall
+
+
+def interleaved_entry(group: str, name: str, params: dict, extra_info: dict, wall: list, cpu: list) -> dict:
+    """One result of :func:`interleaved` in pytest-benchmark's layout (what summarize.py reads)."""
+    import statistics
+
+    return dict(group=group, name=name, params=params,
+                extra_info=dict(extra_info, interleaved=True, cpu_median_s=statistics.median(cpu)),
+                options=dict(timer="time.perf_counter"),
+                stats=dict(min=min(wall), max=max(wall), mean=statistics.fmean(wall), median=statistics.median(wall),
+                           rounds=len(wall), data=wall))

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _plain_slimmable as P  # noqa: E402
-from _process import setup_allocator, write_results  # noqa: E402
+from _process import interleaved, interleaved_entry, setup_allocator, write_results  # noqa: E402
 
 MALLOC = setup_allocator()
 
@@ -163,7 +163,6 @@ def main(argv=None) -> int:
     land in the ratio). Writes the pytest-benchmark JSON layout with ``--json``."""
     import argparse
     import statistics
-    import time
     import warnings
 
     ap = argparse.ArgumentParser(description="training-step providers timed interleaved")
@@ -185,28 +184,16 @@ def main(argv=None) -> int:
             cases = {p: make_case(model, step, p) for p in PROVIDERS}
             for run, _ in cases.values():
                 run()
-            cpu, wall = {p: [] for p in PROVIDERS}, {p: [] for p in PROVIDERS}
-            for r in range(args.rounds):
-                for p in PROVIDERS[r % len(PROVIDERS):] + PROVIDERS[:r % len(PROVIDERS)]:
-                    c0, t0 = time.process_time(), time.perf_counter()
-                    cases[p][0]()
-                    if DEVICE != "cpu":
-                        torch.cuda.synchronize()
-                    cpu[p].append(time.process_time() - c0)
-                    wall[p].append(time.perf_counter() - t0)
+            cpu, wall = interleaved({p: cases[p][0] for p in PROVIDERS}, args.rounds,
+                                    sync=torch.cuda.synchronize if DEVICE != "cpu" else None)
             group = f"train_step/{model}/{step}"
             for p in PROVIDERS:
-                d = wall[p]
-                benches.append(dict(
-                    group=group, name=f"test_train_step[{model}-{step}-{p}]",
-                    params=dict(model=model, step=step, provider=p),
-                    extra_info=dict(provider=p, model=model, step=step, switches=cases[p][1], batch=BATCH,
-                                    threads=torch.get_num_threads(), width_mult=MODELS[model], max_width=MAX_WIDTH,
-                                    group_size=GROUP_SIZE if p == "slimkern_groups" else None, malloc=MALLOC,
-                                    interleaved=True, cpu_median_s=statistics.median(cpu[p]), device=DEVICE, **mem[p]),
-                    options=dict(timer="time.perf_counter"),
-                    stats=dict(min=min(d), max=max(d), mean=statistics.fmean(d), median=statistics.median(d),
-                               rounds=len(d), data=d)))
+                benches.append(interleaved_entry(
+                    group, f"test_train_step[{model}-{step}-{p}]", dict(model=model, step=step, provider=p),
+                    dict(provider=p, model=model, step=step, switches=cases[p][1], batch=BATCH,
+                         threads=torch.get_num_threads(), width_mult=MODELS[model], max_width=MAX_WIDTH,
+                         group_size=GROUP_SIZE if p == "slimkern_groups" else None, malloc=MALLOC, device=DEVICE,
+                         **mem[p]), wall[p], cpu[p]))
             mw = {p: statistics.median(wall[p]) for p in PROVIDERS}
             mc = {p: statistics.median(cpu[p]) for p in PROVIDERS}
             for p in PROVIDERS:
