@@ -39,8 +39,18 @@ class RandomAffine:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
             raise ValueError(f"RandomAffine: expected a float [N, C, H, W] tensor, got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        return self.warp(x, self.draw(x.shape[0], generator))
+
+    @staticmethod
+    def draw(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The random numbers of ``n`` images, ``[n, 4]`` float64 in ``[-1, 1)`` (angle, scale,
+        shift x, shift y): everything ``__call__`` draws from ``generator``."""
+        return torch.rand(n, 4, generator=generator, dtype=torch.float64) * 2 - 1
+
+    def warp(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The images ``x`` warped with the draws ``u`` (``draw``); image i depends on ``x[i]``
+        and ``u[i]`` only, so batches can be warped together."""
         n, _, h, w = x.shape
-        u = torch.rand(n, 4, generator=generator, dtype=torch.float64) * 2 - 1
         a = u[:, 0] * math.radians(self.rotate)
         inv_s = 1.0 / (1 + u[:, 1] * self.scale)
         theta = torch.zeros(n, 2, 3, dtype=torch.float64)

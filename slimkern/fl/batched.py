@@ -390,6 +390,13 @@ def _chunks(members: list[int], sizes: list[int], pass_rows: int) -> list[list[i
     return out[::-1]
 
 
+def _drawn(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stands in for ``RandomAffine`` in ``local_batches``: the images and their draws, taken
+    from the client's generator exactly where the augmentation would take them."""
+    from slimkern.fl.augment import RandomAffine
+    return x, RandomAffine.draw(len(x), generator)
+
+
 def _global_rng(augment) -> bool:
     """Whether ``augment`` may draw from torch's global generator (anything but None and
     ``RandomAffine``, which draws from the generator it is given only)."""
@@ -528,6 +535,8 @@ class ClientBatcher:
         rule = self.rule
         out: dict[int, ClientUpdate | BaseException] = {}
         steps: list[list] = []
+        from slimkern.fl.augment import RandomAffine
+        affine = type(augment) is RandomAffine  # draws now (the client's generator order), warps later
         flats = []
         for task in group:
             c = int(task.client)
@@ -541,7 +550,8 @@ class ClientBatcher:
                     else contextlib.nullcontext()
                 with fork:
                     steps.append([(tuple(s), xb, yb) for s, xb, yb in local_batches(
-                        X, Y, idx, task.key, rule, task.local_epochs, task.batch_size, gen, pyrng, augment)])
+                        X, Y, idx, task.key, rule, task.local_epochs, task.batch_size, gen, pyrng,
+                        _drawn if affine else augment)])
                 flats.append(flat)
             except Exception as exc:  # noqa: BLE001 - a client whose task fails is dropped with the reason
                 out[c] = exc
@@ -550,6 +560,12 @@ class ClientBatcher:
         live = [i for i, s in enumerate(steps) if s is not None]
         if not live:
             return out
+        if affine:  # every step's images warped in one call, each with its own client's draws
+            batches = [st for i in live for st in steps[i]]
+            warped = augment.warp(torch.cat([st[1][0] for st in batches]), torch.cat([st[1][1] for st in batches]))
+            warped = iter(warped.split([len(st[2]) for st in batches]))
+            for i in live:
+                steps[i] = [(sws, next(warped), yb) for sws, _, yb in steps[i]]
         for sws in dict.fromkeys(st[0] for i in live for st in steps[i]):
             why = self._check(sws, next(st[1] for i in live for st in steps[i] if st[0] == sws))
             if why is not None:  # trained one by one instead (``reasons`` says why)
@@ -595,16 +611,13 @@ class ClientBatcher:
         if min(counts) == n:
             x, y, mask, cnt = torch.stack(xs), torch.stack(ys), None, None
         else:  # padded to the largest batch; the mask keeps padding out of BN statistics and losses
-            x = xs[0].new_zeros(k, n, *xs[0].shape[1:])
-            y = ys[0].new_zeros(k, n)
-            mask = torch.zeros(k, n, dtype=x.dtype)
-            for j, (a, b) in enumerate(zip(xs, ys)):
-                x[j, :len(a)] = a
-                y[j, :len(b)] = b
-                mask[j, :len(b)] = 1
+            x = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)
+            y = torch.nn.utils.rnn.pad_sequence(ys, batch_first=True)
             cnt = torch.tensor(counts, dtype=x.dtype)
+            mask = (torch.arange(n, dtype=x.dtype) < cnt.unsqueeze(1)).to(x.dtype)
         self.layout.mask, self.layout.count = mask, cnt
-        leaves = {name: (v if whole else v[rows]).detach().requires_grad_(True) for name, v in params.items()}
+        leaves = {name: (v if whole else v.index_select(0, rows)).detach().requires_grad_(True)
+                  for name, v in params.items()}
         outs = self._forward(leaves, x, sws)
         if not base_logits:
             outs = [torch.stack([self.rule.train_logits(o[j], group[i].key) for j, i in enumerate(members)])
@@ -636,8 +649,8 @@ class ClientBatcher:
                 grads = [g * coef.view(k, *([1] * (g.dim() - 1))) for g in grads]
             for (name, p), g in zip(leaves.items(), grads):  # torch.optim.SGD's update, element for element
                 d = g.add(p, alpha=wd)
-                bf = (bufs[name] if whole else bufs[name][rows]).mul_(mom).add_(d)
+                bf = (bufs[name] if whole else bufs[name].index_select(0, rows)).mul_(mom).add_(d)
                 new = p.detach().add_(bf, alpha=-lr)
                 if not whole:
-                    params[name][rows] = new
-                    bufs[name][rows] = bf
+                    params[name].index_copy_(0, rows, new)
+                    bufs[name].index_copy_(0, rows, bf)
