@@ -138,10 +138,23 @@ def unsupported_reason(model: nn.Module, rule) -> str | None:
 class _Layout:
     """The batch of one batched pass: ``k`` clients x ``n`` rows (padded), ``mask`` ``[k, n]``
     (None when nobody is padded) and ``count`` ``[k]`` real rows per client."""
-    __slots__ = ("k", "n", "mask", "count")
+    __slots__ = ("k", "n", "mask", "count", "keep", "pos")
 
     def __init__(self):
         self.k, self.n, self.mask, self.count = 1, 0, None, None
+        self.keep, self.pos = None, None  # the distinct blocks of the plan (``ClientBatcher._distinct``)
+
+
+def _tables(m, lay: "_Layout") -> dict:
+    """The layer's block table for this pass, restricted to the plan's distinct blocks
+    (``lay.keep``): duplicated blocks are computed once and re-used where fused."""
+    _, t = m._sk_current()
+    if lay.keep is None:
+        return dict(t, pos=list(range(len(t["blocks"]))))
+    t = dict(t, blocks=[t["blocks"][g] for g in lay.keep], pos=lay.pos)
+    if t.get("x_offsets") is not None:
+        t["x_offsets"] = [t["x_offsets"][g] for g in lay.keep]
+    return t
 
 
 def _nhwc(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -220,10 +233,11 @@ def _assemble(parts: list[torch.Tensor], bias, t, bias_cols):
     switch (fuse) or one (blocks)."""
     if t["mode"] == "fuse":
         outs = []
+        pos = t["pos"]
         for g0, g1 in t["segments"]:
-            z = parts[g0]
-            for q in parts[g0 + 1:g1]:
-                z = z + q
+            z = parts[pos[g0]]
+            for g in range(g0 + 1, g1):
+                z = z + parts[pos[g]]
             outs.append(z if bias is None else z + bias)
         return outs
     if bias is not None:
@@ -232,7 +246,7 @@ def _assemble(parts: list[torch.Tensor], bias, t, bias_cols):
 
 
 def _conv_forward(m, lay: "_Layout", x: torch.Tensor) -> torch.Tensor:
-    _, t = m._sk_current()
+    t = _tables(m, lay)
     k, w, b = lay.k, m.weight, m.bias  # w: [K, C_out, C_in/groups, kh, kw], b: [K, C_out]
     n = x.shape[0] // k
     ho, wo = _out_size(x.shape[2:], m)
@@ -274,7 +288,7 @@ def _conv_forward(m, lay: "_Layout", x: torch.Tensor) -> torch.Tensor:
 
 
 def _linear_forward(m, lay: "_Layout", x: torch.Tensor) -> torch.Tensor:
-    _, t = m._sk_current()
+    t = _tables(m, lay)
     k, w, b = lay.k, m.weight, m.bias  # w: [K, out, in], b: [K, out]
     n = x.shape[0] // k
     xk = x.reshape(k, n, -1)
@@ -348,7 +362,7 @@ class _MaskedBatchNorm(torch.autograd.Function):
 
 def _bn_forward(m, lay: "_Layout", x: torch.Tensor) -> torch.Tensor:
     """Training-mode switchable BN with each client's batch statistics over its real rows."""
-    _, t = m._sk_current()
+    t = _tables(m, lay)
     k = lay.k
     n, c = x.shape[0] // k, x.shape[1]
     if x.dim() == 2:
@@ -451,6 +465,7 @@ class ClientBatcher:
         self.shapes = dict(self.agg.shapes)
         self.base = self.agg.flatten(dict(self.net.named_parameters()))
         self._checked: dict[tuple, str | None] = {}
+        self._twins: dict[tuple, tuple] = {}
         self.reasons: list[str] = []
         if isinstance(pass_rows, bool) or not isinstance(pass_rows, int) or pass_rows < 0:
             raise ValueError(f"pass_rows must be an int >= 0, got {pass_rows!r}")
@@ -462,9 +477,47 @@ class ClientBatcher:
         ``params`` (name -> ``[K, *shape]``) on inputs ``x`` ``[K, N, ...]`` (``self.layout`` set)."""
         k, n = x.shape[0], x.shape[1]
         self.layout.k, self.layout.n = k, n
+        self.layout.keep, self.layout.pos = self._distinct(tuple(switches))
         outs = torch.func.functional_call(self.packed, {f"net.{name}": v for name, v in params.items()},
                                           (x.reshape(k * n, *x.shape[2:]), tuple(switches)))
         return [o.reshape(k, n, *o.shape[1:]) for o in outs]
+
+    def _distinct(self, switches: tuple):
+        """``(keep, pos)``: the blocks of the packed pass of ``switches`` that differ, and for
+        every block the position of its twin among them (None, None: no twins). Two blocks
+        are twins when every layer reads the same windows for both (``[0.5]`` and the first
+        branch of ``[0.5, 0.5]``): they read the same input, and with training-mode BN (batch
+        statistics) they compute the same values up to the fused layer, where each switch
+        sums its own blocks. Only for nets whose sliced layers all run on packed blocks and
+        end in one fused layer (otherwise None, None)."""
+        if switches in self._twins:
+            return self._twins[switches]
+        from slimkern.nn import slim_modules
+        from slimkern.nn.plan import Plan
+        plan = Plan(list(switches))
+        tabs, fused = [], 0
+        for _, mod in slim_modules(self.net):
+            t = mod._sk_prepare(plan)
+            mode = t.get("mode", "blocks")
+            fused += mode == "fuse"
+            if mode == "plain":
+                fused = 2
+                break
+            tabs.append([tuple(b) for b in t["blocks"]])
+        res = (None, None)
+        if fused == 1:
+            keep: list[int] = []
+            pos: list[int] = []
+            for g in range(len(plan.blocks)):
+                twin = next((j for j, h in enumerate(keep) if all(tab[h] == tab[g] for tab in tabs)), None)
+                if twin is None:
+                    keep.append(g)
+                    twin = len(keep) - 1
+                pos.append(twin)
+            if len(keep) < len(plan.blocks):
+                res = (keep, pos)
+        self._twins[switches] = res
+        return res
 
     def _stacked(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """``[K, P]`` flat parameters -> name -> ``[K, *shape]`` (contiguous copies)."""
