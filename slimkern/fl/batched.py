@@ -26,6 +26,13 @@ pass per local step instead of K passes:
   steps: step t of every client that has one runs together, padded to the largest batch of
   that step, and the loss of client k is ``L_k = sum_i m_ki l_ki / n_k`` (its own mean);
   the backward pass of ``sum_k L_k`` gives each client exactly its own gradient.
+* **twin blocks** of a packed pass -- blocks that read the same windows in every layer, as
+  ``[0.5]`` and the first branch of ``[0.5, 0.5]`` do when a ParaDiS client trains both --
+  compute the same values in training mode (same input, batch statistics), so they are
+  computed once and each switch's fused output sums its own blocks from them.
+* **augmentation**: ``RandomAffine`` draws stay where the client draws them (its generator,
+  its order); the warps of all the round's batches run as one call (each image depends on its
+  own draws only). Any other augmentation is called per batch, as the client does.
 * **SGD** is ``torch.optim.SGD``'s update per client, element-wise the same operations:
   ``d = g + wd * w``, ``b = mu * b + d`` (``b = d`` on the first step), ``w = w - lr * b``;
   gradient clipping (HeteroFL) scales each client's gradient by
