@@ -38,18 +38,10 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _process import cpu_name  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fl_clients.json")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def setup(num_clients: int, strategy: str = "paradis", seed: int = 0):
@@ -119,7 +111,7 @@ def deviation(server, plan, X, Y, augment, net, fns) -> dict:
 def run(clients=(20, 100), repeats: int = 5, threads: int = 1) -> dict:
     torch.set_num_threads(threads)
     out = {"benchmark": "fl_clients", "setting": "slimkern demo (DEMO_FL) round 0, paradis, every client picked",
-           "machine": {"cpu": _cpu_name(), "platform": platform.platform(), "torch": torch.__version__,
+           "machine": {"cpu": cpu_name(), "platform": platform.platform(), "torch": torch.__version__,
                        "threads": torch.get_num_threads(), "cores": os.cpu_count()},
            "repeats": repeats, "cases": {}}
     try:
