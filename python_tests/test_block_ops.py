@@ -174,11 +174,12 @@ def test_gradcheck_conv(backend):
     ([(0, 64, 0, 64), (64, 96, 64, 96), (96, 128, 96, 128), (32, 64, 32, 64)], None),  # [0.5, 0.25, 0.25] + 1
     ([(0, 32, 0, 40), (0, 32, 40, 80)], None),               # one grouped conv on a weight view
 ])
-@pytest.mark.parametrize("hw", [2, 4, 17])
+@pytest.mark.parametrize("hw", [1, 2, 3, 4, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_pointwise_engines(table, offs, hw, dtype):
-    # 1x1 blocks take per-image GEMMs (AVX-512 kernel or BLAS) or oneDNN by runs (2x2 maps,
-    # and with BLAS small maps); both dtypes, since float64 and float32 may take different engines.
+    # 1x1 blocks take per-image GEMMs (our kernel or BLAS), gathered GEMMs over the batch's
+    # pixels (float32 maps under 16 pixels: 1x1, 2x2, 3x3) or oneDNN by runs (BLAS on small
+    # maps); both dtypes, since float64 and float32 may take different engines.
     torch.manual_seed(5)
     width = max(r[1] - r[0] for r in table)
     c_x = max((o or 0) for o in offs) + width if offs else sum(r[1] - r[0] for r in table)
@@ -278,6 +279,36 @@ def test_depthwise_float32_tiny_maps(hw, threads):
 
 
 @needs_cpp
+@pytest.mark.parametrize("hw", [(4, 4), (8, 8), (3, 5)])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("k,padding,dilation", [((3, 3), 1, 1), ((5, 3), (2, 1), (1, 2))])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_depthwise_float32_channels_last(hw, stride, k, padding, dilation, threads):
+    # float32 depthwise on maps of at most 64 pixels: channels last, one multiply-add over the
+    # packed channels per (output pixel, input pixel, tap) term. Overlapping x windows (grad
+    # input summed per x channel), blocks sharing weight channels (per-thread partial weight
+    # gradients), 37 channels (vector tails), 5 images over 1-3 threads; per-block F.conv2d in
+    # float64 as the reference.
+    torch.manual_seed(12)
+    table, offs = [(0, 20, 0, 20), (4, 14, 4, 14), (20, 27, 20, 27)], [0, 6, 20]
+    x = torch.randn(5, 27, *hw, requires_grad=True)
+    w = torch.randn(27, 1, *k, requires_grad=True)
+    b = torch.randn(27, requires_grad=True)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = sk.ops.block_conv2d(x, w, b, table, offs, stride, padding, dilation, True, backend="cpp")
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (x, w, b), g)
+    finally:
+        torch.set_num_threads(prev)
+    ref = ref_block_conv2d(x.double(), w.double(), b.double(), table, offs, stride, padding, dilation, True)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(ref, (x, w, b), g.double())):
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-4)
+
+
+@needs_cpp
 @pytest.mark.parametrize("groups_of", [2, 4])
 @pytest.mark.parametrize("k", [1, 3])
 def test_equal_blocks_grouped(groups_of, k):
@@ -301,13 +332,14 @@ def test_equal_blocks_grouped(groups_of, k):
 
 
 @needs_cpp
-@pytest.mark.parametrize("n,hw,bias", [(1, 23, True), (2, 9, False), (5, 16, False)])
+@pytest.mark.parametrize("n,hw,bias", [(1, 23, True), (2, 9, False), (5, 16, False), (7, 3, True), (4, 1, False)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_pointwise_gemm_tiles(n, hw, bias, threads):
     # The AVX-512 GEMM's edges: depth beyond one 128-deep pass (200 input channels forward,
     # 140 output channels backward), row tiles of 6 with remainders (140, 13 output channels),
     # column tails (529, 81 pixels), transposes with partial 16x16 tiles, and batches smaller
-    # than the thread count (pixels split).
+    # than the thread count (pixels split); 3x3 and 1x1 maps gather the batch's pixels, split
+    # by images over the threads.
     torch.manual_seed(9)
     table = [(0, 200, 0, 140), (0, 13, 140, 153), (200, 203, 153, 166)]
     x = torch.randn(n, 216, hw, hw, dtype=torch.float32, requires_grad=True)

@@ -150,6 +150,37 @@ def test_noncontiguous_inputs():
 
 
 @needs_cpp
+@pytest.mark.parametrize("spatial", [(1, 1), (2, 2), (3, 5), (7, 9)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_small_maps_tiles_of_channels(spatial, training, threads):
+    # Maps under 64 pixels run tiles of channels walked image after image (512 values a tile,
+    # lanes summed in double): 900 packed channels span several tiles with ragged ends, 300
+    # images, and a mean of 50 (eval: 50 from the running mean) tests the shifted sums.
+    # Against the per-block float64 reference, as close as torch's float32 batch norm (no
+    # activation: a float32 pre-activation within rounding of 0 may pass a ReLU the float64 one
+    # stops; the masks are tested at C = 8 above).
+    g = torch.Generator().manual_seed(21)
+    blocks, rows = [(0, 400), (0, 200), (100, 400)], [0, 1, 2]
+    x = torch.randn(300, 900, *spatial, generator=g) * 3 + 50
+    w, b = torch.rand(400, generator=g) + 0.5, torch.randn(400, generator=g)
+    rm, rv = torch.randn(3, 400, generator=g), torch.rand(3, 400, generator=g) + 0.5
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours, ref = run_both(x, w, b, rm, rv, blocks, rows, training, 0.1, "none", "cpp")
+    finally:
+        torch.set_num_threads(prev)
+    _, truth = run_both(x.double(), w.double(), b.double(), rm.double(), rv.double(), blocks, rows, training, 0.1,
+                        "none", "torch")
+    for i in (0, 1, 2, 4, 5, 6):  # as close to float64 as torch's own float32 batch norm, and close
+        err_ours = (ours[i].double() - truth[i]).abs().max().item()
+        err_torch = (ref[i].double() - truth[i]).abs().max().item()
+        assert err_ours <= 2 * err_torch + 1e-5, (i, err_ours, err_torch)
+        assert err_ours <= 1e-3 * (1 + truth[i].abs().max().item()), (i, err_ours)
+
+
+@needs_cpp
 def test_blocks_as_tensor_and_large_mean():
     # One-pass statistics must not cancel at a large mean: in float32 we stay as close to
     # the float64 answer as torch's own float32 batch norm does.

@@ -1,5 +1,6 @@
 // Per-packed-channel bookkeeping shared by the depthwise engines of block_conv2d (the plane
-// loops and planes in block_conv2d.cpp, the tiny-map terms in block_conv2d_tiny.cpp).
+// loops and planes in block_conv2d.cpp, the tiny-map terms in block_conv2d_tiny.cpp, the
+// channels-last engine in block_conv2d_cl.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include "slimkern/block_checks.h"
+#include "slimkern/conv_math.h"
 
 namespace slimkern::cpu {
 
@@ -47,6 +49,27 @@ inline void invert(const std::vector<int64_t>& oc_key, int64_t n_keys, std::vect
   list.resize(oc_key.size());
   std::vector<int64_t> fill(start.begin(), start.end() - 1);
   for (size_t oc = 0; oc < oc_key.size(); ++oc) list[fill[oc_key[oc]]++] = static_cast<int64_t>(oc);
+}
+
+// The valid (output pixel, input pixel, tap) terms of a depthwise geometry, for the engines
+// that walk a list of them (tiny maps, channels last); sxh is the input's row stride.
+struct Term {
+  int64_t o, i, t;  // output pixel (contiguous plane), input pixel (x plane, row stride sxh), tap
+};
+
+inline std::vector<Term> terms_of(const ConvGeom& G, int64_t sxh) {
+  std::vector<Term> terms;
+  for (int64_t oh = 0; oh < G.Ho; ++oh)
+    for (int64_t ow = 0; ow < G.Wo; ++ow)
+      for (int64_t kh = 0; kh < G.KH; ++kh) {
+        const int64_t ih = conv_in_index(oh, kh, G.sh, G.ph, G.dh);
+        if (ih < 0 || ih >= G.H) continue;
+        for (int64_t kw = 0; kw < G.KW; ++kw) {
+          const int64_t iw = conv_in_index(ow, kw, G.sw, G.pw, G.dw);
+          if (iw >= 0 && iw < G.W) terms.push_back({oh * G.Wo + ow, ih * sxh + iw, kh * G.KW + kw});
+        }
+      }
+  return terms;
 }
 
 }  // namespace slimkern::cpu

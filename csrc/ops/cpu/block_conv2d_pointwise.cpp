@@ -104,6 +104,104 @@ at::Tensor weight_matrix(const at::Tensor& w) {
   return m.stride(1) == 1 ? m : m.contiguous();
 }
 
+// Maps under 16 pixels (the 2x2 and 1x1 maps at the end of a MobileNet on small inputs): a
+// per-image product has rows of P < 16 floats, shorter than one AVX-512 vector, and oneDNN
+// won by 3x there. The batch then goes into one product per (block, task): the block's
+// channel window of a task's images is gathered into a [rows x n*P] matrix, image after
+// image, multiplied, and the result scattered back to the NCHW planes. The copies move
+// (Ci + Co) values per pixel for Ci * Co multiply-adds.
+constexpr int64_t kGatherBelow = 16;
+
+bool gathered(int64_t P) { return P < kGatherBelow && have_simd_sgemm(); }
+
+// m[r, (n - n0) * P + p] = src[n * s0 + r * s1 + p] for r < rows, n0 <= n < n1, p < P.
+void gather(const float* src, int64_t s0, int64_t s1, int64_t P, int64_t n0, int64_t n1, int64_t rows, float* m) {
+  const int64_t cols = (n1 - n0) * P;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t n = n0; n < n1; ++n) std::copy_n(src + n * s0 + r * s1, P, m + r * cols + (n - n0) * P);
+}
+
+// The inverse: dst[n * s0 + r * s1 + p] = (or +=) m[r, (n - n0) * P + p].
+void scatter(const float* m, int64_t s0, int64_t s1, int64_t P, int64_t n0, int64_t n1, int64_t rows, bool add,
+             float* dst) {
+  const int64_t cols = (n1 - n0) * P;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t n = n0; n < n1; ++n) {
+      const float* from = m + r * cols + (n - n0) * P;
+      float* to = dst + n * s0 + r * s1;
+      if (add)
+        for (int64_t p = 0; p < P; ++p) to[p] += from[p];
+      else
+        std::copy_n(from, P, to);
+    }
+}
+
+// Image ranges for the gathered products: one per thread (fewer when the batch is smaller).
+int64_t images_per_task(int64_t N) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  return std::max<int64_t>(1, (N + threads - 1) / threads);
+}
+
+void forward_gathered(const at::Tensor& x, const at::Tensor& w2, const float* bp, const ConvGeom& G,
+                      c10::IntArrayRef offs, at::Tensor& out) {
+  const int64_t P = G.H * G.W, xs0 = x.stride(0), xs1 = x.stride(1), ws0 = w2.stride(0);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w2.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, G.N, images_per_task(G.N), [&](int64_t n0, int64_t n1) {
+    const int64_t cols = (n1 - n0) * P;
+    std::vector<float> xb, ob;
+    int64_t pos = 0;
+    for (size_t g = 0; g < G.blocks.size(); ++g) {
+      const Block& b = G.blocks[g];
+      const int64_t Ci = b.in_size(), Co = b.out_size();
+      xb.resize(Ci * cols);
+      ob.resize(Co * cols);
+      gather(xp + offs[g] * xs1, xs0, xs1, P, n0, n1, Ci, xb.data());
+      if (bp)
+        for (int64_t o = 0; o < Co; ++o) std::fill(ob.data() + o * cols, ob.data() + (o + 1) * cols, bp[b.out_start + o]);
+      simd_sgemm(Co, cols, Ci, wp + b.out_start * ws0 + b.in_start, ws0, 1, xb.data(), cols, bp ? 1.0f : 0.0f,
+                 ob.data(), cols);
+      scatter(ob.data(), G.C_out_total * P, P, P, n0, n1, Co, false, op + pos * P);
+      pos += Co;
+    }
+  });
+}
+
+// acc(thread) -> that thread's [Co x Ci] partial weight gradients, block after block.
+template <typename Acc>
+void backward_gathered(const float* gop, const at::Tensor& x, const at::Tensor& w2, const ConvGeom& G,
+                       c10::IntArrayRef offs, const std::vector<char>& add, float* gxp, int64_t gxs0, int64_t gxs1,
+                       const std::vector<int64_t>& part_at, const Acc& acc_of) {
+  const int64_t P = G.H * G.W, xs0 = x.stride(0), xs1 = x.stride(1), ws0 = w2.stride(0), C = G.C_out_total;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w2.data_ptr<float>();
+  at::parallel_for(0, G.N, images_per_task(G.N), [&](int64_t n0, int64_t n1) {
+    float* acc = acc_of();
+    const int64_t cols = (n1 - n0) * P;
+    std::vector<float> gob, xb, gxb;
+    int64_t pos = 0;
+    for (size_t g = 0; g < G.blocks.size(); ++g) {
+      const Block& b = G.blocks[g];
+      const int64_t Ci = b.in_size(), Co = b.out_size();
+      const float* wg = wp + b.out_start * ws0 + b.in_start;
+      gob.resize(Co * cols);
+      gather(gop + pos * P, C * P, P, P, n0, n1, Co, gob.data());
+      if (gxp) {
+        gxb.resize(Ci * cols);
+        simd_sgemm(Ci, cols, Co, wg, 1, ws0, gob.data(), cols, 0.0f, gxb.data(), cols);
+        scatter(gxb.data(), gxs0, gxs1, P, n0, n1, Ci, add[g] != 0, gxp + offs[g] * gxs1);
+      }
+      if (acc) {
+        xb.resize(Ci * cols);
+        gather(xp + offs[g] * xs1, xs0, xs1, P, n0, n1, Ci, xb.data());
+        simd_sgemm_bt(Co, Ci, cols, gob.data(), cols, 1, xb.data(), cols, 1.0f, acc + part_at[g], Ci);
+      }
+      pos += Co;
+    }
+  });
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& x, const at::Tensor& w2, const std::optional<at::Tensor>& bias, const ConvGeom& G,
                   c10::IntArrayRef offs, at::Tensor& out) {
@@ -114,6 +212,9 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w2, const std::optional
   const bool has_bias = bias.has_value() && bias->defined();
   const at::Tensor bc = has_bias ? bias->contiguous() : at::Tensor();
   const T* bp = has_bias ? bc.data_ptr<T>() : nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    if (gathered(P)) return forward_gathered(x, w2, bp, G, offs, out);
+  }
   const PixelChunks pc = pixel_chunks(G.N, P);
   at::parallel_for(0, G.N * pc.per_image, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t item = i0; item < i1; ++item) {
@@ -160,9 +261,17 @@ void backward_impl(const at::Tensor& go, const at::Tensor& x, const at::Tensor& 
   T* pp = mask[1] ? parts.data_ptr<T>() : nullptr;
   T* gxp = mask[0] ? gx.data_ptr<T>() : nullptr;
   const int64_t gxs0 = mask[0] ? gx.stride(0) : 0, gxs1 = mask[0] ? gx.stride(1) : 0;
+  const auto acc_of = [&]() -> T* { return pp ? pp + (nested ? 0 : at::get_thread_num()) * part_at.back() : nullptr; };
+  bool done = false;
+  if constexpr (std::is_same_v<T, float>) {
+    if (gathered(P)) {
+      backward_gathered(gop, x, w2, G, offs, add, gxp, gxs0, gxs1, part_at, acc_of);
+      done = true;
+    }
+  }
   const PixelChunks pc = pixel_chunks(G.N, P);
-  at::parallel_for(0, G.N * pc.per_image, 1, [&](int64_t i0, int64_t i1) {
-    T* acc = pp ? pp + (nested ? 0 : at::get_thread_num()) * part_at.back() : nullptr;
+  if (!done) at::parallel_for(0, G.N * pc.per_image, 1, [&](int64_t i0, int64_t i1) {
+    T* acc = acc_of();
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t n = item / pc.per_image, p0 = item % pc.per_image * pc.size, np = std::min(pc.size, P - p0);
       int64_t pos = 0;

@@ -13,25 +13,6 @@
 namespace slimkern::cpu {
 namespace {
 
-struct Term {
-  int64_t o, i, t;  // output pixel (contiguous plane), input pixel (x plane, row stride sxh), tap
-};
-
-std::vector<Term> terms_of(const ConvGeom& G, int64_t sxh) {
-  std::vector<Term> terms;
-  for (int64_t oh = 0; oh < G.Ho; ++oh)
-    for (int64_t ow = 0; ow < G.Wo; ++ow)
-      for (int64_t kh = 0; kh < G.KH; ++kh) {
-        const int64_t ih = conv_in_index(oh, kh, G.sh, G.ph, G.dh);
-        if (ih < 0 || ih >= G.H) continue;
-        for (int64_t kw = 0; kw < G.KW; ++kw) {
-          const int64_t iw = conv_in_index(ow, kw, G.sw, G.pw, G.dw);
-          if (iw >= 0 && iw < G.W) terms.push_back({oh * G.Wo + ow, ih * sxh + iw, kh * G.KW + kw});
-        }
-      }
-  return terms;
-}
-
 // x with unit column stride (rows may be strided: a channel window of a wider tensor is fine).
 at::Tensor unit_col(const at::Tensor& x) { return (x.stride(3) == 1 || x.size(3) == 1) ? x : x.contiguous(); }
 

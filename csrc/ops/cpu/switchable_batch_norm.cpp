@@ -2,7 +2,7 @@
 // in one pass (shifted sums, float lanes flushed to double), normalise + affine +
 // activation fused in a second pass; the backward fuses the activation mask into both
 // reductions and the input gradient. x is read as [N, Cp, HW].
-// 64-byte GCC vector types live in inline helpers only; no ABI crosses this file.
+// GCC vector types (lanes.h) live in inline helpers only; no ABI crosses this file.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include <ATen/ATen.h>
@@ -17,6 +17,7 @@
 
 #include "slimkern/bn_checks.h"
 #include "slimkern/cpu_capability.h"
+#include "lanes.h"
 
 namespace slimkern {
 namespace {
@@ -27,30 +28,9 @@ using namespace bn;
 // their rounding error whatever the map size.
 constexpr int64_t kChunk = 1024;
 
-#define SK_ALWAYS_INLINE inline __attribute__((always_inline))
-
-// SIMD lanes as GCC vector types of VB bytes, the register width of the instruction set the
-// loop is compiled for (64 on AVX-512, 32 on AVX2, 16 on the x86-64 baseline); the
-// per-element math in bn_math.h is written to take them. Plain loops with a conditional do
-// not vectorise, and a vector wider than the registers is split by GCC into slow code: with
-// 64-byte vectors the AVX2 build ran the forward+backward of a 64 x 64 x 32 x 32 batch 1.8x
-// slower than the AVX-512 one, no faster than the baseline.
-template <typename T, int VB>
-struct Lanes {
-  typedef T V __attribute__((vector_size(VB)));
-  static constexpr int L = VB / sizeof(T);
-  SK_ALWAYS_INLINE static V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  SK_ALWAYS_INLINE static void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-  SK_ALWAYS_INLINE static double sum(V v) {
-    double s = 0;
-    for (int j = 0; j < L; ++j) s += v[j];
-    return s;
-  }
-};
+// SIMD lanes (lanes.h) of the register width of the capability in use, per loop body.
+using cpu::Lanes;
+using cpu::Width;
 
 // Two running sums kept in SIMD lanes across rows and flushed to double every kChunk values.
 template <typename T, int VB>
@@ -100,9 +80,9 @@ SK_ALWAYS_INLINE void apply_row(const T* x, T* y, int64_t n, T scale, T shift) {
   for (; i < n; ++i) y[i] = activate<ACT>(x[i] * scale + shift);
 }
 
-// Sums of g and g * (x - mean) over one row, g = dy masked by the activation.
+// Sums of g and g * (x - K) over one row, g = dy masked by the activation.
 template <int ACT, int VB, typename T>
-SK_ALWAYS_INLINE void grad_sums(const T* x, const T* dy, int64_t n, T scale, T shift, T mean, Sums2<T, VB>& acc) {
+SK_ALWAYS_INLINE void grad_sums(const T* x, const T* dy, int64_t n, T scale, T shift, T K, Sums2<T, VB>& acc) {
   using W = Lanes<T, VB>;
   using V = typename W::V;
   int64_t i = 0;
@@ -110,12 +90,12 @@ SK_ALWAYS_INLINE void grad_sums(const T* x, const T* dy, int64_t n, T scale, T s
     const V xv = W::load(x + i);
     const V g = mask_grad<ACT>(xv * scale + shift, W::load(dy + i));
     acc.a += g;
-    acc.b += g * (xv - mean);
+    acc.b += g * (xv - K);
   }
   for (; i < n; ++i) {
     const T g = mask_grad<ACT>(x[i] * scale + shift, dy[i]);
     acc.ta += g;
-    acc.tb += g * (x[i] - mean);
+    acc.tb += g * (x[i] - K);
   }
   acc.rowdone(n);
 }
@@ -135,6 +115,84 @@ SK_ALWAYS_INLINE void grad_x_row(const T* x, const T* dy, T* dx, int64_t n, T sc
     const T g = mask_grad<ACT>(x[i] * scale + shift, dy[i]);
     dx[i] = scale * g + k1 * (x[i] - mean) + k0;
   }
+}
+
+
+// Small maps (HW < kSegmentBelow): a channel's rows are shorter than a few registers, so the
+// per-channel loops above run mostly in their scalar tails (a 2x2 map is 4 floats a row).
+// A task then takes a tile of channels [c0, c0 + w), whose rows are adjacent in every image:
+// x[n, c0:c0+w, :] is one segment of E = w * HW values, and element e of it belongs to channel
+// c0 + e / HW. Per-channel constants are expanded to per-element arrays once per tile; every
+// loop then walks whole vectors of the segment, image after image, with the lanes' sums kept
+// in registers.
+constexpr int64_t kSegmentBelow = 64;
+constexpr int64_t kSegment = 512;  // values per segment: a tile of 512 / HW channels
+
+template <typename T>
+struct SegSums {
+  double A[kSegment], B[kSegment];
+};
+
+// Sums over images n of f(n, e) -> (a, b) for every element e < E of the segment, into S.A / S.B.
+// The lanes are summed in double (a vector of VB / sizeof(T) doubles): float partial sums of
+// even 32 images lost 5-20x the accuracy of torch's own batch norm (which sums in double) on
+// 1x1 maps, where a channel's whole sum is one lane's.
+template <int VB, typename T, typename F>
+SK_ALWAYS_INLINE void segment_sums(int64_t N, int64_t E, SegSums<T>& S, const F& f) {
+  using W = Lanes<T, VB>;
+  using V = typename W::V;
+  using D = typename W::D;
+  int64_t e = 0;
+  for (; e + W::L <= E; e += W::L) {
+    D a{}, b{};
+    for (int64_t n = 0; n < N; ++n) {
+      V da, db;
+      f(n, e, da, db);
+      a += __builtin_convertvector(da, D);
+      b += __builtin_convertvector(db, D);
+    }
+    for (int64_t j = 0; j < W::L; ++j) {
+      S.A[e + j] = a[j];
+      S.B[e + j] = b[j];
+    }
+  }
+  for (; e < E; ++e) {
+    double a = 0, b = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      T da, db;
+      f(n, e, da, db);
+      a += da;
+      b += db;
+    }
+    S.A[e] = a;
+    S.B[e] = b;
+  }
+}
+
+// Channel j of the tile: the sums of its HW elements.
+template <typename T>
+SK_ALWAYS_INLINE void channel_sums(const SegSums<T>& S, int64_t j, int64_t HW, double& a, double& b) {
+  a = b = 0;
+  for (int64_t k = 0; k < HW; ++k) {
+    a += S.A[j * HW + k];
+    b += S.B[j * HW + k];
+  }
+}
+
+template <typename T>
+SK_ALWAYS_INLINE void expand(T* e, int64_t j, int64_t HW, T v) {
+  for (int64_t k = 0; k < HW; ++k) e[j * HW + k] = v;
+}
+
+// Over images n: g(n, e, v) for every element e < E, with v one vector (or one value in the tail).
+template <int VB, typename T, typename G>
+SK_ALWAYS_INLINE void segment_apply(int64_t N, int64_t E, const G& g) {
+  using W = Lanes<T, VB>;
+  int64_t e = 0;
+  for (; e + W::L <= E; e += W::L)
+    for (int64_t n = 0; n < N; ++n) g(n, e, typename W::V{});
+  for (; e < E; ++e)
+    for (int64_t n = 0; n < N; ++n) g(n, e, T{});
 }
 
 // Read-only views of the affine parameters and statistics rows through their strides.
@@ -166,9 +224,6 @@ Params<T> params_of(const c10::optional<at::Tensor>& weight, const c10::optional
 // the widest the CPU has, or what SLIMKERN_CPU_CAPABILITY asks for). f(width, p0, p1) takes
 // the width as a compile-time constant; the lambda bodies are always_inline so they take the
 // wrapper's instruction set.
-template <int VB>
-using Width = std::integral_constant<int, VB>;
-
 template <typename F>
 void run_channels(int64_t C, int64_t grain, const F& f) {
   const cpu::Capability cap = cpu::capability();
@@ -215,38 +270,56 @@ void forward_kernel(const Layout& L, const at::Tensor& x, at::Tensor& y, at::Ten
     var = rvp[r * rv0 + c * rv1];
   };
 
-  if (HW == 1) {
-    // [N, Cp]: a row holds all channels, so tasks take channel ranges and walk rows.
-    at::parallel_for(0, Cp, 64, [&](int64_t p0, int64_t p1) {
-      const int64_t w = p1 - p0;
-      std::vector<double> S(w, 0.0), Q(w, 0.0);
-      std::vector<T> K(w), scale(w), shift(w);
-      if (training) {
-        for (int64_t j = 0; j < w; ++j) K[j] = xp[p0 + j];
-        for (int64_t n = 0; n < N; ++n) {
-          const T* row = xp + n * Cp + p0;
-          for (int64_t j = 0; j < w; ++j) {
-            const double v = static_cast<double>(row[j] - K[j]);
-            S[j] += v;
-            Q[j] += v * v;
-          }
+  if (HW > 0 && HW < kSegmentBelow) {  // (an empty map takes the loops below: no division by HW)
+    const int64_t tile = std::max<int64_t>(1, kSegment / HW);
+    const auto seg_body = [&](auto width, int64_t p0, int64_t p1) SK_INLINE_LAMBDA {
+      constexpr int VB = decltype(width)::value;
+      using W = Lanes<T, VB>;
+      using V = typename W::V;
+      alignas(64) T Ke[kSegment], sc[kSegment], sh[kSegment];
+      SegSums<T> S;
+      for (int64_t c0 = p0; c0 < p1; c0 += tile) {
+        const int64_t w = std::min(tile, p1 - c0), E = w * HW;
+        const T* x0 = xp + c0 * HW;  // image n's segment starts n * Cp * HW further
+        T* y0 = yp + c0 * HW;
+        const int64_t rs = Cp * HW;
+        if (training) {
+          for (int64_t j = 0; j < w; ++j) expand(Ke, j, HW, x0[j * HW]);
+          segment_sums<VB, T>(N, E, S, [&](int64_t n, int64_t e, auto& da, auto& db) SK_INLINE_LAMBDA {
+            using U = std::remove_reference_t<decltype(da)>;
+            U v;
+            if constexpr (std::is_same_v<U, V>) v = W::load(x0 + n * rs + e) - W::load(Ke + e);
+            else v = x0[n * rs + e] - Ke[e];
+            da = v;
+            db = v * v;
+          });
         }
+        for (int64_t j = 0; j < w; ++j) {
+          const int64_t p = c0 + j;
+          T mean, var;
+          if (training) {
+            double a, b;
+            channel_sums(S, j, HW, a, b);
+            stats_from_sums(Ke[j * HW], a, b, mean, var);
+          } else {
+            eval_stats(p, mean, var);
+          }
+          mp[p] = mean;
+          vp[p] = var;
+          T scale, shift;
+          fold_affine(mean, invstd(var, teps), P.w_at(L.chan_full[p]), P.b_at(L.chan_full[p]), scale, shift);
+          expand(sc, j, HW, scale);
+          expand(sh, j, HW, shift);
+        }
+        segment_apply<VB, T>(N, E, [&](int64_t n, int64_t e, auto tag) SK_INLINE_LAMBDA {
+          if constexpr (std::is_same_v<decltype(tag), V>)
+            W::store(y0 + n * rs + e, activate<ACT>(W::load(x0 + n * rs + e) * W::load(sc + e) + W::load(sh + e)));
+          else
+            y0[n * rs + e] = activate<ACT>(x0[n * rs + e] * sc[e] + sh[e]);
+        });
       }
-      for (int64_t j = 0; j < w; ++j) {
-        const int64_t p = p0 + j;
-        T mean, var;
-        if (training) stats_from_sums(K[j], S[j], Q[j], mean, var);
-        else eval_stats(p, mean, var);
-        mp[p] = mean;
-        vp[p] = var;
-        fold_affine(mean, invstd(var, teps), P.w_at(L.chan_full[p]), P.b_at(L.chan_full[p]), scale[j], shift[j]);
-      }
-      for (int64_t n = 0; n < N; ++n) {
-        const T* row = xp + n * Cp + p0;
-        T* out = yp + n * Cp + p0;
-        for (int64_t j = 0; j < w; ++j) out[j] = activate<ACT>(row[j] * scale[j] + shift[j]);
-      }
-    });
+    };
+    run_channels(Cp, std::max(tile, grain_for(N * HW)), seg_body);
     return;
   }
 
@@ -289,6 +362,10 @@ void backward_kernel(const Layout& L, const at::Tensor& dy, const at::Tensor& x,
   const double cnt = static_cast<double>(N * HW);
   const T teps = static_cast<T>(eps);
 
+  // Sum g * (x - mean) is taken as sum g * (x - K) + (K - mean) * sum g, with K a value of the
+  // channel (its first): the float products stay small when the mean is far from the data
+  // (eval mode with running statistics), as the forward's shifted sums do.
+  auto shift_back = [](T K, T mean, double sum_g) { return (static_cast<double>(K) - mean) * sum_g; };
   // Per channel: inv, scale, shift and, from the two sums, the dx coefficients k1, k0.
   auto coeffs = [&](int64_t p, T& inv, T& scale, T& shift) {
     inv = invstd(vp[p], teps);
@@ -306,35 +383,64 @@ void backward_kernel(const Layout& L, const at::Tensor& dy, const at::Tensor& x,
     }
   };
 
-  if (HW == 1) {
-    at::parallel_for(0, Cp, 64, [&](int64_t p0, int64_t p1) {
-      const int64_t w = p1 - p0;
-      std::vector<double> SG(w, 0.0), SGX(w, 0.0);
-      std::vector<T> inv(w), scale(w), shift(w), mean(w), k1(w), k0(w);
-      for (int64_t j = 0; j < w; ++j) {
-        coeffs(p0 + j, inv[j], scale[j], shift[j]);
-        mean[j] = mp[p0 + j];
-      }
-      for (int64_t n = 0; n < N; ++n) {
-        const T* xr = xp + n * Cp + p0;
-        const T* gr = gp + n * Cp + p0;
+  if (HW > 0 && HW < kSegmentBelow) {  // (an empty map takes the loops below: no division by HW)
+    const int64_t tile = std::max<int64_t>(1, kSegment / HW);
+    const auto seg_body = [&](auto width, int64_t p0, int64_t p1) SK_INLINE_LAMBDA {
+      constexpr int VB = decltype(width)::value;
+      using W = Lanes<T, VB>;
+      using V = typename W::V;
+      alignas(64) T me[kSegment], Ke[kSegment], sc[kSegment], sh[kSegment], k1e[kSegment], k0e[kSegment];
+      T inv[kSegment];
+      SegSums<T> S;
+      for (int64_t c0 = p0; c0 < p1; c0 += tile) {
+        const int64_t w = std::min(tile, p1 - c0), E = w * HW, rs = Cp * HW;
+        const T* x0 = xp + c0 * HW;
+        const T* g0 = gp + c0 * HW;
+        T* d0 = dxp + c0 * HW;
         for (int64_t j = 0; j < w; ++j) {
-          const T g = mask_grad<ACT>(xr[j] * scale[j] + shift[j], gr[j]);
-          SG[j] += g;
-          SGX[j] += static_cast<double>(g) * (xr[j] - mean[j]);
+          T scale, shift;
+          coeffs(c0 + j, inv[j], scale, shift);
+          expand(me, j, HW, mp[c0 + j]);
+          expand(Ke, j, HW, N > 0 ? x0[j * HW] : mp[c0 + j]);  // (an empty batch reads no x)
+          expand(sc, j, HW, scale);
+          expand(sh, j, HW, shift);
         }
-      }
-      for (int64_t j = 0; j < w; ++j) finish(p0 + j, inv[j], scale[j], SG[j], SGX[j], k1[j], k0[j]);
-      for (int64_t n = 0; n < N; ++n) {
-        const T* xr = xp + n * Cp + p0;
-        const T* gr = gp + n * Cp + p0;
-        T* dr = dxp + n * Cp + p0;
+        segment_sums<VB, T>(N, E, S, [&](int64_t n, int64_t e, auto& da, auto& db) SK_INLINE_LAMBDA {
+          using U = std::remove_reference_t<decltype(da)>;
+          if constexpr (std::is_same_v<U, V>) {
+            const V xv = W::load(x0 + n * rs + e);
+            const V g = mask_grad<ACT>(xv * W::load(sc + e) + W::load(sh + e), W::load(g0 + n * rs + e));
+            da = g;
+            db = g * (xv - W::load(Ke + e));
+          } else {
+            const T xv = x0[n * rs + e];
+            const T g = mask_grad<ACT>(xv * sc[e] + sh[e], g0[n * rs + e]);
+            da = g;
+            db = g * (xv - Ke[e]);
+          }
+        });
         for (int64_t j = 0; j < w; ++j) {
-          const T g = mask_grad<ACT>(xr[j] * scale[j] + shift[j], gr[j]);
-          dr[j] = scale[j] * g + k1[j] * (xr[j] - mean[j]) + k0[j];
+          double a, b;
+          channel_sums(S, j, HW, a, b);
+          T k1, k0;
+          finish(c0 + j, inv[j], sc[j * HW], a, b + shift_back(Ke[j * HW], me[j * HW], a), k1, k0);
+          expand(k1e, j, HW, k1);
+          expand(k0e, j, HW, k0);
         }
+        segment_apply<VB, T>(N, E, [&](int64_t n, int64_t e, auto tag) SK_INLINE_LAMBDA {
+          if constexpr (std::is_same_v<decltype(tag), V>) {
+            const V xv = W::load(x0 + n * rs + e), s = W::load(sc + e);
+            const V g = mask_grad<ACT>(xv * s + W::load(sh + e), W::load(g0 + n * rs + e));
+            W::store(d0 + n * rs + e, s * g + W::load(k1e + e) * (xv - W::load(me + e)) + W::load(k0e + e));
+          } else {
+            const T xv = x0[n * rs + e];
+            const T g = mask_grad<ACT>(xv * sc[e] + sh[e], g0[n * rs + e]);
+            d0[n * rs + e] = sc[e] * g + k1e[e] * (xv - me[e]) + k0e[e];
+          }
+        });
       }
-    });
+    };
+    run_channels(Cp, std::max(tile, grain_for(N * HW)), seg_body);
     return;
   }
 
@@ -343,14 +449,14 @@ void backward_kernel(const Layout& L, const at::Tensor& dy, const at::Tensor& x,
     for (int64_t p = p0; p < p1; ++p) {
       T inv, scale, shift, k1, k0;
       coeffs(p, inv, scale, shift);
-      const T mean = mp[p];
+      const T mean = mp[p], K = N > 0 ? xp[p * HW] : mean;
       Sums2<T, VB> acc;
       for (int64_t n = 0; n < N; ++n) {
         const int64_t off = (n * Cp + p) * HW;
-        grad_sums<ACT, VB>(xp + off, gp + off, HW, scale, shift, mean, acc);
+        grad_sums<ACT, VB>(xp + off, gp + off, HW, scale, shift, K, acc);
       }
       acc.flush();
-      finish(p, inv, scale, acc.A, acc.B, k1, k0);
+      finish(p, inv, scale, acc.A, acc.B + shift_back(K, mean, acc.A), k1, k0);
       for (int64_t n = 0; n < N; ++n) {
         const int64_t off = (n * Cp + p) * HW;
         grad_x_row<ACT, VB>(xp + off, gp + off, dxp + off, HW, scale, shift, mean, k1, k0);
