@@ -70,3 +70,31 @@ def test_dry_run_prints_every_step():
     for name in gpu_check.CAPS:
         assert name in out.stdout
     assert "TORCH_CUDA_ARCH_LIST=8.0" in out.stdout
+
+
+def test_main_records_every_step_and_keeps_the_deadline(tmp_path, monkeypatch):
+    """The driver loop with a GPU pretended and three stand-in steps: one passes, one fails
+    (the next still runs), one would outlast the deadline (stopped); the summary says so and
+    the exit status is 1."""
+    import torch
+
+    py = sys.executable
+    plan = [("info", [py, "-c", "print('built')"], {}),
+            ("pytest_gpu", [py, "-c", "import sys; sys.exit(3)"], {}),
+            ("bench_train_step", [py, "-c", "import time; time.sleep(60)"], {})]
+    monkeypatch.setattr(gpu_check, "ROOT", str(tmp_path))
+    monkeypatch.setattr(gpu_check, "gpu_present", lambda: (True, ""))
+    monkeypatch.setattr(gpu_check, "steps", lambda python, arch, build: plan)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
+    assert gpu_check.main(["--deadline", "20"]) == 1
+    import json
+
+    summary = json.load(open(tmp_path / "benchmarks" / "results" / "gpu_check.json"))
+    assert summary["device"] == "stand-in GPU" and summary["capability"] == "8.6"
+    steps = {s["name"]: s for s in summary["steps"]}
+    assert steps["info"]["ok"] and "built" in steps["info"]["output_tail"]
+    assert not steps["pytest_gpu"]["ok"] and steps["pytest_gpu"]["rc"] == 3
+    late = steps["bench_train_step"]
+    assert not late["ok"] and (late.get("timed_out") or late.get("skipped"))
+    assert summary["seconds"] < 40
