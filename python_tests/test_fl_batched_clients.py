@@ -150,6 +150,8 @@ def test_unsupported_rules_and_nets_fall_back_with_a_reason(data):
     assert "BN statistics" in unsupported_reason(net, FjORD(bn="travel"))
     drop = torch.nn.Sequential(net, torch.nn.Dropout(0.5))
     assert "Dropout" in unsupported_reason(drop, ParaDiSFL())
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), net)
+    assert "not a slimkern layer" in unsupported_reason(plain, ParaDiSFL())
     with pytest.raises(ValueError, match="cannot be batched"):
         ClientBatcher(net, _CustomLogits())
     # simulate falls back to the one-by-one clients, says why, and equals them bit for bit

@@ -72,13 +72,6 @@ from slimkern.fl.client import (Task, client_aggregator, client_generators, clie
 
 __all__ = ["ClientBatcher", "unsupported_reason"]
 
-# modules whose output row i depends on input row i only (the batched activations stack the
-# clients' samples along the batch, so these run unchanged)
-_PER_SAMPLE = (nn.ReLU, nn.ReLU6, nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.AdaptiveAvgPool2d,
-               nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU,
-               nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.ELU, nn.Softmax, nn.LogSoftmax)
-
-
 def _known_hooks() -> dict[str, tuple]:
     from slimkern.fl.heterofl_local import HeteroFLRecipe
     from slimkern.fl.rules.base import Rule
@@ -126,17 +119,10 @@ def unsupported_reason(model: nn.Module, rule) -> str | None:
             if m.p > 0:
                 return f"{label} draws random masks (p={m.p}): batched clients would draw other ones"
             continue
-        if m is model and not list(m.parameters(recurse=False)) and not list(m.buffers(recurse=False)):
-            continue  # the root: its forward is checked against the net's own (``ClientBatcher._check``)
-        if type(m) in _PER_SAMPLE:
-            continue
-        if m is not model and not list(m.parameters(recurse=False)) and not list(m.buffers(recurse=False)) and \
-                type(m).forward is nn.Module.forward:
-            continue
-        if m is not model and list(m.children()) and not list(m.parameters(recurse=False)) \
-                and not list(m.buffers(recurse=False)):
-            continue  # a container block whose own forward is checked with the net's
-        return f"{label} is not known to act per sample"
+        if not list(m.parameters(recurse=False)) and not list(m.buffers(recurse=False)):
+            continue  # parameter-free (activations, pooling, containers, the root): the one-time
+            # check of the batched pass against the net's own forward tells whether it acts per sample
+        return f"{label} holds its own parameters or buffers but is not a slimkern layer"
     return None
 
 
@@ -546,7 +532,11 @@ class ClientBatcher:
         why = None
         with torch.no_grad():
             self.layout.mask = self.layout.count = None
-            got = self._forward(self._stacked(flat), x, switches)
+            try:
+                got = self._forward(self._stacked(flat), x, switches)
+            except Exception as exc:  # noqa: BLE001 - the batched pass cannot run this net: one by one
+                self._checked[key] = f"the batched pass fails at {[str(w) for w in switches]}: {exc}"
+                return self._checked[key]
             for kk in range(2):
                 for name, t in self.agg.unflatten(flat[kk]).items():
                     ref.get_parameter(name).copy_(t)
