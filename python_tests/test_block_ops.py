@@ -256,9 +256,8 @@ def test_depthwise_float32_planes(k, padding, dilation, hw, threads, stride):
 @pytest.mark.parametrize("hw", [(1, 1), (2, 2), (1, 2), (2, 1)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_depthwise_float32_tiny_maps(hw, threads):
-    # float32 stride-1 depthwise on maps of at most 2x2: the plane loops where the AVX-512 planes
-    # do not run (AVX2, baseline), the planes otherwise; overlapping blocks, per-block F.conv2d
-    # in float64 as the reference.
+    # float32 stride-1 depthwise on maps of at most 2x2 (channels last: most taps fall off the
+    # map); overlapping blocks, per-block F.conv2d in float64 as the reference.
     torch.manual_seed(11)
     table, offs = [(0, 12, 0, 12), (4, 10, 4, 10), (12, 20, 12, 20)], [0, 4, 12]
     x = torch.randn(5, 20, *hw, requires_grad=True)

@@ -6,8 +6,8 @@
 //  * oneDNN by runs of blocks (block_conv2d_runs.cpp): one (grouped) at::convolution per run;
 //  * depthwise float32 on AVX-512 or AVX2 (depthwise_planes.h): one task per (image, channel)
 //    plane, each plane in L1; stride 2 through the stride-1 planes (stride1_geometry);
-//  * depthwise float32 on maps of at most 2x2 (block_conv2d_tiny.h) and of at most 64 pixels,
-//    channels last (block_conv2d_cl.h);
+//  * depthwise float32 on maps of at most 64 pixels (8x8, 4x4, 2x2, 1x1), channels last
+//    (block_conv2d_cl.h);
 //  * depthwise float64: direct loops over output rows, one task per (image, channel) plane,
 //    on the per-element index math of conv_math.h that the CUDA kernels share (so gradcheck
 //    on CPU exercises it).
@@ -26,7 +26,6 @@
 #include "block_conv2d_maps.h"
 #include "block_conv2d_pointwise.h"
 #include "block_conv2d_runs.h"
-#include "block_conv2d_tiny.h"
 #include "depthwise_planes.h"
 #include "slimkern/cpu_capability.h"
 #include "sgemm.h"
@@ -414,7 +413,7 @@ bool is_pointwise(const ConvGeom& G) {
 //    2, dense 3x3, 1x1 on 2x2 maps): one depthwise call over all packed blocks is 1.2-1.8x
 //    faster than per-block calls + cat;
 //  * depthwise plane loops for float64 (oneDNN has no float64 kernels).
-enum class Path { kRuns, kDepthwiseLoops, kDepthwisePlanes, kDepthwiseTiny, kDepthwiseCl, kPointwiseGemm };
+enum class Path { kRuns, kDepthwiseLoops, kDepthwisePlanes, kDepthwiseCl, kPointwiseGemm };
 
 bool gemm_pays(const at::Tensor& x, const ConvGeom& G) {
   if (x.scalar_type() == at::kFloat && cpu::have_simd_sgemm()) return true;  // maps under 16 pixels: gathered
@@ -439,33 +438,21 @@ bool depthwise_planes_fit(const at::Tensor& x, const ConvGeom& G) {
          std::max(G.W, G1.Wo) <= 16 * cpu::kDwMaxVectors;
 }
 
-// Depthwise at stride 1 on output maps of at most 2x2 (block_conv2d_tiny.h). Forward+backward
-// against oneDNN's depthwise (AMD EPYC VM, batch 32, one thread, CPU time, median of 9):
-// 3.0-3.7x on 1075 channels of 2x2, 5.9-7.9x on 2150 of 1x1, on the AVX-512 and AVX2 paths.
-// On 4x4 the terms lose (0.3-0.6x) and at stride 2 too (0.7x from 4x4): oneDNN takes those.
-// A strided depthwise onto a 1x1 map (2x2 -> 1x1 at stride 2, the last downsampling of a
-// MobileNet on 16x16 inputs) has at most 4 terms a plane: forward+backward of the four
-// ParaDiS switches' blocks of 1075 channels (batch 32, one thread) 4.5-5.0 ms against 35-40 ms
-// for one oneDNN call over all of them.
-bool tiny_fits(const at::Tensor& x, const ConvGeom& G) {
-  const bool unit = G.sh == 1 && G.sw == 1;
-  return G.depthwise && fast_dtype(x) && (unit ? G.Ho * G.Wo <= 4 : G.Ho * G.Wo == 1) &&
-         cpu::tiny_term_count(G) <= cpu::kTinyMaxTerms;
-}
-
-// Depthwise float32 on input maps of at most 64 pixels (8x8, 4x4) that neither the tiny terms
-// nor the planes take: channels last (block_conv2d_cl.h). Forward+backward on the packed
-// ParaDiS blocks of one MobileNet layer (all four switches, batch 32, one thread, CPU time,
-// median of 15, AMD EPYC VM under load), against what ran before (oneDNN by runs):
-// AVX-512 8x8 -> 4x4 stride 2: 10.5 vs 12.5 ms; 4x4 -> 2x2 stride 2: 4.7 vs 8.0; 4x4 stride 1:
-// 7.2 vs 21.1. AVX2: 10.3 vs 28.4, 4.6 vs 7.4, 7.8 vs 11.7, and 8x8 stride 1 18.7 vs 37.4.
-// On AVX-512 the planes keep 8x8 at stride 1 (14.0 ms against 17.5 for channels last).
+// Depthwise float32 on input maps of at most 64 pixels (8x8, 4x4, 2x2, 1x1) that the planes
+// do not take: channels last (block_conv2d_cl.h). Forward+backward on the packed ParaDiS
+// blocks of one MobileNet layer (all four switches, batch 32-64, one thread, CPU time, median
+// of 15, AMD EPYC VM under load), against what ran before:
+//  * vs oneDNN by runs, AVX-512: 8x8 -> 4x4 stride 2 10.5 vs 12.5 ms; 4x4 -> 2x2 stride 2 4.7
+//    vs 8.0; 4x4 stride 1 7.2 vs 21.1. AVX2: 10.3 vs 28.4, 4.6 vs 7.4, 7.8 vs 11.7, and 8x8
+//    stride 1 18.7 vs 37.4. On AVX-512 the planes keep 8x8 at stride 1 (14.0 vs 17.5 ms);
+//  * vs the scalar (output, input, tap) term lists it replaced on maps of at most 2x2 (which
+//    beat oneDNN 3-8x there): 2x2 stride 1 6.4 vs 13.7 ms, 1x1 4.6 vs 8.9, 2x2 -> 1x1 stride 2
+//    3.6 vs 6.7 (AVX-512); 5.3 vs 12.1, 4.5 vs 7.8, 3.5 vs 5.8 (AVX2).
 bool cl_fits(const at::Tensor& x, const ConvGeom& G) {
   return G.depthwise && x.scalar_type() == at::kFloat && G.H * G.W <= cpu::kClMaxPixels;
 }
 
 Path choose_path(const at::Tensor& x, const ConvGeom& G) {
-  if (tiny_fits(x, G)) return Path::kDepthwiseTiny;
   if (depthwise_planes_fit(x, G)) return Path::kDepthwisePlanes;
   if (cl_fits(x, G)) return Path::kDepthwiseCl;
   if (G.depthwise && x.scalar_type() == at::kDouble && G.KW <= kMaxKW) return Path::kDepthwiseLoops;
@@ -482,7 +469,6 @@ at::Tensor block_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const
   const Path path = choose_path(x, G);
   if (path == Path::kRuns) return cpu::runs_forward(x, weight, bias, G, x_offsets);
   if (path == Path::kPointwiseGemm) return cpu::pointwise_forward(x, weight, bias, G, x_offsets);
-  if (path == Path::kDepthwiseTiny) return cpu::tiny_forward(x, weight, bias, G, x_offsets);
   if (path == Path::kDepthwiseCl) return cpu::cl_forward(x, weight, bias, G, x_offsets);
   at::Tensor out = at::empty({G.N, G.C_out_total, G.Ho, G.Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_conv2d_cpu", [&] {
@@ -513,10 +499,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_conv2d_backward_cpu(
   }
   if (path == Path::kPointwiseGemm) {
     cpu::pointwise_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
-    return {gx, gw, gb};
-  }
-  if (path == Path::kDepthwiseTiny) {
-    cpu::tiny_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
     return {gx, gw, gb};
   }
   if (path == Path::kDepthwiseCl) {

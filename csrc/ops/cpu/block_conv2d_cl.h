@@ -1,4 +1,4 @@
-// Depthwise block_conv2d on small maps, channels last (block_conv2d_cl.cpp): the 8x8 and 4x4
+// Depthwise block_conv2d on small maps, channels last (block_conv2d_cl.cpp): the 8x8 to 1x1
 // maps of a MobileNet's last stages, at stride 1 or 2. An NCHW plane of 16 or 64 pixels has
 // rows of 4 or 8 floats, too short for the planes' vectors (depthwise_planes.h), and oneDNN's
 // NCHW depthwise is slow there (the fwd+bwd of 32 x 269 planes 8x8 -> 4x4 at stride 2 took
@@ -22,7 +22,7 @@
 
 namespace slimkern::cpu {
 
-// Input maps of at most this many pixels take the engine (when the tiny one does not).
+// Input maps of at most this many pixels take the engine (where the planes do not).
 constexpr int64_t kClMaxPixels = 64;
 
 at::Tensor cl_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -1,6 +1,5 @@
 // Per-packed-channel bookkeeping shared by the depthwise engines of block_conv2d (the plane
-// loops and planes in block_conv2d.cpp, the tiny-map terms in block_conv2d_tiny.cpp, the
-// channels-last engine in block_conv2d_cl.cpp).
+// loops and planes in block_conv2d.cpp, the channels-last engine in block_conv2d_cl.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -52,7 +51,7 @@ inline void invert(const std::vector<int64_t>& oc_key, int64_t n_keys, std::vect
 }
 
 // The valid (output pixel, input pixel, tap) terms of a depthwise geometry, for the engines
-// that walk a list of them (tiny maps, channels last); sxh is the input's row stride.
+// that walk a list of them (channels last); sxh is the input's row stride.
 struct Term {
   int64_t o, i, t;  // output pixel (contiguous plane), input pixel (x plane, row stride sxh), tap
 };
