@@ -65,7 +65,7 @@ def _max_diff(a, b) -> float:
     return max(float((a[c].values - b[c].values).abs().max()) for c in a)
 
 
-@pytest.mark.parametrize("rule", ["paradis", "heterofl", "fedavg"])
+@pytest.mark.parametrize("rule", ["paradis", "heterofl", "fedavg", "fedrolex"])
 def test_batched_round_equals_sequential_per_client(data, rule):
     net, server, plan, X, Y, aug, indices = _round(data, rule)
     sizes = {len(indices[c]) for c in plan.tasks}
@@ -206,3 +206,40 @@ def test_non_finite_loss_drops_the_client_like_the_sequential_path(data):
     assert rec[True].dropped_reasons == rec[False].dropped_reasons
     assert [c for c, _ in rec[True].dropped_reasons] == [1]
     assert "not finite" in rec[True].dropped_reasons[0][1]
+
+
+def test_pass_split_is_the_cheapest_partition():
+    """``_chunks`` against brute force over every partition of the clients into passes."""
+    import itertools
+    import random
+
+    from slimkern.fl.batched import _chunks
+
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for p in partitions(rest):
+            for i in range(len(p)):
+                yield p[:i] + [[first] + p[i]] + p[i + 1:]
+            yield [[first]] + p
+
+    rng = random.Random(0)
+    for case in range(40):
+        n = rng.randint(1, 7)
+        sizes = [rng.randint(2, 16) for _ in range(n)]
+        members = list(range(10, 10 + n))
+        pass_rows = rng.choice([0, 8, 64])
+        max_rows = rng.choice([None, 20, 40])
+        size = dict(zip(members, sizes))
+
+        def cost(p):
+            return sum(pass_rows + len(c) * max(size[m] for m in c) for c in p)
+
+        def fits(p):
+            return max_rows is None or all(len(c) == 1 or len(c) * max(size[m] for m in c) <= max_rows for c in p)
+
+        got = _chunks(members, sizes, pass_rows, max_rows)
+        assert sorted(itertools.chain(*got)) == members and fits(got)
+        assert cost(got) == min(cost(p) for p in partitions(members) if fits(p)), (sizes, pass_rows, max_rows)
