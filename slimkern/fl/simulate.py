@@ -310,8 +310,13 @@ def simulate(net: torch.nn.Module, train_set, test_set, clients: Sequence[Client
         replies, dropped, reasons = [], [], []
         batched: dict = {}
         if batcher is not None:
-            batched, _ = batcher.train(list(plan.tasks.values()), Xtr, Ytr,
-                                       {cid: server.by_id[cid].indices for cid in plan.tasks}, augment)
+            try:
+                batched, _ = batcher.train(list(plan.tasks.values()), Xtr, Ytr,
+                                           {cid: server.by_id[cid].indices for cid in plan.tasks}, augment)
+            except Exception as exc:  # noqa: BLE001 - the clients still train, one by one
+                batched = {}
+                log(f"round {r}: client batching failed ({_validate.failure_reason(exc)}); "
+                    "the clients train one by one")
             for why in dict.fromkeys(batcher.reasons):
                 log(f"round {r}: some clients train one by one: {why}")
         for cid, task in plan.tasks.items():
