@@ -243,3 +243,24 @@ def test_pass_split_is_the_cheapest_partition():
         got = _chunks(members, sizes, pass_rows, max_rows)
         assert sorted(itertools.chain(*got)) == members and fits(got)
         assert cost(got) == min(cost(p) for p in partitions(members) if fits(p)), (sizes, pass_rows, max_rows)
+
+
+def test_a_failing_batched_round_falls_back(data, monkeypatch):
+    import slimkern.fl.batched as B
+
+    def boom(self, *a, **k):
+        raise RuntimeError("out of memory (simulated)")
+
+    train, test = data
+    clients = make_clients(train[1].numpy(), parse_tiers(TIERS), 5, "dirichlet", alpha=0.5, seed=0)
+    res = []
+    for batched in (False, True):
+        if batched:
+            monkeypatch.setattr(B.ClientBatcher, "train", boom)
+        logs = []
+        n = small_cnn(10, 1, (8, 12, 12), seed=0)
+        simulate(n, train, test, clients, "paradis", rounds=1, local_epochs=1, lr=0.05, seed=0, progress=False,
+                 client_batching=batched, log=logs.append)
+        res.append((torch.cat([p.detach().flatten() for p in n.parameters()]), logs))
+    assert torch.equal(res[0][0], res[1][0])
+    assert any("client batching failed" in m and "out of memory" in m for m in res[1][1])
