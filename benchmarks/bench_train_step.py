@@ -157,6 +157,16 @@ if pytest is not None:
         benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
 
 
+def step_gmac(model: str, switches) -> float:
+    """Multiply-adds of one training step, in GMAC: 3 x the forward MACs of the switches
+    (forward, input gradient, weight gradient; `slimkern.profile` of the whole batch)."""
+    from slimkern import profile
+    from slimkern.models import build
+
+    net = build(model, max_width=MAX_WIDTH, width_mult=MODELS[model])
+    return 3 * sum(profile(net, sw, input_size=(BATCH, 3, RES, RES)).macs for sw in switches) / 1e9
+
+
 def main(argv=None) -> int:
     """Interleaved runner: every round times each provider once, in rotating order (the
     ratios to quote: a sequential pytest-benchmark run lets a load swing between providers
@@ -177,6 +187,11 @@ def main(argv=None) -> int:
     global DEVICE
     DEVICE = args.device
     warnings.simplefilter("ignore")
+    from slimkern import _library
+
+    peak = _library.fma_peak(0.5) if DEVICE == "cpu" else None  # one thread's register-resident FMA rate
+    if peak:
+        print(f"FMA peak: {peak / 1e9:.1f} GMAC/s a thread ({THREADS} threads: {THREADS * peak / 1e9:.1f})")
     benches = []
     for model in MODELS:
         for step in ("paradis", "sandwich"):
@@ -187,18 +202,24 @@ def main(argv=None) -> int:
             cpu, wall = interleaved({p: cases[p][0] for p in PROVIDERS}, args.rounds,
                                     sync=torch.cuda.synchronize if DEVICE != "cpu" else None)
             group = f"train_step/{model}/{step}"
+            gmac = step_gmac(model, step_switches(step))
             for p in PROVIDERS:
                 benches.append(interleaved_entry(
                     group, f"test_train_step[{model}-{step}-{p}]", dict(model=model, step=step, provider=p),
                     dict(provider=p, model=model, step=step, switches=cases[p][1], batch=BATCH,
                          threads=torch.get_num_threads(), width_mult=MODELS[model], max_width=MAX_WIDTH,
                          group_size=GROUP_SIZE if p == "slimkern_groups" else None, malloc=MALLOC, device=DEVICE,
+                         step_gmac=round(gmac, 3), fma_peak_gmac_s_per_thread=peak and round(peak / 1e9, 1),
                          **mem[p]), wall[p], cpu[p]))
             mw = {p: statistics.median(wall[p]) for p in PROVIDERS}
             mc = {p: statistics.median(cpu[p]) for p in PROVIDERS}
             for p in PROVIDERS:
+                # MAC rate per thread-second of CPU time, and its share of one thread's FMA peak
+                rate = gmac / mc[p]
+                share = f" = {100 * rate / (peak / 1e9):4.1f} % of peak" if peak else ""
                 print(f"{model:13s} {step:9s} {p:16s} wall {mw[p] * 1e3:8.1f} ms ({mw['plain_torch'] / mw[p]:.2f}x)"
                       f"   cpu {mc[p] * 1e3:8.1f} ms ({mc['plain_torch'] / mc[p]:.2f}x)"
+                      f"   {gmac:.2f} GMAC: {rate:5.1f} GMAC/s a thread{share}"
                       f"   step peak {mem[p].get('step_peak_mb')} MB", flush=True)
     if args.json:
         write_results(args.json, benches, THREADS)

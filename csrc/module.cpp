@@ -7,6 +7,7 @@
 #include <string>
 
 #include "slimkern/cpu_capability.h"
+#include "ops/cpu/sgemm.h"
 
 #ifndef SLIMKERN_BUILD_INFO
 #define SLIMKERN_BUILD_INFO "{}"
@@ -26,9 +27,16 @@ std::string cpu_capability_info() {
          cpu::capability_name(cpu::hardware_capability()) + "\", \"requested\": \"" + requested + "\"}";
 }
 
+// Multiply-adds per second of one thread's register-resident FMA loop (cpu/sgemm.h).
+double fma_peak(double seconds) {
+  TORCH_CHECK(seconds > 0 && seconds <= 10, "fma_peak: seconds must be in (0, 10], got ", seconds);
+  return cpu::simd_fma_peak(seconds);
+}
+
 TORCH_LIBRARY_FRAGMENT(slimkern, m) {
   m.def("_build_info() -> str", &build_info);
   m.def("_cpu_capability() -> str", &cpu_capability_info);
+  m.def("_fma_peak(float seconds) -> float", &fma_peak);
 }
 
 }  // namespace slimkern

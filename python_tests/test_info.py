@@ -19,8 +19,25 @@ def test_extension_loads_and_reports_build():
 def test_info_command_prints_ops_table():
     out = subprocess.run([sys.executable, "-m", "slimkern.info"], capture_output=True, text=True, check=True).stdout
     assert "torch (built against)" in out
+    assert "FMA peak, 1 thread" in out
     for op in info.PUBLIC_OPS:
         assert op in out
+
+
+def test_fma_peak_is_lanes_times_fma_rate():
+    # A register-resident FMA loop: MAC/s = lanes x FMAs per cycle x clock. Bounds by hand for
+    # any x86 core we run on (1-2 FMA units, 1-6 GHz): AVX-512 16 lanes, AVX2 8 lanes per FMA.
+    cap = _library.cpu_capability()["in_use"]
+    peak = _library.fma_peak(0.05)
+    if cap == "default":
+        assert peak is None
+        return
+    lanes = 16 if cap == "avx512" else 8
+    assert lanes * 0.5e9 <= peak <= lanes * 2 * 6e9, peak
+    with pytest.raises(ValueError, match="seconds"):
+        _library.fma_peak(0)
+    with pytest.raises(RuntimeError, match="seconds"):
+        torch.ops.slimkern._fma_peak(20.0)
 
 
 def test_missing_op_error_names_the_op():

@@ -83,6 +83,19 @@ def _check_capability_request() -> None:
 _check_capability_request()
 
 
+def fma_peak(seconds: float = 0.25) -> float | None:
+    """Multiply-adds per second of one thread's register-resident FMA loop (12 independent
+    vector accumulators, the FMA instruction of the CPU capability in use), measured for about
+    ``seconds``: the peak a kernel's MAC/s is compared against. None without the extension or
+    a SIMD build (the x86-64 baseline path)."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= 10:
+        raise ValueError(f"seconds must be a number in (0, 10], got {seconds!r}")
+    if not has_op("_fma_peak"):
+        return None
+    peak = float(torch.ops.slimkern._fma_peak(float(seconds)))
+    return peak if peak > 0 else None
+
+
 def cpu_capability() -> dict | None:
     """The instruction set the C++ CPU kernels run with.
 

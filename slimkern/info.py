@@ -59,9 +59,14 @@ def report() -> dict:
         "extension_error": _library.LOAD_ERROR,
         "build": _library.build_info(),
         "cpu_capability": _library.cpu_capability(),
+        "fma_peak_gmac_s": None if _library.LOAD_ERROR else _gmac(_library.fma_peak(0.2)),
         "mismatch": _library.torch_mismatch(),
         "ops": ops,
     }
+
+
+def _gmac(peak: float | None) -> float | None:
+    return None if peak is None else round(peak / 1e9, 1)
 
 
 def _capability_line(cap: dict | None) -> str:
@@ -84,6 +89,9 @@ def format_report(rep: dict) -> str:
         f"  extension slimkern._C {'loaded' if rep['extension_loaded'] else 'NOT loaded: ' + str(rep['extension_error'])}",
         f"  triton                {rep['triton']}",
         f"  CPU kernels           {_capability_line(rep['cpu_capability'])}",
+        f"  FMA peak, 1 thread    "
+        + (f"{rep['fma_peak_gmac_s']} GMAC/s (register-resident loop, the path above)"
+           if rep.get("fma_peak_gmac_s") else "- (no SIMD build in use)"),
     ]
     if rep["mismatch"]:
         lines.append(f"  WARNING: {rep['mismatch']}")

@@ -35,4 +35,9 @@ void simd_sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, i
 void simd_sgemm_bt(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64_t a_sk, const float* b,
                    int64_t ldb, float beta, float* c, int64_t ldc);
 
+// Multiply-adds per second of a register-resident loop of this build's FMA instruction (12
+// independent accumulators), one thread: the peak the GEMM and the step are measured against
+// (`slimkern info`). 0 when the capability in use has no SIMD build.
+double simd_fma_peak(double seconds);
+
 }  // namespace slimkern::cpu

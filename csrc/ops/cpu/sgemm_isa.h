@@ -14,7 +14,8 @@
   void sgemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64_t a_sk, const float* b,   \
              int64_t ldb, float beta, float* c, int64_t ldc);                                               \
   void sgemm_bt(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64_t a_sk, const float* b, \
-                int64_t ldb, float beta, float* c, int64_t ldc);
+                int64_t ldb, float beta, float* c, int64_t ldc);                                              \
+  float fma_loop(int64_t iters, float x);
 
 namespace slimkern::cpu {
 namespace avx512 {

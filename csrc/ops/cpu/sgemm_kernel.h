@@ -174,4 +174,23 @@ void sgemm_bt(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int
   driver(M, N, K, a, a_si, a_sk, b, ldb, true, beta, c, ldc);
 }
 
+// The FMA peak of this build (sgemm.h: simd_fma_peak): 12 independent accumulators, enough to
+// cover the FMA latency times the FMA ports of the cores we run on, in registers only.
+float fma_loop(int64_t iters, float x) {
+  using V = typename Vec::V;
+  constexpr int kAcc = 12;
+  V acc[kAcc];
+  const V a = Vec::set1(x), b = Vec::set1(1.0f - x);
+#pragma GCC unroll 12
+  for (int i = 0; i < kAcc; ++i) acc[i] = Vec::set1(static_cast<float>(i));
+  for (int64_t t = 0; t < iters; ++t) {
+#pragma GCC unroll 12
+    for (int i = 0; i < kAcc; ++i) acc[i] = Vec::fma(acc[i], a, b);
+  }
+  V s = acc[0];
+#pragma GCC unroll 12
+  for (int i = 1; i < kAcc; ++i) s = Vec::add(s, acc[i]);
+  return Vec::reduce(s);
+}
+
 }  // namespace slimkern::cpu::SK_GEMM_ISA
