@@ -178,7 +178,7 @@ def test_gradcheck_conv(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_pointwise_engines(table, offs, hw, dtype):
     # 1x1 blocks take per-image GEMMs (our kernel or BLAS), gathered GEMMs over the batch's
-    # pixels (float32 maps under 16 pixels: 1x1, 2x2, 3x3) or oneDNN by runs (BLAS on small
+    # pixels (float32 maps of at most 16 pixels: 1x1 to 4x4) or oneDNN by runs (BLAS on small
     # maps); both dtypes, since float64 and float32 may take different engines.
     torch.manual_seed(5)
     width = max(r[1] - r[0] for r in table)
@@ -331,14 +331,15 @@ def test_equal_blocks_grouped(groups_of, k):
 
 
 @needs_cpp
-@pytest.mark.parametrize("n,hw,bias", [(1, 23, True), (2, 9, False), (5, 16, False), (7, 3, True), (4, 1, False)])
+@pytest.mark.parametrize("n,hw,bias", [(1, 23, True), (2, 9, False), (5, 16, False), (7, 3, True), (4, 1, False),
+                                        (3, 4, True)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_pointwise_gemm_tiles(n, hw, bias, threads):
     # The AVX-512 GEMM's edges: depth beyond one 128-deep pass (200 input channels forward,
     # 140 output channels backward), row tiles of 6 with remainders (140, 13 output channels),
     # column tails (529, 81 pixels), transposes with partial 16x16 tiles, and batches smaller
-    # than the thread count (pixels split); 3x3 and 1x1 maps gather the batch's pixels, split
-    # by images over the threads.
+    # than the thread count (pixels split); 4x4, 3x3 and 1x1 maps gather the batch's pixels,
+    # split by images over the threads.
     torch.manual_seed(9)
     table = [(0, 200, 0, 140), (0, 13, 140, 153), (200, 203, 153, 166)]
     x = torch.randn(n, 216, hw, hw, dtype=torch.float32, requires_grad=True)

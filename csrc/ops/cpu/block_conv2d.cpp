@@ -389,8 +389,8 @@ bool is_pointwise(const ConvGeom& G) {
 //    kernel (sgemm.h), 1.1-1.7x faster than oneDNN's own 1x1 convolution on
 //    contiguous operands and 1.4-4x faster than slice + F.conv2d + cat, forward+backward, from
 //    4x4 to 32x32 maps at 64-512 channels (AMD EPYC VM; on the Intel Xeon VM 1.1-2.1x and
-//    1.2-3.3x at 32-512 channels, benchmarks/results/block_ops.json). Below 16 pixels per
-//    map (3x3, 2x2, 1x1) a per-image row is shorter than one vector (oneDNN won by 3x), so
+//    1.2-3.3x at 32-512 channels, benchmarks/results/block_ops.json). On maps of at most 16
+//    pixels (4x4 to 1x1) a per-image row is at most one vector (oneDNN won by 3x below 16), so
 //    the batch's pixels are gathered into one product per block: 1.2-1.85x (AVX-512) and
 //    1.2-1.55x (AVX2) faster than per-switch F.conv2d + cat forward+backward on the ParaDiS
 //    blocks of 307-1229 channels on 2x2 / 1x1 / 3x3 maps (batch 32-64, one thread, CPU time,
@@ -416,7 +416,7 @@ bool is_pointwise(const ConvGeom& G) {
 enum class Path { kRuns, kDepthwiseLoops, kDepthwisePlanes, kDepthwiseCl, kPointwiseGemm };
 
 bool gemm_pays(const at::Tensor& x, const ConvGeom& G) {
-  if (x.scalar_type() == at::kFloat && cpu::have_simd_sgemm()) return true;  // maps under 16 pixels: gathered
+  if (x.scalar_type() == at::kFloat && cpu::have_simd_sgemm()) return true;  // maps of <= 16 pixels: gathered
   if (!cpu::have_blas_gemm() || x.numel() >= INT32_MAX) return false;  // BLAS takes 32-bit sizes and strides
   int64_t widest = 0;
   for (const auto& b : G.blocks) widest = std::max({widest, b.in_size(), b.out_size()});

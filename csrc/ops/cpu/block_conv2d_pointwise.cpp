@@ -104,15 +104,19 @@ at::Tensor weight_matrix(const at::Tensor& w) {
   return m.stride(1) == 1 ? m : m.contiguous();
 }
 
-// Maps under 16 pixels (the 2x2 and 1x1 maps at the end of a MobileNet on small inputs): a
-// per-image product has rows of P < 16 floats, shorter than one AVX-512 vector, and oneDNN
-// won by 3x there. The batch then goes into one product per (block, task): the block's
-// channel window of a task's images is gathered into a [rows x n*P] matrix, image after
-// image, multiplied, and the result scattered back to the NCHW planes. The copies move
-// (Ci + Co) values per pixel for Ci * Co multiply-adds.
-constexpr int64_t kGatherBelow = 16;
+// Maps of at most 16 pixels (4x4 down to 1x1 at the end of a MobileNet on small inputs): a
+// per-image product has rows of P <= 16 floats, at most one AVX-512 vector (oneDNN won by 3x
+// below 16), and the weight gradient's depth is P, so C tiles are loaded and stored every 16
+// multiply-adds. The batch then goes into one product per (block, task): the block's channel
+// window of a task's images is gathered into a [rows x n*P] matrix, image after image,
+// multiplied, and the result scattered back to the NCHW planes. The copies move (Ci + Co)
+// values per pixel for Ci * Co multiply-adds. On 4x4 maps (ParaDiS blocks of 614 channels,
+// batch 64, one thread, fwd+bwd) gathering took the AVX2 path from 149 to 90-104 ms and left
+// AVX-512 at 69-75 ms (70.8 per image); on 8x8 the per-image products stay ahead (AVX-512 71
+// vs 84-93 ms, AVX2 94 vs 106-109).
+constexpr int64_t kGatherMax = 16;
 
-bool gathered(int64_t P) { return P < kGatherBelow && have_simd_sgemm(); }
+bool gathered(int64_t P) { return P <= kGatherMax && have_simd_sgemm(); }
 
 // m[r, (n - n0) * P + p] = src[n * s0 + r * s1 + p] for r < rows, n0 <= n < n1, p < P.
 void gather(const float* src, int64_t s0, int64_t s1, int64_t P, int64_t n0, int64_t n1, int64_t rows, float* m) {
