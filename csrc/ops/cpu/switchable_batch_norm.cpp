@@ -1,7 +1,7 @@
-// Switchable batch norm on CPU: one task per packed channel (at::parallel_for), statistics
-// in one pass (shifted sums, float lanes flushed to double), normalise + affine +
-// activation fused in a second pass; the backward fuses the activation mask into both
-// reductions and the input gradient. x is read as [N, Cp, HW].
+// Switchable batch norm on CPU: one task per packed channel (at::parallel_for), or per tile of
+// channels on maps under 64 pixels; statistics in one pass (shifted sums, float lanes flushed
+// to double), normalise + affine + activation fused in a second pass; the backward fuses the
+// activation mask into both reductions and the input gradient. x is read as [N, Cp, HW].
 // GCC vector types (lanes.h) live in inline helpers only; no ABI crosses this file.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
