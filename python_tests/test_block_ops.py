@@ -218,6 +218,23 @@ def test_depthwise_engines(table, offs, stride, dtype):
         torch.testing.assert_close(got, want, **_tol(dtype))
 
 
+def _depthwise_vs_float64(x, w, b, table, offs, stride, padding, dilation, threads, tol, grad_atol):
+    """float32 depthwise block_conv2d (C++) on `threads` threads against per-block F.conv2d in
+    float64: output to rtol = atol = tol, the x / w / b gradients to rtol = tol, atol = grad_atol."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = sk.ops.block_conv2d(x, w, b, table, offs, stride, padding, dilation, True, backend="cpp")
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (x, w, b), g)
+    finally:
+        torch.set_num_threads(prev)
+    ref = ref_block_conv2d(x.double(), w.double(), b.double(), table, offs, stride, padding, dilation, True)
+    torch.testing.assert_close(out, ref.float(), rtol=tol, atol=tol)
+    for got, want in zip(grads, torch.autograd.grad(ref, (x, w, b), g.double())):
+        torch.testing.assert_close(got, want.float(), rtol=tol, atol=grad_atol)
+
+
 @needs_cpp
 @pytest.mark.parametrize("k,padding,dilation,hw", [
     ((3, 3), 1, 1, (33, 37)),   # rows of 37: two full vectors and a 5-lane tail
@@ -232,24 +249,13 @@ def test_depthwise_float32_planes(k, padding, dilation, hw, threads, stride):
     # loads past both borders, vector and row-block tails, unequal and dilated taps, overlapping
     # blocks summing into shared weights and inputs from per-thread partial sums; against
     # per-block F.conv2d in float64. Strided: the stride-1 planes subsampled forward and fed a
-    # zero-stuffed grad_out backward (rows of >= 16 stride-1 outputs; narrower ones take oneDNN).
+    # zero-stuffed grad_out backward (rows of >= 16 stride-1 outputs; maps of at most 64 pixels
+    # that the planes do not take run channels last, the rest oneDNN).
     torch.manual_seed(10)
     table, offs = [(0, 12, 0, 12), (4, 10, 4, 10), (12, 20, 12, 20)], [0, 4, 12]
     x = torch.randn(3, 20, *hw, requires_grad=True)
-    w = torch.randn(20, 1, *k, requires_grad=True)
-    b = torch.randn(20, requires_grad=True)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = sk.ops.block_conv2d(x, w, b, table, offs, stride, padding, dilation, True, backend="cpp")
-        g = torch.randn_like(out)
-        grads = torch.autograd.grad(out, (x, w, b), g)
-    finally:
-        torch.set_num_threads(prev)
-    ref = ref_block_conv2d(x.double(), w.double(), b.double(), table, offs, stride, padding, dilation, True)
-    torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-4)
-    for got, want in zip(grads, torch.autograd.grad(ref, (x, w, b), g.double())):
-        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-3)
+    _depthwise_vs_float64(x, torch.randn(20, 1, *k, requires_grad=True), torch.randn(20, requires_grad=True), table,
+                          offs, stride, padding, dilation, threads, tol=1e-4, grad_atol=1e-3)
 
 
 @needs_cpp
@@ -261,20 +267,8 @@ def test_depthwise_float32_tiny_maps(hw, threads):
     torch.manual_seed(11)
     table, offs = [(0, 12, 0, 12), (4, 10, 4, 10), (12, 20, 12, 20)], [0, 4, 12]
     x = torch.randn(5, 20, *hw, requires_grad=True)
-    w = torch.randn(20, 1, 3, 3, requires_grad=True)
-    b = torch.randn(20, requires_grad=True)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = sk.ops.block_conv2d(x, w, b, table, offs, 1, 1, 1, True, backend="cpp")
-        g = torch.randn_like(out)
-        grads = torch.autograd.grad(out, (x, w, b), g)
-    finally:
-        torch.set_num_threads(prev)
-    ref = ref_block_conv2d(x.double(), w.double(), b.double(), table, offs, 1, 1, 1, True)
-    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, torch.autograd.grad(ref, (x, w, b), g.double())):
-        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-4)
+    _depthwise_vs_float64(x, torch.randn(20, 1, 3, 3, requires_grad=True), torch.randn(20, requires_grad=True), table,
+                          offs, 1, 1, 1, threads, tol=1e-5, grad_atol=1e-4)
 
 
 @needs_cpp
@@ -291,20 +285,8 @@ def test_depthwise_float32_channels_last(hw, stride, k, padding, dilation, threa
     torch.manual_seed(12)
     table, offs = [(0, 20, 0, 20), (4, 14, 4, 14), (20, 27, 20, 27)], [0, 6, 20]
     x = torch.randn(5, 27, *hw, requires_grad=True)
-    w = torch.randn(27, 1, *k, requires_grad=True)
-    b = torch.randn(27, requires_grad=True)
-    prev = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = sk.ops.block_conv2d(x, w, b, table, offs, stride, padding, dilation, True, backend="cpp")
-        g = torch.randn_like(out)
-        grads = torch.autograd.grad(out, (x, w, b), g)
-    finally:
-        torch.set_num_threads(prev)
-    ref = ref_block_conv2d(x.double(), w.double(), b.double(), table, offs, stride, padding, dilation, True)
-    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, torch.autograd.grad(ref, (x, w, b), g.double())):
-        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-4)
+    _depthwise_vs_float64(x, torch.randn(27, 1, *k, requires_grad=True), torch.randn(27, requires_grad=True), table,
+                          offs, stride, padding, dilation, threads, tol=1e-5, grad_atol=1e-4)
 
 
 @needs_cpp

@@ -264,6 +264,12 @@ void forward_kernel(const Layout& L, const at::Tensor& x, at::Tensor& y, at::Ten
     mean = static_cast<T>(K + m);
     var = static_cast<T>(v < 0 ? 0 : v);
   };
+  // Saves channel p's statistics and folds them with its affine parameters.
+  auto keep_stats = [&](int64_t p, T mean, T var, T& scale, T& shift) {
+    mp[p] = mean;
+    vp[p] = var;
+    fold_affine(mean, invstd(var, teps), P.w_at(L.chan_full[p]), P.b_at(L.chan_full[p]), scale, shift);
+  };
   auto eval_stats = [&](int64_t p, T& mean, T& var) {
     const int64_t r = L.chan_row[p], c = L.chan_full[p];
     mean = rmp[r * rm0 + c * rm1];
@@ -304,10 +310,8 @@ void forward_kernel(const Layout& L, const at::Tensor& x, at::Tensor& y, at::Ten
           } else {
             eval_stats(p, mean, var);
           }
-          mp[p] = mean;
-          vp[p] = var;
           T scale, shift;
-          fold_affine(mean, invstd(var, teps), P.w_at(L.chan_full[p]), P.b_at(L.chan_full[p]), scale, shift);
+          keep_stats(p, mean, var, scale, shift);
           expand(sc, j, HW, scale);
           expand(sh, j, HW, shift);
         }
@@ -336,10 +340,8 @@ void forward_kernel(const Layout& L, const at::Tensor& x, at::Tensor& y, at::Ten
       } else {
         eval_stats(p, mean, var);
       }
-      mp[p] = mean;
-      vp[p] = var;
       T scale, shift;
-      fold_affine(mean, invstd(var, teps), P.w_at(L.chan_full[p]), P.b_at(L.chan_full[p]), scale, shift);
+      keep_stats(p, mean, var, scale, shift);
       for (int64_t n = 0; n < N; ++n) {
         const int64_t off = (n * Cp + p) * HW;
         apply_row<ACT, VB>(xp + off, yp + off, HW, scale, shift);
