@@ -154,7 +154,7 @@ def test_noncontiguous_inputs():
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_small_maps_tiles_of_channels(spatial, training, threads):
-    # Maps under 64 pixels run tiles of channels walked image after image (512 values a tile,
+    # Maps under 64 pixels run tiles of channels walked image after image (1024 values a tile,
     # lanes summed in double): 900 packed channels span several tiles with ragged ends, 300
     # images, and a mean of 50 (eval: 50 from the running mean) tests the shifted sums.
     # Against the per-block float64 reference, as close as torch's float32 batch norm (no
