@@ -314,14 +314,15 @@ def test_equal_blocks_grouped(groups_of, k):
 
 @needs_cpp
 @pytest.mark.parametrize("n,hw,bias", [(1, 23, True), (2, 9, False), (5, 16, False), (7, 3, True), (4, 1, False),
-                                        (3, 4, True)])
+                                        (3, 4, True), (40, 4, False)])
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_pointwise_gemm_tiles(n, hw, bias, threads):
     # The AVX-512 GEMM's edges: depth beyond one 128-deep pass (200 input channels forward,
     # 140 output channels backward), row tiles of 6 with remainders (140, 13 output channels),
     # column tails (529, 81 pixels), transposes with partial 16x16 tiles, and batches smaller
     # than the thread count (pixels split); 4x4, 3x3 and 1x1 maps gather the batch's pixels,
-    # split by images over the threads.
+    # split by images over the threads. Products of 512 columns or more (529 pixels; 40 images
+    # of 4x4 gathered on one thread) pack A into row tiles, the last one zero-padded.
     torch.manual_seed(9)
     table = [(0, 200, 0, 140), (0, 13, 140, 153), (200, 203, 153, 166)]
     x = torch.randn(n, 216, hw, hw, dtype=torch.float32, requires_grad=True)

@@ -14,6 +14,7 @@
 namespace slimkern::cpu::avx2 {
 namespace {
 using Vec = VecOps;
+constexpr bool kGemmPackA = true;   // see the driver
 constexpr int kGemmNV = 2;
 }  // namespace
 }  // namespace slimkern::cpu::avx2

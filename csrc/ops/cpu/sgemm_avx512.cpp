@@ -15,6 +15,7 @@
 namespace slimkern::cpu::avx512 {
 namespace {
 using Vec = VecOps;
+constexpr bool kGemmPackA = false;  // 6 x 64 tiles: 4 FMAs per broadcast of A; packing it cost 8-12 %
 constexpr int kGemmNV = 4;
 }  // namespace
 }  // namespace slimkern::cpu::avx512

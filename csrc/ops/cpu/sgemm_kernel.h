@@ -1,15 +1,17 @@
 // The float32 GEMM of sgemm.h, written once over `Vec` (vec_avx512.h / vec_avx2.h) and compiled
 // once per instruction set: each ISA file sets its target pragma, defines SK_GEMM_ISA (its
-// namespace), kGemmNV (vectors per micro-tile row) and its Vec there, then includes this.
+// namespace), kGemmNV (vectors per micro-tile row), kGemmPackA (whether long products pack A)
+// and its Vec there, then includes this.
 // No include guard on purpose; no includes either (see sgemm.h on ATen).
 //
 // Register blocking: a micro-tile of C is 6 rows x NV vectors (AVX-512: 6 x 64 floats in 24 of
 // the 32 zmm; AVX2: 6 x 16 in 12 of the 16 ymm). Per k it loads one tile row of B and
 // broadcasts 6 elements of A: (NV + 6) loads for 6 NV FMAs. Cache blocking: B is walked in
 // kKC x kNC panels (128 x 64 floats, 32 KB) that every 6-row tile of C reuses; A tiles
-// (6 x 128) come from L2. A panel is packed into a contiguous buffer when enough rows of C
-// reuse it (image planes of 2^k floats otherwise alias to a few L1 sets) and always when B
-// is read transposed; A is read one broadcast element at a time, so any strides do.
+// (6 x 128) come from L2. A panel is packed into a contiguous buffer, micro-panel major, when
+// enough rows of C reuse it (image planes of 2^k floats otherwise alias to a few L1 sets) and
+// always when B is read transposed; A is read one broadcast element at a time, so any strides
+// do, and on AVX2 long products pack it into row tiles first (see driver).
 
 namespace slimkern::cpu::SK_GEMM_ISA {
 namespace {
@@ -24,6 +26,25 @@ constexpr int64_t kPackMinRows = 4 * kMR;  // rows of C that pay for packing a B
 static_assert(kNC % kTW == 0, "a B panel holds whole micro-tiles");
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// A growable heap buffer. Not a std container: its inline code would be compiled for this
+// ISA and could be picked by the linker for every caller (sgemm.h).
+struct FloatBuffer {
+  float* p = nullptr;
+  int64_t n = 0;
+  FloatBuffer() = default;
+  FloatBuffer(const FloatBuffer&) = delete;
+  FloatBuffer& operator=(const FloatBuffer&) = delete;
+  ~FloatBuffer() { delete[] p; }
+  float* at_least(int64_t m) {
+    if (m > n) {
+      delete[] p;
+      p = new float[m];
+      n = m;
+    }
+    return p;
+  }
+};
 
 // C tile (MR x NV vectors) (+)= A tile (MR x K) . B (K x NV vectors). FULL: every vector
 // whole; otherwise the last one holds the lanes of `last` only (masked loads and stores).
@@ -96,25 +117,43 @@ void micro_any(int mr, int nv, bool full, int64_t K, const float* a, int64_t a_s
   }
 }
 
-// Copies a kc x nj block of B (row stride ldb) to rows of kNC floats, zero-filling the last
+// A packed B panel is micro-panel major: the kTW columns of one micro-tile are contiguous for
+// each k, so the micro-kernel walks one dense block (kc x kTW). With rows of the whole panel
+// (kNC floats, 256 bytes) an AVX2 micro-tile read one 64-byte line every 256 bytes, a quarter
+// of the L1 sets, where the A stream evicted it.
+inline int64_t packed_at(int64_t k, int64_t j) { return j / kTW * (kKC * kTW) + k * kTW + j % kTW; }
+
+// Copies a kc x nj block of B (row stride ldb) into the packed layout, zero-filling the last
 // vector past nj.
 void pack_b(int64_t kc, int64_t nj, const float* b, int64_t ldb, float* out) {
   const int64_t whole = nj / kL;
   const auto last = Vec::first(nj - whole * kL);
   for (int64_t k = 0; k < kc; ++k) {
-    for (int64_t v = 0; v < whole; ++v) Vec::store_all(out + k * kNC + kL * v, Vec::loadu(b + k * ldb + kL * v));
-    if (whole * kL < nj) Vec::store_all(out + k * kNC + kL * whole, Vec::load(last, b + k * ldb + kL * whole));
+    for (int64_t v = 0; v < whole; ++v) Vec::store_all(out + packed_at(k, kL * v), Vec::loadu(b + k * ldb + kL * v));
+    if (whole * kL < nj) Vec::store_all(out + packed_at(k, kL * whole), Vec::load(last, b + k * ldb + kL * whole));
   }
 }
 
-// packed[k * kNC + j] = B(k, j) = b[j * ldb + k] for k < kc, j < nj: whole L x L tiles by
-// Vec::transpose, the ragged edges one element at a time.
+// packed_at(k, j) <- B(k, j) = b[j * ldb + k] for k < kc, j < nj: whole L x L tiles by
+// Vec::transpose (an L-column group never straddles two micro-panels), the ragged edges one
+// element at a time.
 void pack_bt(int64_t kc, int64_t nj, const float* b, int64_t ldb, float* packed) {
   const int64_t kw = kc - kc % kL, jw = nj - nj % kL;
   for (int64_t j = 0; j < jw; j += kL)
-    for (int64_t k = 0; k < kw; k += kL) Vec::transpose(b + j * ldb + k, ldb, packed + k * kNC + j, kNC);
+    for (int64_t k = 0; k < kw; k += kL) Vec::transpose(b + j * ldb + k, ldb, packed + packed_at(k, j), kTW);
   for (int64_t j = 0; j < nj; ++j)
-    for (int64_t k = j < jw ? kw : 0; k < kc; ++k) packed[k * kNC + j] = b[j * ldb + k];
+    for (int64_t k = j < jw ? kw : 0; k < kc; ++k) packed[packed_at(k, j)] = b[j * ldb + k];
+}
+
+// Copies A(i, k) for i < M, k < kc into row tiles of kMR: tile t holds A(t kMR + r, k) at
+// out[t kMR kc + k kMR + r], rows past M zero.
+void pack_a(int64_t M, int64_t kc, const float* a, int64_t a_si, int64_t a_sk, float* out) {
+  for (int64_t i0 = 0; i0 < M; i0 += kMR) {
+    const int64_t mr = min64(kMR, M - i0);
+    float* t = out + i0 * kc;
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t r = 0; r < kMR; ++r) t[k * kMR + r] = r < mr ? a[(i0 + r) * a_si + k * a_sk] : 0.0f;
+  }
 }
 
 // The driver of both layouts (sgemm.h): B(k, j) = b[k * ldb + j], or with b_transposed
@@ -132,34 +171,49 @@ void driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64
   // (1.15-1.4x on one AVX-512 core at 32-512 channels). Too few rows do not repay the copy.
   const bool pack = M >= kPackMinRows && ldb > kNC;
   alignas(64) float packed[kKC * kNC];
-  for (int64_t j0 = 0; j0 < N; j0 += kNC) {
+  // C[:, j0 : j0 + nj] (+)= A[:, k0 : k0 + kc] . B[k0 : k0 + kc, j0 : j0 + nj]; row tile i0 of A
+  // at ap + i0 * tsi, with strides (si, sk).
+  const auto panel = [&](int64_t k0, int64_t kc, int64_t j0, const float* ap, int64_t tsi, int64_t si, int64_t sk) {
     const int64_t nj = min64(kNC, N - j0);
+    const bool accumulate = k0 > 0 || beta != 0.0f;
+    const bool packed_b = b_transposed || pack;  // transposed: the micro-kernel needs rows of unit stride
+    if (b_transposed)
+      pack_bt(kc, nj, b + j0 * ldb + k0, ldb, packed);
+    else if (pack)
+      pack_b(kc, nj, b + k0 * ldb + j0, ldb, packed);
+    // Micro-tile columns outside, rows inside: the tile's slice of the panel stays in L1.
+    for (int64_t jt = 0; jt < nj; jt += kTW) {
+      const int64_t cols = min64(kTW, nj - jt);
+      const int nv = static_cast<int>((cols + kL - 1) / kL);
+      const bool full = cols % kL == 0;
+      const auto last = Vec::first(cols - (nv - 1) * kL);
+      const float* bt = packed_b ? packed + packed_at(0, jt) : b + k0 * ldb + j0 + jt;
+      const int64_t ldbt = packed_b ? kTW : ldb;
+      for (int64_t i0 = 0; i0 < M; i0 += kMR)
+        micro_any(static_cast<int>(min64(kMR, M - i0)), nv, full, kc, ap + i0 * tsi, si, sk, bt, ldbt, accumulate,
+                  c + i0 * ldc + j0 + jt, ldc, last);
+    }
+  };
+  // A row tile read in place is kMR strided streams of broadcasts (kMR rows of W apart; for the
+  // input gradient kMR elements of a W column, a whole row apart per k). Packed it is one
+  // contiguous stream: depth passes then run outermost so that one packed panel of A serves all
+  // N columns, which repays its copy when N is long. On one AVX2 core (AMD EPYC VM held to AVX2,
+  // 1x1 conv of 614 channels on 4x4 maps, batch 64, min of 9, interleaved runs) packing A gave
+  // 1.08-1.14x on top of the micro-panel layout of B; the AVX-512 build, whose 6 x 64 tiles do 4
+  // FMAs per broadcast, lost 8-12 % to the copy and reads A in place. Otherwise column panels
+  // run outermost and keep their C block in L2 across the depth passes.
+  if (kGemmPackA && N >= 512 && M >= kMR) {
+    FloatBuffer apack;
+    float* ap = apack.at_least((M + kMR - 1) / kMR * kMR * kKC);
     for (int64_t k0 = 0; k0 < K; k0 += kKC) {
       const int64_t kc = min64(kKC, K - k0);
-      const bool accumulate = k0 > 0 || beta != 0.0f;
-      const float* bb = b + k0 * ldb + j0;
-      int64_t ldbb = ldb;
-      if (b_transposed) {  // always packed: the micro-kernel needs rows of unit stride
-        pack_bt(kc, nj, b + j0 * ldb + k0, ldb, packed);
-        bb = packed;
-        ldbb = kNC;
-      } else if (pack) {
-        pack_b(kc, nj, bb, ldb, packed);
-        bb = packed;
-        ldbb = kNC;
-      }
-      // Micro-tile columns outside, rows inside: the tile's slice of the panel stays in L1.
-      for (int64_t jt = 0; jt < nj; jt += kTW) {
-        const int64_t cols = min64(kTW, nj - jt);
-        const int nv = static_cast<int>((cols + kL - 1) / kL);
-        const bool full = cols % kL == 0;
-        const auto last = Vec::first(cols - (nv - 1) * kL);
-        for (int64_t i0 = 0; i0 < M; i0 += kMR)
-          micro_any(static_cast<int>(min64(kMR, M - i0)), nv, full, kc, a + i0 * a_si + k0 * a_sk, a_si, a_sk,
-                    bb + jt, ldbb, accumulate, c + i0 * ldc + j0 + jt, ldc, last);
-      }
+      pack_a(M, kc, a + k0 * a_sk, a_si, a_sk, ap);
+      for (int64_t j0 = 0; j0 < N; j0 += kNC) panel(k0, kc, j0, ap, kc, 1, kMR);
     }
+    return;
   }
+  for (int64_t j0 = 0; j0 < N; j0 += kNC)
+    for (int64_t k0 = 0; k0 < K; k0 += kKC) panel(k0, min64(kKC, K - k0), j0, a + k0 * a_sk, a_si, a_si, a_sk);
 }
 
 }  // namespace
