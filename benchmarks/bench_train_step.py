@@ -181,7 +181,11 @@ def main(argv=None) -> int:
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                     help="measure each provider's peak memory in a fresh process")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (no memory measurement on cuda)")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
     args = ap.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    if not models or any(m not in MODELS for m in models):
+        ap.error(f"--models takes a comma-separated subset of {', '.join(MODELS)}, got {args.models!r}")
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         ap.error(f"--device must be cpu or cuda (with a CUDA device present), got {args.device!r}")
     global DEVICE
@@ -193,7 +197,7 @@ def main(argv=None) -> int:
     if peak:
         print(f"FMA peak: {peak / 1e9:.1f} GMAC/s a thread ({THREADS} threads: {THREADS * peak / 1e9:.1f})")
     benches = []
-    for model in MODELS:
+    for model in models:
         for step in ("paradis", "sandwich"):
             mem = {p: measure_memory(model, step, p) if args.memory and DEVICE == "cpu" else {} for p in PROVIDERS}
             cases = {p: make_case(model, step, p) for p in PROVIDERS}
