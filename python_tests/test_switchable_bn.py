@@ -150,12 +150,13 @@ def test_noncontiguous_inputs():
 
 
 @needs_cpp
-@pytest.mark.parametrize("spatial", [(1, 1), (2, 2), (3, 5), (7, 9)])
+@pytest.mark.parametrize("spatial", [(1, 1), (2, 2), (3, 5), (7, 9), (9, 13)])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_small_maps_tiles_of_channels(spatial, training, threads):
     # Maps under 64 pixels run tiles of channels walked image after image (1024 values a tile,
-    # lanes summed in double): 900 packed channels span several tiles with ragged ends, 300
+    # lanes summed in double); larger maps tiles of whole planes with a float sum per channel
+    # (9x13: 8 channels a tile). 900 packed channels span several tiles with ragged ends, 300
     # images, and a mean of 50 (eval: 50 from the running mean) tests the shifted sums.
     # Against the per-block float64 reference, as close as torch's float32 batch norm (no
     # activation: a float32 pre-activation within rounding of 0 may pass a ReLU the float64 one
