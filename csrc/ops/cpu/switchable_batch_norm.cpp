@@ -1,7 +1,9 @@
-// Switchable batch norm on CPU: one task per packed channel (at::parallel_for), or per tile of
-// channels on maps under 64 pixels; statistics in one pass (shifted sums, float lanes flushed
-// to double), normalise + affine + activation fused in a second pass; the backward fuses the
-// activation mask into both reductions and the input gradient. x is read as [N, Cp, HW].
+// Switchable batch norm on CPU: tasks (at::parallel_for) take tiles of adjacent channels and
+// walk them image after image: whole planes with one set of sums per channel on maps of 64
+// pixels and more, segments of per-element sums below. Statistics in one pass (shifted sums,
+// float lanes flushed to double), normalise + affine + activation fused in a second pass; the
+// backward fuses the activation mask into both reductions and the input gradient. x is read
+// as [N, Cp, HW].
 // GCC vector types (lanes.h) live in inline helpers only; no ABI crosses this file.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
@@ -271,7 +273,9 @@ void run_channels(int64_t C, int64_t grain, const F& f) {
 constexpr int64_t kPlaneRun = 1024;
 constexpr int64_t kPlaneTile = kPlaneRun / kSegmentBelow;  // the most channels of a tile
 
-inline int64_t plane_tile(int64_t HW) { return std::clamp<int64_t>(kPlaneRun / std::max<int64_t>(HW, 1), 1, kPlaneTile); }
+inline int64_t plane_tile(int64_t HW) {
+  return std::clamp<int64_t>(kPlaneRun / std::max<int64_t>(HW, 1), 1, kPlaneTile);
+}
 
 inline int64_t grain_for(int64_t per_channel) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_channel));
