@@ -56,33 +56,36 @@ struct Sums2 {
   }
 };
 
-// The backward's sums of g and g * (x - K): sum g in double lanes, each vector added as it
-// comes; the other in float lanes flushed every 32 values a lane. A gradient of
-// one sign over a whole plane adds up without cancelling, and in eval mode sum g is then
-// multiplied by (K - running mean): with float lanes for both, the weight gradient ended 15x
-// further from float64 than torch's own batch norm (300 images of 9x13 maps, mean 50, a
-// linear ramp of output gradients). Doubles for both cost 15 % on 32x32 maps.
+// The backward's sums of g and g * (x - K), in float lanes flushed every 32 values a lane; in
+// eval mode sum g goes to double lanes vector by vector (EXACT_G). A gradient of one sign over
+// a whole plane adds up without cancelling, and in eval mode sum g is then multiplied by
+// (K - running mean), far from 0: with float lanes the weight gradient ended 15x further from
+// float64 than torch's own batch norm (300 images of 9x13 maps, mean 50, a linear ramp of
+// output gradients; float sums of even 4 vectors before the double were 7x). Training shifts
+// by (K - batch mean), a few standard deviations, and keeps the float lanes: the doubles cost
+// 15 % on 32x32 maps.
 template <typename T, int VB>
 struct GradSums {
   using W = Lanes<T, VB>;
   alignas(64) double a[W::L] = {};
-  typename W::V b{};
+  typename W::V af{}, b{};
   double ta = 0, A = 0, B = 0;
   T tb = 0;
   int64_t pending = 0;
-  SK_ALWAYS_INLINE void flush_b() {
+  SK_ALWAYS_INLINE void flush_floats() {
+    A += W::sum(af);
     B += W::sum(b) + tb;
-    b = typename W::V{};
+    af = b = typename W::V{};
     tb = 0;
     pending = 0;
   }
   SK_ALWAYS_INLINE void rowdone(int64_t n) {
     pending += n;
-    if (pending >= 32 * W::L) flush_b();
+    if (pending >= 32 * W::L) flush_floats();
   }
   SK_ALWAYS_INLINE void flush() {
-    flush_b();
-    A = ta;
+    flush_floats();
+    A += ta;
     for (int j = 0; j < W::L; ++j) A += a[j];
   }
 };
@@ -114,7 +117,7 @@ SK_ALWAYS_INLINE void apply_row(const T* x, T* y, int64_t n, T scale, T shift) {
 }
 
 // Sums of g and g * (x - K) over one row, g = dy masked by the activation.
-template <int ACT, int VB, typename T>
+template <int ACT, int VB, bool EXACT_G, typename T>
 SK_ALWAYS_INLINE void grad_sums(const T* x, const T* dy, int64_t n, T scale, T shift, T K,
                                 GradSums<T, VB>& acc) {
   using W = Lanes<T, VB>;
@@ -123,7 +126,10 @@ SK_ALWAYS_INLINE void grad_sums(const T* x, const T* dy, int64_t n, T scale, T s
   for (; i + W::L <= n; i += W::L) {
     const V xv = W::load(x + i);
     const V g = mask_grad<ACT>(xv * scale + shift, W::load(dy + i));
-    W::add_to(acc.a, g);
+    if constexpr (EXACT_G)
+      W::add_to(acc.a, g);
+    else
+      acc.af += g;
     acc.b += g * (xv - K);
   }
   for (; i < n; ++i) {
@@ -507,7 +513,10 @@ void backward_kernel(const Layout& L, const at::Tensor& dy, const at::Tensor& x,
       for (int64_t n = 0; n < N; ++n)
         for (int64_t j = 0; j < w; ++j) {
           const int64_t off = (n * Cp + c0 + j) * HW;
-          grad_sums<ACT, VB>(xp + off, gp + off, HW, scale[j], shift[j], K[j], acc[j]);
+          if (training)
+            grad_sums<ACT, VB, false>(xp + off, gp + off, HW, scale[j], shift[j], K[j], acc[j]);
+          else
+            grad_sums<ACT, VB, true>(xp + off, gp + off, HW, scale[j], shift[j], K[j], acc[j]);
         }
       for (int64_t j = 0; j < w; ++j) {
         acc[j].flush();
