@@ -312,6 +312,39 @@ def test_equal_blocks_grouped(groups_of, k):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def _convolution_calls(fn) -> int:
+    """How many aten::convolution calls `fn()` makes (C++ callers included)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::convolution")
+
+
+@needs_cpp
+@pytest.mark.parametrize("hw,width", [(32, 4), (32, 8), (32, 16), (16, 4)])
+def test_small_groups_on_large_maps(hw, width):
+    # ParaDiS branches of `width` channels on a 3x3 conv, as ResNet-20's first stage packs them.
+    # Below AVX-512, oneDNN's grouped convolution of groups under 16 channels on maps of 1024
+    # pixels or more is 1.7-3x slower than a call a group, so those are split; AVX-512 and
+    # every other shape keep one grouped call. Same values either way.
+    torch.manual_seed(13)
+    c = 32
+    table = [(0, c, 0, c)] + [(i, i + width, i, i + width) for i in range(0, c, width)]
+    x = torch.randn(3, 2 * c, hw, hw, requires_grad=True)
+    w = torch.randn(c, c, 3, 3, requires_grad=True)
+    b = torch.randn(c, requires_grad=True)
+    out = sk.ops.block_conv2d(x, w, b, table, None, 1, 1, backend="cpp")
+    ref = ref_block_conv2d(x.double(), w.double(), b.double(), table, None, 1, 1, 1, False)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-4)
+    g = torch.randn_like(out)
+    # the weight gradient sums 3 * hw * hw products: float32 ends ~1e-4 from float64
+    for got, want in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g.double())):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=5e-4)
+    split = _library.cpu_capability()["in_use"] != "avx512" and hw * hw >= 1024 and width < 16
+    calls = _convolution_calls(lambda: sk.ops.block_conv2d(x.detach(), w.detach(), b.detach(), table, None, 1, 1,
+                                                           backend="cpp"))
+    assert calls == 1 + (c // width if split else 1)
+
+
 @needs_cpp
 @pytest.mark.parametrize("n,hw,bias", [(1, 23, True), (2, 9, False), (5, 16, False), (7, 3, True), (4, 1, False),
                                         (3, 4, True), (40, 4, False)])
