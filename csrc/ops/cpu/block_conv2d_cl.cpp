@@ -81,12 +81,6 @@ void from_channels_last(const float* t, int64_t C, int64_t P, bool add, float* d
   }
 }
 
-// Per-image work, one task per image range; scratch vectors per task.
-int64_t grain(int64_t N) {
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  return std::max<int64_t>(1, (N + threads - 1) / threads);
-}
-
 // Taps as [KK, C]: w_t[t * C + oc] = weight[oc_w[oc], t].
 std::vector<float> taps_channels_last(const at::Tensor& weight, const std::vector<int64_t>& oc_w, int64_t KH,
                                       int64_t KW) {
@@ -114,7 +108,7 @@ at::Tensor cl_forward(const at::Tensor& x_in, const at::Tensor& weight, const st
   at::Tensor out = at::empty({G.N, C, G.Ho, G.Wo}, x.options());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, G.N, grain(G.N), [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, G.N, images_per_task(G.N), [&](int64_t n0, int64_t n1) {
     std::vector<float> xt(Pi * C), ot(Po * C);
     for (int64_t n = n0; n < n1; ++n) {
       to_channels_last(xp + n * x.stride(0), x.stride(1), x.stride(2), G.H, G.W, oc_x, xt.data());
@@ -147,7 +141,7 @@ void cl_backward(const at::Tensor& go, const at::Tensor& x_in, const at::Tensor&
   const float* xp = x.data_ptr<float>();
   const float* gop = go.data_ptr<float>();
   float* gxp = mask[0] ? gx.data_ptr<float>() : nullptr;
-  at::parallel_for(0, G.N, grain(G.N), [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, G.N, images_per_task(G.N), [&](int64_t n0, int64_t n1) {
     float* part = want_w ? parts.data() + (nested ? 0 : at::get_thread_num()) * (KK + 1) * C : nullptr;
     std::vector<float> xt(want_w ? Pi * C : 0), gt(Po * C), gxt(gxp ? Pi * C : 0);
     for (int64_t n = n0; n < n1; ++n) {

@@ -1,9 +1,12 @@
 // Per-packed-channel bookkeeping shared by the depthwise engines of block_conv2d (the plane
-// loops and planes in block_conv2d.cpp, the channels-last engine in block_conv2d_cl.cpp).
+// loops and planes in block_conv2d.cpp, the channels-last engine in block_conv2d_cl.cpp), and
+// the image ranges of the engines that work image by image (channels last, gathered 1x1).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -11,6 +14,13 @@
 #include "slimkern/conv_math.h"
 
 namespace slimkern::cpu {
+
+// Images a parallel task takes: one range per thread (fewer when the batch is smaller), so
+// each task allocates its scratch once.
+inline int64_t images_per_task(int64_t N) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  return std::max<int64_t>(1, (N + threads - 1) / threads);
+}
 
 // Per packed output channel: the x channel it reads and its weight channel.
 inline void channel_maps(const ConvGeom& G, c10::IntArrayRef offs, std::vector<int64_t>& oc_x,

@@ -7,6 +7,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "block_conv2d_maps.h"
 #include "block_conv2d_runs.h"
 #include "sgemm.h"
 
@@ -138,12 +139,6 @@ void scatter(const float* m, int64_t s0, int64_t s1, int64_t P, int64_t n0, int6
       else
         std::copy_n(from, P, to);
     }
-}
-
-// Image ranges for the gathered products: one per thread (fewer when the batch is smaller).
-int64_t images_per_task(int64_t N) {
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  return std::max<int64_t>(1, (N + threads - 1) / threads);
 }
 
 void forward_gathered(const at::Tensor& x, const at::Tensor& w2, const float* bp, const ConvGeom& G,

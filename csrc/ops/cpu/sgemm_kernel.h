@@ -27,23 +27,14 @@ static_assert(kNC % kTW == 0, "a B panel holds whole micro-tiles");
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// A growable heap buffer. Not a std container: its inline code would be compiled for this
-// ISA and could be picked by the linker for every caller (sgemm.h).
+// An owned heap array of floats. Not a std container: its inline code would be compiled for
+// this ISA and could be picked by the linker for every caller (sgemm.h).
 struct FloatBuffer {
-  float* p = nullptr;
-  int64_t n = 0;
-  FloatBuffer() = default;
+  explicit FloatBuffer(int64_t n) : p(new float[n]) {}
   FloatBuffer(const FloatBuffer&) = delete;
   FloatBuffer& operator=(const FloatBuffer&) = delete;
   ~FloatBuffer() { delete[] p; }
-  float* at_least(int64_t m) {
-    if (m > n) {
-      delete[] p;
-      p = new float[m];
-      n = m;
-    }
-    return p;
-  }
+  float* const p;
 };
 
 // C tile (MR x NV vectors) (+)= A tile (MR x K) . B (K x NV vectors). FULL: every vector
@@ -203,8 +194,8 @@ void driver(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_si, int64
   // FMAs per broadcast, lost 8-12 % to the copy and reads A in place. Otherwise column panels
   // run outermost and keep their C block in L2 across the depth passes.
   if (kGemmPackA && N >= 512 && M >= kMR) {
-    FloatBuffer apack;
-    float* ap = apack.at_least((M + kMR - 1) / kMR * kMR * kKC);
+    const FloatBuffer apack((M + kMR - 1) / kMR * kMR * kKC);
+    float* ap = apack.p;
     for (int64_t k0 = 0; k0 < K; k0 += kKC) {
       const int64_t kc = min64(kKC, K - k0);
       pack_a(M, kc, a + k0 * a_sk, a_si, a_sk, ap);

@@ -30,6 +30,9 @@ using namespace bn;
 // their rounding error whatever the map size.
 constexpr int64_t kChunk = 1024;
 
+// The backward's float lanes are flushed more often: every this many values a lane (GradSums).
+constexpr int64_t kGradChunkPerLane = 32;
+
 // SIMD lanes (lanes.h) of the register width of the capability in use, per loop body.
 using cpu::Lanes;
 using cpu::Width;
@@ -56,14 +59,14 @@ struct Sums2 {
   }
 };
 
-// The backward's sums of g and g * (x - K), in float lanes flushed every 32 values a lane; in
-// eval mode sum g goes to double lanes vector by vector (EXACT_G). A gradient of one sign over
-// a whole plane adds up without cancelling, and in eval mode sum g is then multiplied by
-// (K - running mean), far from 0: with float lanes the weight gradient ended 15x further from
-// float64 than torch's own batch norm (300 images of 9x13 maps, mean 50, a linear ramp of
-// output gradients; float sums of even 4 vectors before the double were 7x). Training shifts
-// by (K - batch mean), a few standard deviations, and keeps the float lanes: the doubles cost
-// 15 % on 32x32 maps.
+// The backward's sums of g and g * (x - K), in float lanes flushed every kGradChunkPerLane
+// values a lane; in eval mode sum g goes to double lanes vector by vector (EXACT_G). A
+// gradient of one sign over a whole plane adds up without cancelling, and in eval mode sum g
+// is then multiplied by (K - running mean), far from 0: with float lanes the weight gradient
+// ended 15x further from float64 than torch's own batch norm (300 images of 9x13 maps, mean
+// 50, a linear ramp of output gradients; float sums of even 4 vectors before the double were
+// 7x). Training shifts by (K - batch mean), a few standard deviations, and keeps the float
+// lanes: the doubles cost 15 % on 32x32 maps.
 template <typename T, int VB>
 struct GradSums {
   using W = Lanes<T, VB>;
@@ -81,7 +84,7 @@ struct GradSums {
   }
   SK_ALWAYS_INLINE void rowdone(int64_t n) {
     pending += n;
-    if (pending >= 32 * W::L) flush_floats();
+    if (pending >= kGradChunkPerLane * W::L) flush_floats();
   }
   SK_ALWAYS_INLINE void flush() {
     flush_floats();
@@ -283,6 +286,14 @@ inline int64_t plane_tile(int64_t HW) {
   return std::clamp<int64_t>(kPlaneRun / std::max<int64_t>(HW, 1), 1, kPlaneTile);
 }
 
+// Walks the planes of channels [c0, c0 + w) image after image, front to back: f(j, offset of
+// the plane of channel c0 + j).
+template <typename F>
+SK_ALWAYS_INLINE void tile_planes(int64_t N, int64_t Cp, int64_t HW, int64_t c0, int64_t w, const F& f) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t j = 0; j < w; ++j) f(j, (n * Cp + c0 + j) * HW);
+}
+
 inline int64_t grain_for(int64_t per_channel) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_channel));
 }
@@ -381,8 +392,9 @@ void forward_kernel(const Layout& L, const at::Tensor& x, at::Tensor& y, at::Ten
         T K[kPlaneTile];
         Sums2<T, VB> acc[kPlaneTile];
         for (int64_t j = 0; j < w; ++j) K[j] = xp[(c0 + j) * HW];
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t j = 0; j < w; ++j) shifted_sums<VB>(xp + (n * Cp + c0 + j) * HW, HW, K[j], acc[j]);
+        tile_planes(N, Cp, HW, c0, w, [&](int64_t j, int64_t off) SK_INLINE_LAMBDA {
+          shifted_sums<VB>(xp + off, HW, K[j], acc[j]);
+        });
         for (int64_t j = 0; j < w; ++j) {
           acc[j].flush();
           stats_from_sums(K[j], acc[j].A, acc[j].B, mean[j], var[j]);
@@ -391,11 +403,9 @@ void forward_kernel(const Layout& L, const at::Tensor& x, at::Tensor& y, at::Ten
         for (int64_t j = 0; j < w; ++j) eval_stats(c0 + j, mean[j], var[j]);
       }
       for (int64_t j = 0; j < w; ++j) keep_stats(c0 + j, mean[j], var[j], scale[j], shift[j]);
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t j = 0; j < w; ++j) {
-          const int64_t off = (n * Cp + c0 + j) * HW;
-          apply_row<ACT, VB>(xp + off, yp + off, HW, scale[j], shift[j]);
-        }
+      tile_planes(N, Cp, HW, c0, w, [&](int64_t j, int64_t off) SK_INLINE_LAMBDA {
+        apply_row<ACT, VB>(xp + off, yp + off, HW, scale[j], shift[j]);
+      });
     }
   };
   run_channels(Cp, std::max(tile, grain_for(N * HW)), body);
@@ -510,23 +520,19 @@ void backward_kernel(const Layout& L, const at::Tensor& dy, const at::Tensor& x,
         mean[j] = mp[p];
         K[j] = N > 0 ? xp[p * HW] : mean[j];
       }
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t j = 0; j < w; ++j) {
-          const int64_t off = (n * Cp + c0 + j) * HW;
-          if (training)
-            grad_sums<ACT, VB, false>(xp + off, gp + off, HW, scale[j], shift[j], K[j], acc[j]);
-          else
-            grad_sums<ACT, VB, true>(xp + off, gp + off, HW, scale[j], shift[j], K[j], acc[j]);
-        }
+      tile_planes(N, Cp, HW, c0, w, [&](int64_t j, int64_t off) SK_INLINE_LAMBDA {
+        if (training)
+          grad_sums<ACT, VB, false>(xp + off, gp + off, HW, scale[j], shift[j], K[j], acc[j]);
+        else
+          grad_sums<ACT, VB, true>(xp + off, gp + off, HW, scale[j], shift[j], K[j], acc[j]);
+      });
       for (int64_t j = 0; j < w; ++j) {
         acc[j].flush();
         finish(c0 + j, inv[j], scale[j], acc[j].A, acc[j].B + shift_back(K[j], mean[j], acc[j].A), k1[j], k0[j]);
       }
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t j = 0; j < w; ++j) {
-          const int64_t off = (n * Cp + c0 + j) * HW;
-          grad_x_row<ACT, VB>(xp + off, gp + off, dxp + off, HW, scale[j], shift[j], mean[j], k1[j], k0[j]);
-        }
+      tile_planes(N, Cp, HW, c0, w, [&](int64_t j, int64_t off) SK_INLINE_LAMBDA {
+        grad_x_row<ACT, VB>(xp + off, gp + off, dxp + off, HW, scale[j], shift[j], mean[j], k1[j], k0[j]);
+      });
     }
   };
   run_channels(Cp, std::max(tile, grain_for(N * HW)), body);
