@@ -321,28 +321,77 @@ def _convolution_calls(fn) -> int:
 
 @needs_cpp
 @pytest.mark.parametrize("hw,width", [(32, 4), (32, 8), (32, 16), (16, 4)])
-def test_small_groups_on_large_maps(hw, width):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_groups_on_large_maps(hw, width, dtype):
     # ParaDiS branches of `width` channels on a 3x3 conv, as ResNet-20's first stage packs them.
-    # Below AVX-512, oneDNN's grouped convolution of groups under 16 channels on maps of 1024
-    # pixels or more is 1.7-3x slower than a call a group, so those are split; AVX-512 and
-    # every other shape keep one grouped call. Same values either way.
+    # float32 on 32x32 maps with AVX2 / AVX-512 takes the unfolded GEMMs (no oneDNN call).
+    # Otherwise oneDNN by runs: below AVX-512, its grouped convolution of groups under 16
+    # channels on maps of 1024 pixels or more is 1.7-3x slower than a call a group, so those
+    # are split; AVX-512 and every other shape keep one grouped call. Same values either way.
     torch.manual_seed(13)
     c = 32
     table = [(0, c, 0, c)] + [(i, i + width, i, i + width) for i in range(0, c, width)]
-    x = torch.randn(3, 2 * c, hw, hw, requires_grad=True)
-    w = torch.randn(c, c, 3, 3, requires_grad=True)
-    b = torch.randn(c, requires_grad=True)
+    x = torch.randn(3, 2 * c, hw, hw, dtype=dtype, requires_grad=True)
+    w = torch.randn(c, c, 3, 3, dtype=dtype, requires_grad=True)
+    b = torch.randn(c, dtype=dtype, requires_grad=True)
     out = sk.ops.block_conv2d(x, w, b, table, None, 1, 1, backend="cpp")
     ref = ref_block_conv2d(x.double(), w.double(), b.double(), table, None, 1, 1, 1, False)
-    torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref.to(dtype), rtol=1e-4, atol=1e-4)
     g = torch.randn_like(out)
     # the weight gradient sums 3 * hw * hw products: float32 ends ~1e-4 from float64
     for got, want in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g.double())):
-        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=5e-4)
-    split = _library.cpu_capability()["in_use"] != "avx512" and hw * hw >= 1024 and width < 16
+        torch.testing.assert_close(got, want.to(dtype), rtol=1e-4, atol=5e-4)
+    cap = _library.cpu_capability()["in_use"]
+    unfolded = dtype == torch.float32 and cap != "default" and hw * hw >= 1024
+    split = cap != "avx512" and hw * hw >= 1024 and width < 16
     calls = _convolution_calls(lambda: sk.ops.block_conv2d(x.detach(), w.detach(), b.detach(), table, None, 1, 1,
                                                            backend="cpp"))
-    assert calls == 1 + (c // width if split else 1)
+    assert calls == (0 if unfolded else 1 + (c // width if split else 1))
+
+
+@needs_cpp
+@pytest.mark.parametrize("table,offs,k,stride,padding,dilation,hw", [
+    # ResNet-20's first stage, ParaDiS [1.2], [1.0], [0.5, 0.5], [4x0.25] packed (67 channels)
+    ([(0, 19, 0, 19), (0, 16, 0, 16), (0, 8, 0, 8), (8, 16, 8, 16)] + [(i, i + 4, i, i + 4) for i in range(0, 16, 4)],
+     None, 3, 1, 1, 1, (32, 32)),
+    # sandwich widths on one shared input, stride 2, odd map (row tails, bottom/right padding)
+    ([(0, 16, 0, 32), (0, 4, 0, 8), (0, 10, 0, 20)], [0, 0, 0], 3, 2, 1, 1, (33, 35)),
+    # stem: 3 input channels read by every block, stride 2 (strided unfold)
+    ([(0, 3, 0, 38), (0, 3, 0, 16), (0, 3, 16, 32)], [0, 0, 0], 3, 2, 1, 1, (32, 32)),
+    # rectangular kernel, dilation, padding 2, overlapping windows of a permuted x
+    ([(0, 6, 0, 5), (2, 9, 5, 12)], [3, 0], (5, 3), 1, 2, 2, (34, 31)),
+    # no padding, 2x2 taps, stride (2, 1)
+    ([(0, 7, 0, 9)], [1], (2, 2), (2, 1), 0, 1, (40, 26)),
+])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_unfold_engine(table, offs, k, stride, padding, dilation, hw, threads):
+    # Dense float32 convolutions on maps of >= 1024 pixels run as GEMMs on unfolded columns
+    # (AVX2 / AVX-512; the baseline capability takes oneDNN). Against float64 per-block F.conv2d,
+    # on a window of a wider x (batch and channel strides of another shape), with bias.
+    torch.manual_seed(14)
+    width = max(r[1] - r[0] for r in table)
+    c_x = max(o + r[1] - r[0] for o, r in zip(offs, table)) if offs else sum(r[1] - r[0] for r in table)
+    x = torch.randn(3, c_x + 3, *hw)[:, 2:c_x + 2].requires_grad_()
+    kk = (k, k) if isinstance(k, int) else k
+    w = torch.randn(max(r[3] for r in table), max(r[1] for r in table), *kk, requires_grad=True)
+    b = torch.randn(w.shape[0], requires_grad=True)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = sk.ops.block_conv2d(x, w, b, table, offs, stride, padding, dilation, backend="cpp")
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (x, w, b), g)
+        calls = _convolution_calls(lambda: sk.ops.block_conv2d(x.detach(), w, b, table, offs, stride, padding,
+                                                               dilation, backend="cpp"))
+    finally:
+        torch.set_num_threads(prev)
+    ref = ref_block_conv2d(x.double(), w.double(), b.double(), table, offs, stride, padding, dilation, False)
+    torch.testing.assert_close(out, ref.float(), rtol=1e-4, atol=1e-4)
+    # the weight gradient sums 3 images' worth of products per entry
+    for got, want in zip(grads, torch.autograd.grad(ref, (x, w, b), g.double())):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-3)
+    unfolded = _library.cpu_capability()["in_use"] != "default"
+    assert (calls == 0) == unfolded, width
 
 
 @needs_cpp
@@ -410,16 +459,16 @@ def test_gradcheck_linear(backend):
 
 
 @needs_cpp
-@pytest.mark.parametrize("dw", [False, True])
-def test_opcheck_conv(dw):
+@pytest.mark.parametrize("dw,hw", [(False, 6), (True, 6), (False, 32)])  # 32x32 dense: unfolded GEMMs
+def test_opcheck_conv(dw, hw):
     torch.manual_seed(3)
     rows = [0, 4, 0, 4, 0, 2, 0, 2]
-    x = torch.randn(2, 6, 6, 6, requires_grad=True)
+    x = torch.randn(2, 6, hw, hw, requires_grad=True)
     w = torch.randn(4, 1 if dw else 4, 3, 3, requires_grad=True)
     b = torch.randn(4, requires_grad=True)
     args = (x, w, b, rows, [0, 4], [1, 1], [1, 1], [1, 1], dw)
     torch.library.opcheck(torch.ops.slimkern.block_conv2d.default, args)
-    g = torch.randn(2, 6, 6, 6)
+    g = torch.randn(2, 6, hw, hw)
     torch.library.opcheck(torch.ops.slimkern.block_conv2d_backward.default,
                           (g, x.detach(), w.detach(), rows, [0, 4], [1, 1], [1, 1], [1, 1], dw, [True, True, True]))
     torch.library.opcheck(torch.ops.slimkern.block_conv2d_backward.default,

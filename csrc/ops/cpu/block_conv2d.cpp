@@ -26,6 +26,7 @@
 #include "block_conv2d_maps.h"
 #include "block_conv2d_pointwise.h"
 #include "block_conv2d_runs.h"
+#include "block_conv2d_unfold.h"
 #include "depthwise_planes.h"
 #include "slimkern/cpu_capability.h"
 #include "sgemm.h"
@@ -413,7 +414,7 @@ bool is_pointwise(const ConvGeom& G) {
 //    2, dense 3x3, 1x1 on 2x2 maps): one depthwise call over all packed blocks is 1.2-1.8x
 //    faster than per-block calls + cat;
 //  * depthwise plane loops for float64 (oneDNN has no float64 kernels).
-enum class Path { kRuns, kDepthwiseLoops, kDepthwisePlanes, kDepthwiseCl, kPointwiseGemm };
+enum class Path { kRuns, kDepthwiseLoops, kDepthwisePlanes, kDepthwiseCl, kPointwiseGemm, kUnfoldGemm };
 
 bool gemm_pays(const at::Tensor& x, const ConvGeom& G) {
   if (x.scalar_type() == at::kFloat && cpu::have_simd_sgemm()) return true;  // maps of <= 16 pixels: gathered
@@ -457,6 +458,7 @@ Path choose_path(const at::Tensor& x, const ConvGeom& G) {
   if (cl_fits(x, G)) return Path::kDepthwiseCl;
   if (G.depthwise && x.scalar_type() == at::kDouble && G.KW <= kMaxKW) return Path::kDepthwiseLoops;
   if (fast_dtype(x) && is_pointwise(G) && gemm_pays(x, G)) return Path::kPointwiseGemm;
+  if (cpu::unfold_fits(x, G)) return Path::kUnfoldGemm;
   return Path::kRuns;
 }
 
@@ -470,6 +472,7 @@ at::Tensor block_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const
   if (path == Path::kRuns) return cpu::runs_forward(x, weight, bias, G, x_offsets);
   if (path == Path::kPointwiseGemm) return cpu::pointwise_forward(x, weight, bias, G, x_offsets);
   if (path == Path::kDepthwiseCl) return cpu::cl_forward(x, weight, bias, G, x_offsets);
+  if (path == Path::kUnfoldGemm) return cpu::unfold_forward(x, weight, bias, G, x_offsets);
   at::Tensor out = at::empty({G.N, G.C_out_total, G.Ho, G.Wo}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_conv2d_cpu", [&] {
     dw_forward<scalar_t>(x, weight, bias, G, x_offsets, path == Path::kDepthwisePlanes, out);
@@ -503,6 +506,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_conv2d_backward_cpu(
   }
   if (path == Path::kDepthwiseCl) {
     cpu::cl_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
+    return {gx, gw, gb};
+  }
+  if (path == Path::kUnfoldGemm) {
+    cpu::unfold_backward(go, x, weight, G, x_offsets, mask, gx, gw, gb);
     return {gx, gw, gb};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "block_conv2d_backward_cpu", [&] {
