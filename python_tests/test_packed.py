@@ -119,12 +119,30 @@ def test_forward_switches_runs_each_layer_once(name, monkeypatch):
 # packed == one switch at a time == plain PyTorch
 # ---------------------------------------------------------------------------------------
 
-def _run_plain(name, net, x, switches, loss_fn, dtype):
+def _run_plain(name, net, x, switches, loss_fn, dtype, ulp_noise=None):
     plain = P.build_plain(name, max_width=1.2, width_mult=MODELS[name], num_switches=len(switches)).to(dtype)
     P.load_from_slim(plain, net)
     plain.train()
+    if ulp_noise is not None:
+        for m in plain.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_hook(_one_ulp_hook(ulp_noise))
     losses = P.train_step(plain, x, [sk.Switch.parse(s).branches for s in switches], loss_fn)
     return plain, losses
+
+
+def _one_ulp_hook(gen):
+    """A forward hook that moves half of a convolution's outputs by one ulp, up or down at
+    random: the output of another convolution kernel, as accurate as oneDNN's, that sums in
+    another order."""
+    def hook(_module, _inputs, out):
+        with torch.no_grad():
+            moved = torch.rand(out.shape, generator=gen) < 0.5
+            up = torch.rand(out.shape, generator=gen) < 0.5
+            toward = torch.where(up, torch.full_like(out, float("inf")), torch.full_like(out, float("-inf")))
+            q = torch.where(moved, torch.nextafter(out, toward), out)
+        return out + (q - out).detach()
+    return hook
 
 
 def _assert_close_all(a, b, tol):
@@ -216,7 +234,18 @@ def _float32_envelopes(name, step, truth, draws=6):
     was such a draw). Over 6 perturbed draws each, every parameter's slimkern envelope is
     within 1.0-1.72x of plain PyTorch's on both paths; a kernel that is really less accurate
     (say 1e-4 relative noise on one gradient) lands far above 3x on the well-conditioned
-    parameters, whose envelopes are ~1e-5."""
+    parameters, whose envelopes are ~1e-5.
+
+    Plain PyTorch's envelope also takes, each draw, a run whose convolution outputs are moved
+    by one ulp at random (_one_ulp_hook): the judge is "as accurate as some float32 kernel",
+    not "rounds like oneDNN". A different rounding anywhere upstream flips ReLU masks where a
+    value sits near 0, and each flip moves the gradients downstream by a discrete step.
+    Measured (issue 19) when the stem moved off oneDNN to our own GEMM, op-level as accurate
+    (max relative error 2.0-2.2e-7 on every draw's stem, oneDNN 1.6e-7): the stem weight's
+    envelope went from 0.0041 to 0.0174, the last BN bias's from 2.9e-6 to 2.6e-3 on one draw;
+    plain PyTorch with the stem's output rounded exactly and then moved by one ulp gave stem
+    envelopes of 0.0015, 0.0177 and 0.0039 on three noise seeds. With the noisy runs the median
+    plain envelope goes from 2.6e-3 to 4.9e-3."""
     switches = PARADIS if step == "paradis" else SANDWICH
     x, y = _data(torch.float32)
     loss_fn = P.paradis_loss(y, beta=1.0) if step == "paradis" else P.sandwich_loss(y)
@@ -231,12 +260,14 @@ def _float32_envelopes(name, step, truth, draws=6):
                     p.copy_(_perturbed(p, gen))
             xd = _perturbed(x, gen)
         plain, _ = _run_plain(name, net, xd, switches, loss_fn, torch.float32)
+        noisy, _ = _run_plain(name, net, xd, switches, loss_fn, torch.float32, ulp_noise=gen)
         packed = copy.deepcopy(net).train()
         packed_step(packed, xd, switches, loss_fn)
         single = copy.deepcopy(net).train()
         packed_step(single, xd, switches, loss_fn, group_size=1)
-        runs = (_grads(packed), _grads(single), {k: p.grad for k, p in plain.named_parameters()})
-        for env, grads in zip(envs, runs):
+        runs = (_grads(packed), _grads(single), {k: p.grad for k, p in plain.named_parameters()},
+                {k: p.grad for k, p in noisy.named_parameters()})
+        for env, grads in zip(envs + envs[2:], runs):
             for k, err in _rel_errors(grads, truth).items():
                 env[k] = max(env[k], err)
     return envs
