@@ -61,6 +61,7 @@ SHAPES = {
     "dw128@32": ("dw3x3", 128, 32),
     "dw512@16": ("dw3x3", 512, 16),
     "dw256@32s2": ("dw3x3", 256, 32, 2),  # MobileNet-v1's stride-2 depthwise layers
+    "conv16@32": ("3x3", 16, 32),    # ResNet-20's first stage
     "conv32@32": ("3x3", 32, 32),
     "conv128@16": ("3x3", 128, 16),
 }

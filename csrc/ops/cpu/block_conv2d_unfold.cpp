@@ -65,7 +65,7 @@ void unfold(const float* x, int64_t xs1, int64_t rs, int64_t Ci, const ConvGeom&
     std::fill(out, out + r.lo, 0.0f);
     const int64_t i0 = in + r.shift;  // x[i0 + ow * sw] for ow in [lo, hi): inside the row
     if (G.sw == 1) {
-      std::copy(x + i0 + r.lo, x + i0 + r.hi, out + r.lo);
+      std::copy(x + (i0 + r.lo), x + (i0 + r.hi), out + r.lo);  // i0 alone may be negative
     } else {
       for (int64_t ow = r.lo; ow < r.hi; ++ow) out[ow] = x[i0 + ow * G.sw];
     }
@@ -101,11 +101,6 @@ Bands bands_of(const ConvGeom& G) {
   const int64_t rows = (G.Ho + per_image - 1) / per_image;  // bands of equal height: no short tail
   return {rows, (G.Ho + rows - 1) / rows};
 }
-
-#ifndef GWD
-#define GWD 64
-#endif
-constexpr int64_t kGradWeightDepth = GWD;
 
 // A task's buffers, reused across its items: unfolded x, the input gradient's columns, one
 // item's weight gradient.
@@ -186,10 +181,9 @@ void unfold_backward(const at::Tensor& go, const at::Tensor& x_in, const at::Ten
   const int64_t gxs0 = mask[0] ? gx.stride(0) : 0, gxs1 = mask[0] ? gx.stride(1) : 0;
   // Per-thread partial weight gradients in double, block after block ([Co x Ci*KK] row-major
   // each), so overlapping blocks and images never race. Each work item's product is taken in
-  // float (beta 0) and added in: summing the items in float too left the stem's gradient of a
-  // small MobileNet 4x further from float64 than oneDNN's (test_packed's float32 envelopes).
-  // Nested inside a parallel region, parallel_for runs inline on a caller whose thread number
-  // may exceed get_num_threads(): one part then.
+  // float (beta 0) and added in, so a float sum never runs over more than one band of one
+  // image, whatever the batch. Nested inside a parallel region, parallel_for runs inline on a
+  // caller whose thread number may exceed get_num_threads(): one part then.
   std::vector<int64_t> part_at(G.blocks.size() + 1, 0);
   for (size_t g = 0; g < G.blocks.size(); ++g)
     part_at[g + 1] = part_at[g] + G.blocks[g].out_size() * G.blocks[g].in_size() * KK;
@@ -215,12 +209,9 @@ void unfold_backward(const at::Tensor& go, const at::Tensor& x_in, const at::Ten
           cols.resize(D * np);
           unfold(xp + n * xs0 + offs[g] * xs1, xs1, rs, Ci, G, oh0, oh1, cols.data());
           wtmp.resize(Co * D);
+          simd_sgemm_bt(Co, D, np, gon, Po, 1, cols.data(), np, 0.0f, wtmp.data(), D);
           double* a = acc + part_at[g];
-          for (int64_t p0 = 0; p0 < np; p0 += kGradWeightDepth) {
-            const int64_t kp = std::min(kGradWeightDepth, np - p0);
-            simd_sgemm_bt(Co, D, kp, gon + p0, Po, 1, cols.data() + p0, np, 0.0f, wtmp.data(), D);
-            for (int64_t i = 0; i < Co * D; ++i) a[i] += wtmp[i];
-          }
+          for (int64_t i = 0; i < Co * D; ++i) a[i] += wtmp[i];
         }
         if (gxp) {
           dcols.resize(D * np);
