@@ -323,9 +323,9 @@ def _convolution_calls(fn) -> int:
 @pytest.mark.parametrize("hw,width", [(32, 4), (32, 8), (32, 16), (16, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_small_groups_on_large_maps(hw, width, dtype):
-    # ParaDiS branches of `width` channels on a 3x3 conv, as ResNet-20's first stage packs them.
-    # float32 on 32x32 maps with AVX2 / AVX-512 takes the unfolded GEMMs (no oneDNN call).
-    # Otherwise oneDNN by runs: below AVX-512, its grouped convolution of groups under 16
+    # ParaDiS branches of `width` channels on a 3x3 conv, as ResNet-20's first stage packs them
+    # (with a block of 32: oneDNN by runs, not the unfolded GEMMs). Below AVX-512, oneDNN's
+    # grouped convolution of groups under 16
     # channels on maps of 1024 pixels or more is 1.7-3x slower than a call a group, so those
     # are split; AVX-512 and every other shape keep one grouped call. Same values either way.
     torch.manual_seed(13)
@@ -341,22 +341,19 @@ def test_small_groups_on_large_maps(hw, width, dtype):
     # the weight gradient sums 3 * hw * hw products: float32 ends ~1e-4 from float64
     for got, want in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g.double())):
         torch.testing.assert_close(got, want.to(dtype), rtol=1e-4, atol=5e-4)
-    cap = _library.cpu_capability()["in_use"]
-    unfolded = dtype == torch.float32 and cap != "default" and hw * hw >= 1024
-    split = cap != "avx512" and hw * hw >= 1024 and width < 16
+    split = _library.cpu_capability()["in_use"] != "avx512" and hw * hw >= 1024 and width < 16
     calls = _convolution_calls(lambda: sk.ops.block_conv2d(x.detach(), w.detach(), b.detach(), table, None, 1, 1,
                                                            backend="cpp"))
-    assert calls == (0 if unfolded else 1 + (c // width if split else 1))
+    assert calls == 1 + (c // width if split else 1)
 
 
 @needs_cpp
 @pytest.mark.parametrize("table,offs,k,stride,padding,dilation,hw", [
-    # ResNet-20's first stage, ParaDiS [1.2], [1.0], [0.5, 0.5], [4x0.25] packed (67 channels)
-    ([(0, 19, 0, 19), (0, 16, 0, 16), (0, 8, 0, 8), (8, 16, 8, 16)] + [(i, i + 4, i, i + 4) for i in range(0, 16, 4)],
-     None, 3, 1, 1, 1, (32, 32)),
+    # branches of 4 and 6 input channels packed one after another
+    ([(i, i + 4, i, i + 4) for i in range(0, 16, 4)] + [(0, 6, 16, 22)], None, 3, 1, 1, 1, (32, 32)),
     # sandwich widths on one shared input, stride 2, odd map (row tails, bottom/right padding)
-    ([(0, 16, 0, 32), (0, 4, 0, 8), (0, 10, 0, 20)], [0, 0, 0], 3, 2, 1, 1, (33, 35)),
-    # stem: 3 input channels read by every block, stride 2 (strided unfold)
+    ([(0, 7, 0, 12), (0, 4, 0, 8), (0, 5, 0, 10)], [0, 0, 0], 3, 2, 1, 1, (33, 35)),
+    # the stem: 3 input channels read by every block, stride 2 (strided unfold)
     ([(0, 3, 0, 38), (0, 3, 0, 16), (0, 3, 16, 32)], [0, 0, 0], 3, 2, 1, 1, (32, 32)),
     # rectangular kernel, dilation, padding 2, overlapping windows of a permuted x
     ([(0, 6, 0, 5), (2, 9, 5, 12)], [3, 0], (5, 3), 1, 2, 2, (34, 31)),
@@ -365,9 +362,10 @@ def test_small_groups_on_large_maps(hw, width, dtype):
 ])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_unfold_engine(table, offs, k, stride, padding, dilation, hw, threads):
-    # Dense float32 convolutions on maps of >= 1024 pixels run as GEMMs on unfolded columns
-    # (AVX2 / AVX-512; the baseline capability takes oneDNN). Against float64 per-block F.conv2d,
-    # on a window of a wider x (batch and channel strides of another shape), with bias.
+    # Dense float32 layers of blocks under 8 input channels on maps of >= 1024 pixels run as
+    # GEMMs on unfolded columns (AVX2 / AVX-512; the baseline capability takes oneDNN). Against
+    # float64 per-block F.conv2d, on a window of a wider x (batch and channel strides of another
+    # shape), with bias.
     torch.manual_seed(14)
     width = max(r[1] - r[0] for r in table)
     c_x = max(o + r[1] - r[0] for o, r in zip(offs, table)) if offs else sum(r[1] - r[0] for r in table)

@@ -11,11 +11,15 @@
 namespace slimkern::cpu {
 namespace {
 
-// Input maps of at least this many pixels take the unfolded GEMMs. ResNet-20's 3x3 layers and
-// the stem on 32x32 inputs (ParaDiS and sandwich blocks, batch 64, one thread, fwd+bwd) ran
-// 1.1-1.2x faster than oneDNN by runs (stem 1.5-1.8x) on AVX2 and AVX-512; on 16x16 and 8x8
-// maps at stride 1 oneDNN won (0.72-0.86x): the per-image products there are only 64-256
-// pixels wide.
+// Layers whose every block reads fewer input channels than this, on input maps of at least
+// this many pixels, take the unfolded GEMMs: the stem (3 channels) and narrow layers, where
+// oneDNN's convolutions run at 5-11 GMAC/s (4 channels, 32x32, one thread) and ATen copies the
+// windows around them. Stem of MobileNet-v1 / ResNet-20 on 32x32 (3 -> 32 packed ParaDiS
+// channels, stride 2, batch 64, two threads, fwd+bwd): 1.87x oneDNN by runs on AVX2, 1.89x on
+// AVX-512. Wider blocks stay on oneDNN: on blocks of 8-32 channels (bench_block_ops.py,
+// conv16@32 / conv32@32, two threads, AVX2) this engine ran 0.68-0.87x the dense limit where
+// oneDNN by runs ran 0.81-1.0x; its products there are too shallow in the output channels.
+constexpr int64_t kUnfoldMaxChannels = 8;
 constexpr int64_t kUnfoldMinPixels = 1024;
 
 // Output rows per work item: the item's columns (Ci*KH*KW rows of rows*Wo floats) stay under
@@ -127,8 +131,12 @@ at::Tensor unit_columns(const at::Tensor& x) { return x.stride(3) == 1 || x.size
 }  // namespace
 
 bool unfold_fits(const at::Tensor& x, const ConvGeom& G) {
-  return !G.depthwise && (G.KH > 1 || G.KW > 1) && G.H * G.W >= kUnfoldMinPixels && x.scalar_type() == at::kFloat &&
-         have_simd_sgemm();
+  if (G.depthwise || (G.KH == 1 && G.KW == 1) || G.H * G.W < kUnfoldMinPixels || x.scalar_type() != at::kFloat ||
+      !have_simd_sgemm())
+    return false;
+  for (const auto& b : G.blocks)
+    if (b.in_size() >= kUnfoldMaxChannels) return false;
+  return true;
 }
 
 at::Tensor unfold_forward(const at::Tensor& x_in, const at::Tensor& weight_in, const std::optional<at::Tensor>& bias,

@@ -20,8 +20,9 @@
 
 namespace slimkern::cpu {
 
-// Dense k x k (k > 1) float32 on input maps of at least 1024 pixels (32x32), with a SIMD
-// build of the GEMM (AVX2 or AVX-512).
+// Dense k x k (k > 1) float32 layers whose blocks all read fewer than 8 input channels (the
+// stem), on input maps of at least 1024 pixels (32x32), with a SIMD build of the GEMM (AVX2
+// or AVX-512).
 bool unfold_fits(const at::Tensor& x, const ConvGeom& G);
 
 at::Tensor unfold_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
