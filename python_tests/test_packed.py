@@ -169,9 +169,10 @@ def _three_ways(name, step, dtype):
 def test_packed_equals_one_at_a_time_and_plain(name, step):
     """float64: all three agree to 1e-10 (losses, gradients, BN statistics rows).
 
-    float32: losses agree to 1e-4 everywhere and gradients to 1e-4 on resnet20. The tiny
-    MobileNet-v1 at init is ill-conditioned in float32 (BN over near-constant channels at
-    2x2 maps amplifies rounding): see _float32_envelopes for how its gradients are judged."""
+    float32: losses agree to 1e-4. Gradients are judged by envelopes (_float32_envelopes): the
+    tiny MobileNet-v1 at init is ill-conditioned in float32 (BN over near-constant channels at
+    2x2 maps amplifies rounding), and on both nets another rounding of one layer flips ReLU
+    masks downstream."""
     (lp, gp, packed), (l1, g1, _), (lr, gr, plain) = _three_ways(name, step, torch.float64)
     tol = 1e-10
     assert len(lp) == 4 and all(float(v) > 0.05 for v in lp)
@@ -200,15 +201,15 @@ def test_packed_equals_one_at_a_time_and_plain(name, step):
     torch.testing.assert_close(lp32, l132, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lp32, lr32, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lp32.double(), lp, rtol=1e-4, atol=1e-4)
-    if name == "resnet20":
-        _assert_close_all(gp32, g132, 1e-4)
-        _assert_close_all(gp32, gr32, 1e-4)
-    else:
-        packed_env, single_env, plain_env = _float32_envelopes(name, step, gp)
-        for k in gp:
-            bound = 3 * plain_env[k] + 1e-5
-            assert packed_env[k] <= bound, (k, packed_env[k], plain_env[k])
-            assert single_env[k] <= bound, (k, single_env[k], plain_env[k])
+    # Gradients: envelopes on both nets. ResNet-20 used to be held to 1e-4 against plain
+    # PyTorch directly, which holds only while both round the stem alike: with oneDNN's stem
+    # output moved by one ulp at random, its packed stem-weight gradient landed 2.4e-3 from
+    # float64 on 1 of 5 seeds (a ReLU mask flips downstream), 1.3e-6 on the others.
+    packed_env, single_env, plain_env = _float32_envelopes(name, step, gp)
+    for k in gp:
+        bound = 3 * plain_env[k] + 1e-5
+        assert packed_env[k] <= bound, (k, packed_env[k], plain_env[k])
+        assert single_env[k] <= bound, (k, single_env[k], plain_env[k])
 
 
 def _rel_errors(grads, truth):
