@@ -22,6 +22,17 @@ inline int64_t images_per_task(int64_t N) {
   return std::max<int64_t>(1, (N + threads - 1) / threads);
 }
 
+// gb[b.out_start + j] += sum over images and pixels of go's packed channel pos_b + j, for
+// every block b (the bias gradient of the GEMM engines; go contiguous).
+inline void add_bias_grad(const at::Tensor& go, const ConvGeom& G, at::Tensor& gb) {
+  const at::Tensor sums = go.sum({0, 2, 3});
+  int64_t pos = 0;
+  for (const auto& b : G.blocks) {
+    gb.narrow(0, b.out_start, b.out_size()).add_(sums.narrow(0, pos, b.out_size()));
+    pos += b.out_size();
+  }
+}
+
 // Per packed output channel: the x channel it reads and its weight channel.
 inline void channel_maps(const ConvGeom& G, c10::IntArrayRef offs, std::vector<int64_t>& oc_x,
                          std::vector<int64_t>& oc_w) {

@@ -322,14 +322,7 @@ void pointwise_backward(const at::Tensor& go, const at::Tensor& x_in, const at::
       backward_impl<scalar_t>(go, x, w2, G, offs, mask, gx, gw);
     });
   }
-  if (mask[2]) {
-    const at::Tensor sums = go.sum({0, 2, 3});
-    int64_t pos = 0;
-    for (const auto& b : G.blocks) {
-      gb.narrow(0, b.out_start, b.out_size()).add_(sums.narrow(0, pos, b.out_size()));
-      pos += b.out_size();
-    }
-  }
+  if (mask[2]) add_bias_grad(go, G, gb);
 }
 
 }  // namespace slimkern::cpu

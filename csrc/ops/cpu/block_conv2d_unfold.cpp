@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "block_conv2d_maps.h"
 #include "sgemm.h"
 
 namespace slimkern::cpu {
@@ -238,14 +239,7 @@ void unfold_backward(const at::Tensor& go, const at::Tensor& x_in, const at::Ten
           total.narrow(0, part_at[g], part_at[g + 1] - part_at[g]).view({b.out_size(), b.in_size(), G.KH, G.KW}));
     }
   }
-  if (mask[2]) {
-    const at::Tensor sums = go.sum({0, 2, 3});
-    int64_t pos = 0;
-    for (const auto& b : G.blocks) {
-      gb.narrow(0, b.out_start, b.out_size()).add_(sums.narrow(0, pos, b.out_size()));
-      pos += b.out_size();
-    }
-  }
+  if (mask[2]) add_bias_grad(go, G, gb);
 }
 
 }  // namespace slimkern::cpu
