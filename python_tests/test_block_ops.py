@@ -401,8 +401,10 @@ def test_pointwise_gemm_tiles(n, hw, bias, threads):
     # 140 output channels backward), row tiles of 6 with remainders (140, 13 output channels),
     # column tails (529, 81 pixels), transposes with partial 16x16 tiles, and batches smaller
     # than the thread count (pixels split); 4x4, 3x3 and 1x1 maps gather the batch's pixels,
-    # split by images over the threads. Products of 512 columns or more (529 pixels; 40 images
-    # of 4x4 gathered on one thread) pack A into row tiles, the last one zero-padded.
+    # split by images over the threads; the forward takes a task's images 16 at a time (40 images
+    # on one or two threads: chunks of 16, 16, 8 or 16, 4). Products of 512 columns or more (529
+    # pixels; the backward's 40 images of 4x4 on one thread) pack A into row tiles, the last one
+    # zero-padded.
     torch.manual_seed(9)
     table = [(0, 200, 0, 140), (0, 13, 140, 153), (200, 203, 153, 166)]
     x = torch.randn(n, 216, hw, hw, dtype=torch.float32, requires_grad=True)

@@ -119,6 +119,14 @@ constexpr int64_t kGatherMax = 16;
 
 bool gathered(int64_t P) { return P <= kGatherMax && have_simd_sgemm(); }
 
+// The forward takes a task's images a chunk at a time, so that a block's gathered x and its
+// product stay in L2 (614 channels x 256 columns: 0.6 MB each) rather than streaming through L3
+// once per 128-deep pass. AMD EPYC VM held to AVX2, ParaDiS blocks of 614 channels on 4x4 maps,
+// batch 64, min CPU time of 15, 5 interleaved rounds: 1.17x on one thread, 1.11x on two (chunks
+// of 512 columns: 1.02x); with AVX-512 1.12x and 1.35x. The backward keeps whole tasks: its
+// weight-gradient product, chunked, lost 8-11 % in the same AVX2 runs.
+constexpr int64_t kGatherCols = 256;
+
 // m[r, (n - n0) * P + p] = src[n * s0 + r * s1 + p] for r < rows, n0 <= n < n1, p < P.
 void gather(const float* src, int64_t s0, int64_t s1, int64_t P, int64_t n0, int64_t n1, int64_t rows, float* m) {
   const int64_t cols = (n1 - n0) * P;
@@ -147,22 +155,26 @@ void forward_gathered(const at::Tensor& x, const at::Tensor& w2, const float* bp
   const float* xp = x.data_ptr<float>();
   const float* wp = w2.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, G.N, images_per_task(G.N), [&](int64_t n0, int64_t n1) {
-    const int64_t cols = (n1 - n0) * P;
+  at::parallel_for(0, G.N, images_per_task(G.N), [&](int64_t t0, int64_t t1) {
     std::vector<float> xb, ob;
-    int64_t pos = 0;
-    for (size_t g = 0; g < G.blocks.size(); ++g) {
-      const Block& b = G.blocks[g];
-      const int64_t Ci = b.in_size(), Co = b.out_size();
-      xb.resize(Ci * cols);
-      ob.resize(Co * cols);
-      gather(xp + offs[g] * xs1, xs0, xs1, P, n0, n1, Ci, xb.data());
-      if (bp)
-        for (int64_t o = 0; o < Co; ++o) std::fill(ob.data() + o * cols, ob.data() + (o + 1) * cols, bp[b.out_start + o]);
-      simd_sgemm(Co, cols, Ci, wp + b.out_start * ws0 + b.in_start, ws0, 1, xb.data(), cols, bp ? 1.0f : 0.0f,
-                 ob.data(), cols);
-      scatter(ob.data(), G.C_out_total * P, P, P, n0, n1, Co, false, op + pos * P);
-      pos += Co;
+    const int64_t chunk = std::max<int64_t>(1, kGatherCols / P);
+    for (int64_t n0 = t0; n0 < t1; n0 += chunk) {
+      const int64_t n1 = std::min(t1, n0 + chunk), cols = (n1 - n0) * P;
+      int64_t pos = 0;
+      for (size_t g = 0; g < G.blocks.size(); ++g) {
+        const Block& b = G.blocks[g];
+        const int64_t Ci = b.in_size(), Co = b.out_size();
+        xb.resize(Ci * cols);
+        ob.resize(Co * cols);
+        gather(xp + offs[g] * xs1, xs0, xs1, P, n0, n1, Ci, xb.data());
+        if (bp)
+          for (int64_t o = 0; o < Co; ++o)
+            std::fill(ob.data() + o * cols, ob.data() + (o + 1) * cols, bp[b.out_start + o]);
+        simd_sgemm(Co, cols, Ci, wp + b.out_start * ws0 + b.in_start, ws0, 1, xb.data(), cols,
+                   bp ? 1.0f : 0.0f, ob.data(), cols);
+        scatter(ob.data(), G.C_out_total * P, P, P, n0, n1, Co, false, op + pos * P);
+        pos += Co;
+      }
     }
   });
 }
