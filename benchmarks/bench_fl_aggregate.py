@@ -106,6 +106,9 @@ def run(repeats: int = 7, num_clients: int = 100, threads: int = 1) -> dict:
 
 
 def main(argv=None):
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.strip().splitlines()[0]).parse_args(argv)
     res = run()
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
     tmp = RESULTS + ".tmp"

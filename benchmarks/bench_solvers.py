@@ -10,6 +10,7 @@ bisection steps < 2 ms and >= 50x a NumPy implementation of the same recurrences
 Every provider runs exactly the same iterations (tol=0 / stopThr=0: no early stop).
 """
 import json
+import os
 import sys
 import warnings
 
@@ -240,4 +241,12 @@ def summarize(path):
 
 
 if __name__ == "__main__":
-    summarize(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results/solvers.json")
+    import argparse
+
+    ap = argparse.ArgumentParser(description="the solver targets' ratios from a saved pytest-benchmark JSON "
+                                             "(run the benchmarks with pytest, see the module docstring)")
+    ap.add_argument("json", nargs="?", default="benchmarks/results/solvers.json")
+    path = ap.parse_args().json
+    if not os.path.exists(path):
+        ap.error(f"no such file: {path}")
+    summarize(path)

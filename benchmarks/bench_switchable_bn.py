@@ -97,20 +97,35 @@ def test_bn_relu_fwd_bwd(benchmark, provider, shape, table):
     benchmark.pedantic(step, rounds=int(os.environ.get("SK_BENCH_ROUNDS", "15")), iterations=1, warmup_rounds=2)
 
 
-if __name__ == "__main__":  # quick side-by-side without pytest-benchmark
+def main(argv=None):
+    """A quick side-by-side without pytest-benchmark: medians of wall time, one line a case."""
+    import argparse
     import time
 
-    for shape in SHAPES:
-        for table in TABLES:
+    ap = argparse.ArgumentParser(description="switchable BN + ReLU vs per-block torch, a quick side-by-side "
+                                             "(the pytest-benchmark run is in the module docstring)")
+    ap.add_argument("--rounds", type=int, default=15, help="timed rounds per case (median)")
+    ap.add_argument("--shapes", nargs="*", choices=list(SHAPES), default=list(SHAPES))
+    ap.add_argument("--tables", nargs="*", choices=list(TABLES), default=list(TABLES))
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    for shape in args.shapes:
+        for table in args.tables:
             med = {}
             for provider in ("slimkern_cpp", "torch_per_block"):
                 step = make_step(provider, shape, table)
                 step()
                 ts = []
-                for _ in range(15):
+                for _ in range(args.rounds):
                     t0 = time.perf_counter()
                     step()
                     ts.append(time.perf_counter() - t0)
                 med[provider] = sorted(ts)[len(ts) // 2]
             print(f"{shape:15s} {table:22s} slimkern {med['slimkern_cpp'] * 1e3:7.3f} ms  per-block "
                   f"{med['torch_per_block'] * 1e3:7.3f} ms  ratio {med['torch_per_block'] / med['slimkern_cpp']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
