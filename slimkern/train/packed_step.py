@@ -15,10 +15,11 @@ ParaDiS Algorithm 1 (Ozerov et al., arXiv:2110.02724) and of the US-Nets sandwic
 
 Which is fastest depends on the net (CPU, measured on a 2-core AMD EPYC VM, batch 64, 32x32,
 see the README): on MobileNet-v1, whose 1x1 and depthwise layers run on slimkern's own kernels,
-packing everything or groups of 2 beat one switch at a time (ParaDiS 1.74x / 1.68x / 1.53x the
-plain loop on the AVX2 path). On ResNet-20, whose dense 3x3 layers run on oneDNN, a packed layer
-with blocks of several widths copies each block's channel window for oneDNN and saves no
-arithmetic, so ``group_size=1`` was fastest there (about 12 % ahead of groups of 2).
+packing everything beat one switch at a time in every run (AVX2 path, two runs: ParaDiS 1.63-1.74x
+vs 1.44-1.53x the plain loop, sandwich 1.59-1.69x vs 1.47-1.48x); groups of 2 landed in between,
+once below one at a time (sandwich 1.36x). On ResNet-20, whose dense 3x3 layers run on oneDNN, a
+packed layer with blocks of several widths copies each block's channel window for oneDNN and
+saves no arithmetic, so ``group_size=1`` was fastest there (about 12 % ahead of groups of 2).
 """
 from __future__ import annotations
 
