@@ -325,9 +325,9 @@ def _convolution_calls(fn) -> int:
 def test_small_groups_on_large_maps(hw, width, dtype):
     # ParaDiS branches of `width` channels on a 3x3 conv, as ResNet-20's first stage packs them
     # (with a block of 32: oneDNN by runs, not the unfolded GEMMs). Below AVX-512, oneDNN's
-    # grouped convolution of groups under 16
-    # channels on maps of 1024 pixels or more is 1.7-3x slower than a call a group, so those
-    # are split; AVX-512 and every other shape keep one grouped call. Same values either way.
+    # grouped convolution of groups under 16 channels on maps of 1024 pixels or more is 1.7-3x
+    # slower than a call a group, so those are split; AVX-512 and every other shape keep one
+    # grouped call. Same values either way.
     torch.manual_seed(13)
     c = 32
     table = [(0, c, 0, c)] + [(i, i + width, i, i + width) for i in range(0, c, width)]
