@@ -10,6 +10,9 @@ Providers:
   * slimkern_packed:  one ``forward_switches`` over all switches + one backward;
   * slimkern_groups:  ``packed_step(group_size=2)``, the memory mode;
   * slimkern_single:  one switch per packed pass, backward each (``group_size=1``);
+  the three with ``pack="auto"`` (``--pack true`` packs every group as asked): on a net of dense
+  3x3 convolutions (ResNet-20) ``packed_step`` then runs every switch on its own pass, so the three
+  run the same schedule there (``slimkern.train.packing``);
   * plain_torch:      the slimmable_networks way (benchmarks/_plain_slimmable.py): width_mult
                       attribute, sliced weights, per-width BN ModuleList, forward+backward per
                       switch (one forward per ParaDiS branch).
@@ -44,6 +47,7 @@ MODELS = {"mobilenet_v1": 1.0, "resnet20": 1.0}  # width_mult: a plain step well
 PROVIDERS = ("slimkern_packed", "slimkern_groups", "slimkern_single", "plain_torch")
 GROUP_SIZE = 2
 ROUNDS = int(os.environ.get("SK_BENCH_ROUNDS", "5"))
+PACK = "auto"  # packed_step(pack=...): --pack true times literal packing
 
 
 def step_switches(step: str) -> list[str]:
@@ -87,7 +91,7 @@ def make_case(model: str, step: str, provider: str):
     def run():
         for p in net.parameters():
             p.grad = None
-        return packed_step(net, x, sws, loss_fn, group_size=group, features=features)
+        return packed_step(net, x, sws, loss_fn, group_size=group, features=features, pack=PACK)
     return run, sws
 
 
@@ -102,7 +106,7 @@ def _rss_mb(field: str) -> float:
 def measure_memory(model: str, step: str, provider: str) -> dict:
     """Peak memory of ``provider`` in a fresh process (2 steps, after setup)."""
     code = ("import json, sys; sys.argv = ['x']; import bench_train_step as b; "
-            f"print(json.dumps(b._memory_child({model!r}, {step!r}, {provider!r})))")
+            f"b.PACK = {PACK!r}; print(json.dumps(b._memory_child({model!r}, {step!r}, {provider!r})))")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                        os.path.dirname(os.path.abspath(__file__)),
                                                        os.environ.get("PYTHONPATH", "")]))
@@ -182,14 +186,17 @@ def main(argv=None) -> int:
                     help="measure each provider's peak memory in a fresh process")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (no memory measurement on cuda)")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    ap.add_argument("--pack", choices=("auto", "true"), default="auto",
+                    help="packed_step's pack: auto (pack where it pays, the default) or true (pack every group)")
     args = ap.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     if not models or any(m not in MODELS for m in models):
         ap.error(f"--models takes a comma-separated subset of {', '.join(MODELS)}, got {args.models!r}")
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         ap.error(f"--device must be cpu or cuda (with a CUDA device present), got {args.device!r}")
-    global DEVICE
+    global DEVICE, PACK
     DEVICE = args.device
+    PACK = True if args.pack == "true" else "auto"
     warnings.simplefilter("ignore")
     from slimkern import _library
 
@@ -213,6 +220,7 @@ def main(argv=None) -> int:
                     dict(provider=p, model=model, step=step, switches=cases[p][1], batch=BATCH,
                          threads=torch.get_num_threads(), width_mult=MODELS[model], max_width=MAX_WIDTH,
                          group_size=GROUP_SIZE if p == "slimkern_groups" else None, malloc=MALLOC, device=DEVICE,
+                         pack=None if p == "plain_torch" else str(PACK),
                          step_gmac=round(gmac, 3), fma_peak_gmac_s_per_thread=peak and round(peak / 1e9, 1),
                          **mem[p]), wall[p], cpu[p]))
             mw = {p: statistics.median(wall[p]) for p in PROVIDERS}

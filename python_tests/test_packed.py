@@ -156,7 +156,7 @@ def _three_ways(name, step, dtype):
     x, y = _data(dtype)
     loss_fn = P.paradis_loss(y, beta=1.0) if step == "paradis" else P.sandwich_loss(y)
     packed = _net(name, dtype).train()
-    lp = packed_step(packed, x, switches, loss_fn)
+    lp = packed_step(packed, x, switches, loss_fn, pack=True)
     single = _net(name, dtype).train()
     l1 = packed_step(single, x, switches, loss_fn, group_size=1)  # one switch per pass, backward each
     plain, lr = _run_plain(name, _net(name, dtype), x, switches, loss_fn, dtype)
@@ -263,7 +263,7 @@ def _float32_envelopes(name, step, truth, draws=6):
         plain, _ = _run_plain(name, net, xd, switches, loss_fn, torch.float32)
         noisy, _ = _run_plain(name, net, xd, switches, loss_fn, torch.float32, ulp_noise=gen)
         packed = copy.deepcopy(net).train()
-        packed_step(packed, xd, switches, loss_fn)
+        packed_step(packed, xd, switches, loss_fn, pack=True)
         single = copy.deepcopy(net).train()
         packed_step(single, xd, switches, loss_fn, group_size=1)
         runs = (_grads(packed), _grads(single), {k: p.grad for k, p in plain.named_parameters()},
@@ -304,8 +304,8 @@ def test_packed_step_groups_equal_all_at_once(group_size):
     a = _net(name, dtype).train()
     b = _net(name, dtype).train()
     b.load_state_dict(a.state_dict())
-    la = packed_step(a, x, PARADIS, loss_fn)
-    lb = packed_step(b, x, PARADIS, loss_fn, group_size=group_size)
+    la = packed_step(a, x, PARADIS, loss_fn, pack=True)
+    lb = packed_step(b, x, PARADIS, loss_fn, group_size=group_size, pack=True)
     torch.testing.assert_close(torch.stack(la), torch.stack(lb), rtol=1e-12, atol=1e-12)
     _assert_close_all(_grads(a), _grads(b), 1e-10)
     sa, sb = a.state_dict(), b.state_dict()
@@ -324,7 +324,7 @@ def test_packed_step_accumulates_and_features_off():
         seen.append((i, f, len(prev)))
         return torch.nn.functional.cross_entropy(z, y)
 
-    packed_step(net, x, SANDWICH[:2], loss_fn, features=False)
+    packed_step(net, x, SANDWICH[:2], loss_fn, features=False, pack=True)
     assert seen == [(0, None, 0), (1, None, 1)]
     g = _grads(net)
     net2 = _net(name, dtype).train()

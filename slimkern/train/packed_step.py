@@ -11,15 +11,17 @@ switch's features for ParaDiS' activation distillation) is *detached*, so any gr
 exactly the gradient of :math:`\\sum_i \\mathcal{L}_i` -- the one-backward-of-the-sum of
 ParaDiS Algorithm 1 (Ozerov et al., arXiv:2110.02724) and of the US-Nets sandwich rule
 (Yu & Huang 2019). ``group_size=1`` is the papers' one-switch-at-a-time loop;
-``group_size=None`` packs everything.
+``group_size=None`` puts every switch in one group.
 
-Which is fastest depends on the net (CPU, measured on a 2-core AMD EPYC VM, batch 64, 32x32,
-see the README): on MobileNet-v1, whose 1x1 and depthwise layers run on slimkern's own kernels,
-packing everything beat one switch at a time in every run (AVX2 path, two runs: ParaDiS 1.63-1.74x
-vs 1.44-1.53x the plain loop, sandwich 1.59-1.69x vs 1.47-1.48x); groups of 2 landed in between,
-once below one at a time (sandwich 1.36x). On ResNet-20, whose dense 3x3 layers run on oneDNN, a
-packed layer with blocks of several widths copies each block's channel window for oneDNN and
-saves no arithmetic, so ``group_size=1`` was fastest there (about 12 % ahead of groups of 2).
+Which is fastest depends on the net, so by default (``pack="auto"``) a group is one packed pass
+only where packing pays (:func:`slimkern.train.packing.packing_pays`): on nets whose 1x1,
+depthwise and BN layers run on slimkern's own kernels, which read the packed channel windows in
+place (MobileNet-v1: packing everything beat one switch at a time in every AVX2 run, ParaDiS
+1.63-1.74x vs 1.44-1.53x the plain loop). On nets of dense 3x3 convolutions, which run on oneDNN
+and copy every window in and out, packing saves no arithmetic and one switch at a time was the
+fastest on every machine measured (ResNet-20, groups of 2 about 12 % slower), so there the
+switches of a group run one at a time (``group_size`` is an upper bound on the switches alive
+at once). ``pack=True`` packs every group as asked; ``pack=False`` runs one switch at a time.
 """
 from __future__ import annotations
 
@@ -28,12 +30,15 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from slimkern.train.packing import packing_pays
+
 __all__ = ["packed_loss", "packed_step"]
 
 
 def packed_step(net: nn.Module, x: torch.Tensor, switches: Sequence,
                 loss_fn: Callable[[int, torch.Tensor, torch.Tensor | None, list], torch.Tensor],
-                group_size: int | None = None, features: bool = True) -> list[torch.Tensor]:
+                group_size: int | None = None, features: bool = True, pack: bool | str = "auto"
+                ) -> list[torch.Tensor]:
     """Forward + backward of :math:`\\sum_i` ``loss_fn(i, ...)`` over ``switches``, in groups.
 
     Args:
@@ -47,6 +52,11 @@ def packed_step(net: nn.Module, x: torch.Tensor, switches: Sequence,
             ``j < i`` (targets such as a wide teacher's logits come from there).
         group_size: switches per packed forward/backward (None: all in one).
         features: also compute the per-switch features (ParaDiS' activation loss needs them).
+        pack: ``"auto"`` (default): pack each group into one pass where
+            :func:`~slimkern.train.packing.packing_pays` says packing beats one switch at a
+            time, else run the group's switches one at a time; ``True``: always pack;
+            ``False``: always one at a time. Losses and gradients are the same either way (to
+            float rounding).
 
     Returns the per-switch losses (detached). Gradients are *added* to ``.grad``; zero them
     before the step as usual. BN statistics rows update once per switch whatever the grouping.
@@ -64,6 +74,12 @@ def packed_step(net: nn.Module, x: torch.Tensor, switches: Sequence,
         group_size = len(sws)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
+    if not (isinstance(pack, bool) or pack == "auto"):
+        raise ValueError(f"pack must be 'auto', True or False, got {pack!r}")
+    if pack == "auto":
+        pack = packing_pays(net)
+    if not pack:
+        group_size = 1
     prev: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     losses: list[torch.Tensor] = []
     for g0 in range(0, len(sws), group_size):
