@@ -98,3 +98,27 @@ def test_bad_pack(bad):
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(ValueError, match="pack must be 'auto', True or False"):
         packed_step(net, x, ["[1.0]x"], lambda i, z, f, p: z.sum(), pack=bad)
+
+
+@pytest.mark.parametrize("name,passes", [("resnet20", [1, 1, 1, 1]), ("mobilenet_v1", [4])])
+def test_trainer_forward_follows_the_rule(monkeypatch, name, passes):
+    """``run_switches`` (every recipe's forward): one pass per switch on a dense-3x3 net, packed on
+    MobileNet; float64 logits and features equal the packed pass's to 1e-12."""
+    from slimkern.train import run_switches
+
+    torch.manual_seed(0)
+    net = build(name, max_width=1.2, width_mult=0.25).double().train()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    seen = _calls(monkeypatch)
+    lg, ft = run_switches(net, x, PARADIS, return_features=True)
+    assert seen == passes
+    lp, fp = run_switches(net, x, PARADIS, return_features=True, pack=True)
+    lo, no_feats = run_switches(net, x, PARADIS, pack=False)
+    assert no_feats is None and seen[-4:] == [1, 1, 1, 1]
+    for a, b, c in zip(lg, lp, lo):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(c, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ft, fp):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="pack must be 'auto', True or False"):
+        run_switches(net, x, PARADIS, pack="never")
