@@ -122,3 +122,26 @@ def test_trainer_forward_follows_the_rule(monkeypatch, name, passes):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="pack must be 'auto', True or False"):
         run_switches(net, x, PARADIS, pack="never")
+
+
+def test_trainer_pack_option():
+    """``ParaDiSTrainer(pack=...)``: one SGD step packed and one pass per switch land on the same
+    float64 weights (1e-10); a bad value is refused at construction."""
+    import copy
+
+    from slimkern.train import ParaDiSTrainer
+
+    torch.manual_seed(0)
+    net = build("resnet20", max_width=1.2, width_mult=0.25).double()
+    x = torch.randn(8, 3, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,))
+    nets = {pack: copy.deepcopy(net) for pack in (True, False, "auto")}
+    for pack, n in nets.items():
+        ParaDiSTrainer(n, PARADIS, pack=pack, progress=False, lr=0.1).train_step(x, y)
+    ref = dict(nets[True].named_parameters())
+    assert any(not torch.equal(p, ref[k]) for k, p in net.named_parameters())  # the step moved the weights
+    for pack in (False, "auto"):
+        for k, p in nets[pack].named_parameters():
+            torch.testing.assert_close(p, ref[k], rtol=1e-10, atol=1e-10, msg=lambda m: f"{pack} {k}: {m}")
+    with pytest.raises(ValueError, match="pack must be 'auto', True or False"):
+        ParaDiSTrainer(net, PARADIS, pack="packed")

@@ -42,9 +42,11 @@ def run_switches(net: nn.Module, x: torch.Tensor, switches: Sequence, return_fea
     ``pack="auto"``: from one packed pass where packing pays
     (:func:`~slimkern.train.packing.packing_pays`), else from one pass per switch; ``True`` /
     ``False`` force either. The outputs are the same to float rounding; one switch at a time
-    avoids the channel-window copies of dense convolutions. ParaDiS trainer step, batch 64,
-    32x32, two threads, AMD AVX-512, interleaved median CPU time: ResNet-20 1458 ms one switch at
-    a time vs 1595 ms packed; MobileNet-v1 1492 vs 1468 ms (packed kept).
+    avoids the channel-window copies of dense convolutions. ``benchmarks/bench_trainer_step.py``
+    (ParaDiS trainer step, batch 64, 32x32, two threads, AMD EPYC, interleaved median CPU time),
+    one pass per switch against packed: ResNet-20 1.04x faster on AVX-512 and on AVX2 (1.09x and
+    1.14x in two earlier runs on AVX-512); MobileNet-v1 0.90x on AVX-512, 0.95x on AVX2, so it
+    stays packed.
     """
     import slimkern
 
@@ -84,6 +86,9 @@ class Trainer:
         clip_grad_norm: clip the global gradient norm to this value before each step (None: off).
         fail_on_collapse: raise :class:`~slimkern.train.collapse.TrainingCollapsed` instead of
             warning when the teacher's loss sits at chance for an epoch (``teacher_term``).
+        pack: how a step's switches are run (:func:`run_switches`): ``"auto"`` (default) packs
+            them into one pass where packing pays, else one pass per switch; ``True`` / ``False``
+            force either. Gradients are the same to float rounding.
     """
 
     needs_features = False
@@ -94,9 +99,12 @@ class Trainer:
                  gamma: float = 0.1, warmup_epochs: float = 0.0, label_smoothing: float = 0.0, seed: int = 0,
                  deterministic: bool = True, checkpoint: str | os.PathLike | None = None, progress: bool = True,
                  device: str | torch.device | None = None, distributed=None,
-                 clip_grad_norm: float | None = None, fail_on_collapse: bool = False):
+                 clip_grad_norm: float | None = None, fail_on_collapse: bool = False, pack: bool | str = "auto"):
         if not isinstance(net, nn.Module):
             raise TypeError(f"{type(self).__name__}: net must be an nn.Module, got {type(net).__name__}")
+        if not (isinstance(pack, bool) or pack == "auto"):
+            raise ValueError(f"{type(self).__name__}: pack must be 'auto', True or False, got {pack!r}")
+        self.pack = pack
         set_seed(seed, deterministic)
         self.net = net
         self.distributed = distributed
@@ -147,7 +155,7 @@ class Trainer:
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward all of this step's switches (:func:`run_switches`); returns (total, terms)."""
         switches = self.step_switches()
-        logits, feats = run_switches(self.net, x, switches, self.needs_features)
+        logits, feats = run_switches(self.net, x, switches, self.needs_features, pack=self.pack)
         terms = self.compute_losses(switches, logits, feats, y)
         self._num_classes = int(logits[0].shape[-1])
         total = torch.stack(list(terms.values())).sum()
