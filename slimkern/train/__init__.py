@@ -17,3 +17,4 @@ __all__ = ["IndividualTrainer", "ParaDiSTrainer", "SandwichTrainer", "Trainer", 
            "kd_loss", "load_checkpoint", "lr_factor", "make_optimizer", "make_scheduler", "run_switches", "set_seed"]
 from slimkern.train.packed_step import packed_loss, packed_step  # noqa: E402,F401
 from slimkern.train.memory import keep_freed_memory  # noqa: E402,F401
+from slimkern.train.packing import packing_pays, window_copy_share  # noqa: E402,F401

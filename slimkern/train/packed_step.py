@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from slimkern.train.packing import packing_pays
+from slimkern.train.packing import resolve_pack
 
 __all__ = ["packed_loss", "packed_step"]
 
@@ -74,11 +74,7 @@ def packed_step(net: nn.Module, x: torch.Tensor, switches: Sequence,
         group_size = len(sws)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int or None, got {group_size!r}")
-    if not (isinstance(pack, bool) or pack == "auto"):
-        raise ValueError(f"pack must be 'auto', True or False, got {pack!r}")
-    if pack == "auto":
-        pack = packing_pays(net)
-    if not pack:
+    if not resolve_pack(net, pack):
         group_size = 1
     prev: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     losses: list[torch.Tensor] = []

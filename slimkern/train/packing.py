@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["packing_pays", "window_copy_share"]
+__all__ = ["check_pack", "packing_pays", "resolve_pack", "window_copy_share"]
 
 # The C++ unfold engine takes dense convolutions whose every block reads fewer input channels
 # than this (csrc/ops/cpu/block_conv2d_unfold.cpp, kUnfoldMaxChannels); it reads windows in place.
@@ -78,6 +78,19 @@ def packing_pays(net: nn.Module) -> bool:
     time: unless more than half of the net's multiply-adds are in layers that copy their channel
     windows (:func:`window_copy_share`). See the module docstring for the measurements."""
     return window_copy_share(net) <= _SHARE_THRESHOLD
+
+
+def check_pack(pack) -> None:
+    """Raises ValueError unless ``pack`` is ``"auto"``, True or False (the ``pack`` argument of
+    ``packed_step``, ``run_switches`` and the trainers)."""
+    if not (isinstance(pack, bool) or (isinstance(pack, str) and pack == "auto")):
+        raise ValueError(f"pack must be 'auto', True or False, got {pack!r}")
+
+
+def resolve_pack(net: nn.Module, pack) -> bool:
+    """``pack`` checked, with ``"auto"`` decided for ``net`` by :func:`packing_pays`."""
+    check_pack(pack)
+    return packing_pays(net) if pack == "auto" else pack
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from slimkern.train.collapse import CollapseGuard
 from slimkern.train.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state, set_seed
 from slimkern.train.optim import lr_factor, make_optimizer, make_scheduler
-from slimkern.train.packing import packing_pays
+from slimkern.train.packing import check_pack, resolve_pack
 
 log = logging.getLogger("slimkern.train")
 
@@ -50,12 +50,8 @@ def run_switches(net: nn.Module, x: torch.Tensor, switches: Sequence, return_fea
     """
     import slimkern
 
-    if not (isinstance(pack, bool) or pack == "auto"):
-        raise ValueError(f"pack must be 'auto', True or False, got {pack!r}")
     switches = list(switches)
-    if pack == "auto":
-        pack = packing_pays(net)
-    if pack:
+    if resolve_pack(net, pack):
         out = slimkern.forward_switches(net, x, switches, return_features=return_features)
     else:
         outs = [slimkern.forward_switches(net, x, [sw], return_features=return_features) for sw in switches]
@@ -102,8 +98,7 @@ class Trainer:
                  clip_grad_norm: float | None = None, fail_on_collapse: bool = False, pack: bool | str = "auto"):
         if not isinstance(net, nn.Module):
             raise TypeError(f"{type(self).__name__}: net must be an nn.Module, got {type(net).__name__}")
-        if not (isinstance(pack, bool) or pack == "auto"):
-            raise ValueError(f"{type(self).__name__}: pack must be 'auto', True or False, got {pack!r}")
+        check_pack(pack)
         self.pack = pack
         set_seed(seed, deterministic)
         self.net = net
