@@ -163,3 +163,28 @@ def test_failed_experiment_command_leaves_no_half_written_folder(tmp_path, monke
     with pytest.raises(RuntimeError, match="late failure"):
         cli.main(["prune", "dac", "--out", str(out)])
     assert out.exists() == finished
+
+
+def test_pack_option(tmp_path, capsys, monkeypatch):
+    """``--pack auto|on|off`` (or a config's true / false) reaches the trainer; anything else is a
+    clear error before any work."""
+    from slimkern import runner
+    from slimkern.train import ParaDiSTrainer
+
+    assert [runner.pack_value(v) for v in ("auto", "on", "OFF", "true", "false", True, False)] == \
+        ["auto", True, False, True, False, True, False]
+    assert cli.main(["train", "--pack", "sometimes", "--out", str(tmp_path / "r")]) == 2
+    assert "pack must be auto, on or off" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    seen = []
+    real_init = ParaDiSTrainer.__init__
+
+    def spy(self, *a, **k):
+        seen.append(k["pack"])
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(ParaDiSTrainer, "__init__", spy)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.replace("individual: [\"[0.5, 0.5]x\"]\n", "").replace("eval_switches: [\"[0.5, 0.25, 0.25]x\"]\n", ""))
+    assert cli.main(["train", "--config", str(cfg), "--out", str(tmp_path / "off"), "--pack", "off"]) == 0
+    assert seen == [False]

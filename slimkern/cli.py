@@ -64,6 +64,8 @@ _HELP = {
     "clip_grad_norm": "clip the global gradient norm before each step (0: off)",
     "warmup_epochs": "linear learning-rate warm-up (epochs)",
     "fail_on_collapse": "stop with an error when the teacher's loss sits at chance (ln K) for an epoch",
+    "pack": "auto: one packed pass for a step's switches where packing pays, one pass per switch on "
+            "nets of dense 3x3 convolutions (resnet20, resnet18); on / off force either",
     "out": "run folder", "resume": "continue from the run folder's checkpoint",
     "progress": "progress bars", "export": "switches to export as per-device modules after training",
     "nproc": "data-parallel processes on this machine (gloo on CPU, nccl on GPU); --batch-size is per "

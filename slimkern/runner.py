@@ -35,7 +35,7 @@ DEFAULTS: dict = {
     "schedule": "cosine", "milestones": [], "gamma": 0.1, "individual_epochs": 0,
     # A 1-epoch warm-up and clipping at 5 keep the first steps (gradient norms of 100-400 at init,
     # summed over every switch's loss) from killing the net's ReLUs (docs/paradis.md, "collapse").
-    "warmup_epochs": 1.0, "clip_grad_norm": 5.0, "fail_on_collapse": False,
+    "warmup_epochs": 1.0, "clip_grad_norm": 5.0, "fail_on_collapse": False, "pack": "auto",
     # run
     "seed": 0, "seeds": [], "deterministic": True, "threads": 0, "calibrate_batches": 20, "eval_batch_size": 256,
     "out": "runs/run", "resume": False, "progress": True, "export": [], "keep_freed_memory": True,
@@ -65,6 +65,19 @@ def parse_switch(text):
         raise ValueError(str(exc).replace(f"switch {s!r}", f"switch {text!r}", 1)) from None
 
 
+_PACK = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
+
+
+def pack_value(pack):
+    """The trainers' ``pack`` from ``--pack auto|on|off`` (or a config file's true / false)."""
+    if isinstance(pack, bool):
+        return pack
+    key = str(pack).strip().lower()
+    if key not in _PACK:
+        raise ValueError(f"pack must be auto, on or off, got {pack!r}")
+    return _PACK[key]
+
+
 def check(cfg: dict) -> None:
     """Validate option values with messages a command-line user understands."""
     if cfg["model"] not in MODEL_NAMES:
@@ -77,6 +90,7 @@ def check(cfg: dict) -> None:
         raise ValueError(f"dataset {cfg['dataset']!r} needs --data-root (slimkern never downloads)")
     if cfg["dist_backend"] not in ("auto", "gloo", "nccl"):
         raise ValueError(f"dist_backend must be auto, gloo or nccl, got {cfg['dist_backend']!r}")
+    pack_value(cfg["pack"])  # raises ValueError naming the accepted values
     for key in ("epochs", "batch_size", "nproc"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
@@ -123,7 +137,8 @@ def _trainer_kwargs(cfg: dict, checkpoint: str, distributed=None) -> dict:
                 schedule=cfg["schedule"], milestones=cfg["milestones"], gamma=cfg["gamma"],
                 warmup_epochs=cfg["warmup_epochs"], label_smoothing=cfg["label_smoothing"], seed=cfg["seed"],
                 deterministic=cfg["deterministic"], checkpoint=checkpoint, progress=cfg["progress"] and main,
-                clip_grad_norm=cfg["clip_grad_norm"] or None, fail_on_collapse=cfg["fail_on_collapse"])
+                clip_grad_norm=cfg["clip_grad_norm"] or None, fail_on_collapse=cfg["fail_on_collapse"],
+                pack=pack_value(cfg["pack"]))
 
 
 def make_trainer(cfg: dict, net, checkpoint: str, distributed=None):
