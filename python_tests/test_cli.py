@@ -166,8 +166,8 @@ def test_failed_experiment_command_leaves_no_half_written_folder(tmp_path, monke
 
 
 def test_pack_option(tmp_path, capsys, monkeypatch):
-    """``--pack auto|on|off`` (or a config's true / false) reaches the trainer; anything else is a
-    clear error before any work."""
+    """``--pack auto|on|off`` reaches the trainer; anything else is a clear error before any work,
+    and an unquoted YAML ``off`` (a boolean to YAML) is told to quote it."""
     from slimkern import runner
     from slimkern.train import ParaDiSTrainer
 
@@ -176,6 +176,10 @@ def test_pack_option(tmp_path, capsys, monkeypatch):
     assert cli.main(["train", "--pack", "sometimes", "--out", str(tmp_path / "r")]) == 2
     assert "pack must be auto, on or off" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+    unquoted = tmp_path / "unquoted.yaml"
+    unquoted.write_text("pack: off\n")
+    assert cli.main(["train", "--config", str(unquoted), "--out", str(tmp_path / "r")]) == 2
+    assert 'quote the value (e.g. pack: "off")' in capsys.readouterr().err
     seen = []
     real_init = ParaDiSTrainer.__init__
 

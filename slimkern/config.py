@@ -75,6 +75,9 @@ def _coerce(key, value, default, source):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: option {key!r} must be a list, got {value!r}")
         return list(value)
+    if isinstance(default, str) and isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+        raise ConfigError(f"{source}: option {key!r} must be a string, got {value!r}; quote the value "
+                          f"(e.g. {key}: \"off\") so YAML keeps it a string")
     if isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(f"{source}: option {key!r} must be a string, got {value!r}")
     return value

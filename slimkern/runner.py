@@ -69,7 +69,7 @@ _PACK = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
 
 
 def pack_value(pack):
-    """The trainers' ``pack`` from ``--pack auto|on|off`` (or a config file's true / false)."""
+    """The trainers' ``pack`` from ``--pack auto|on|off`` (a config file quotes the value)."""
     if isinstance(pack, bool):
         return pack
     key = str(pack).strip().lower()
