@@ -50,7 +50,8 @@ def packed_step(net: nn.Module, x: torch.Tensor, switches: Sequence,
             ``feats`` are its classifier inputs zero-padded to the full width (None when
             ``features=False``); ``prev[j] = (logits_j, feats_j)``, detached, for every
             ``j < i`` (targets such as a wide teacher's logits come from there).
-        group_size: switches per packed forward/backward (None: all in one).
+        group_size: the most switches per packed forward/backward (None: all in one group); with
+            ``pack="auto"`` on a net where packing does not pay, each switch runs on its own.
         features: also compute the per-switch features (ParaDiS' activation loss needs them).
         pack: ``"auto"`` (default): pack each group into one pass where
             :func:`~slimkern.train.packing.packing_pays` says packing beats one switch at a
