@@ -319,6 +319,16 @@ def _convolution_calls(fn) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == "aten::convolution")
 
 
+def _channels_last_copies(fn) -> int:
+    """How many `contiguous` copies slimkern's block_conv2d makes itself during `fn()` (not
+    those inside ATen's convolution): the channels-last route's copy of each run's input, and of
+    the output back to NCHW when one run makes all of it."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name == "aten::contiguous" and e.cpu_parent is not None
+               and e.cpu_parent.name.startswith("slimkern::block_conv2d"))
+
+
 @needs_cpp
 @pytest.mark.parametrize("hw,width", [(32, 4), (32, 8), (32, 16), (16, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -345,6 +355,43 @@ def test_small_groups_on_large_maps(hw, width, dtype):
     calls = _convolution_calls(lambda: sk.ops.block_conv2d(x.detach(), w.detach(), b.detach(), table, None, 1, 1,
                                                            backend="cpp"))
     assert calls == 1 + (c // width if split else 1)
+
+
+@needs_cpp
+@pytest.mark.parametrize("table,offs,stride,dtype,copies", [
+    # ResNet-20 at width 1.2: 19 channels, read from a window of a wider x
+    ([(0, 19, 0, 19)], [3], 1, torch.float32, 2),
+    # sandwich widths 19 / 12 / 8 on one shared input: three runs, input gradients summed
+    ([(0, 19, 0, 19), (0, 12, 19, 31), (0, 8, 31, 39)], [0, 0, 0], 1, torch.float32, 3),
+    # 16 in, 20 out: the output count alone is off the block of 16
+    ([(0, 16, 0, 20)], None, 1, torch.float32, 2),
+    # multiples of 16, strided, float64, and a grouped run (ParaDiS [0.5, 0.5] of 38) stay NCHW
+    ([(0, 16, 0, 16), (0, 32, 16, 48)], [0, 0], 1, torch.float32, 0),
+    ([(0, 19, 0, 19)], None, 2, torch.float32, 0),
+    ([(0, 19, 0, 19)], None, 1, torch.float64, 0),
+    ([(0, 19, 0, 19), (19, 38, 19, 38)], None, 1, torch.float32, 0),
+])
+def test_channels_last_route(table, offs, stride, dtype, copies):
+    # On AVX-512, dense stride-1 float32 runs whose channel counts are off oneDNN's block of 16
+    # convolve channels last (copies in, NCHW out); everywhere else they stay NCHW. The values,
+    # and the NCHW layout of the output and of every gradient, are the same either way.
+    torch.manual_seed(15)
+    c_x = max(o + r[1] - r[0] for o, r in zip(offs, table)) if offs else sum(r[1] - r[0] for r in table)
+    x = torch.randn(3, c_x + 2, 16, 16, dtype=dtype)[:, 1:c_x + 1].requires_grad_()
+    w = torch.randn(max(r[3] for r in table), max(r[1] for r in table), 3, 3, dtype=dtype, requires_grad=True)
+    b = torch.randn(w.shape[0], dtype=dtype, requires_grad=True)
+    out = sk.ops.block_conv2d(x, w, b, table, offs, stride, 1, backend="cpp")
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, w, b), g)
+    ref = ref_block_conv2d(x.double(), w.double(), b.double(), table, offs, stride, 1, 1, False)
+    torch.testing.assert_close(out, ref.to(dtype), rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, torch.autograd.grad(ref, (x, w, b), g.double())):
+        torch.testing.assert_close(got, want.to(dtype), rtol=1e-4, atol=1e-3)
+    assert out.is_contiguous() and all(t.is_contiguous() for t in grads)
+    on = _library.cpu_capability()["in_use"] == "avx512"
+    made = _channels_last_copies(lambda: sk.ops.block_conv2d(x.detach(), w.detach(), b.detach(), table, offs,
+                                                             stride, 1, backend="cpp"))
+    assert made == (copies if on else 0)
 
 
 @needs_cpp
