@@ -3,7 +3,8 @@
 //  * per-image GEMMs for 1x1 (block_conv2d_pointwise.cpp, on sgemm.h for float32):
 //    read the weight slice and x's channel window in place and write straight into the
 //    output's channel window;
-//  * oneDNN by runs of blocks (block_conv2d_runs.cpp): one (grouped) at::convolution per run;
+//  * oneDNN by runs of blocks (block_conv2d_runs.cpp): one (grouped) at::convolution per run,
+//    channels last on AVX-512 where NCHW would pad the channels to 16 (channels_last_pays);
 //  * depthwise float32 on AVX-512 or AVX2 (depthwise_planes.h): one task per (image, channel)
 //    plane, each plane in L1; stride 2 through the stride-1 planes (stride1_geometry);
 //  * depthwise float32 on maps of at most 64 pixels (8x8, 4x4, 2x2, 1x1), channels last

@@ -8,7 +8,9 @@
 // (`[0.5, 0.5]`, `[4x0.25]`) become one call per distinct branch width instead of one per
 // branch, with no slicing of x and, when a single run covers the layer, no output copy.
 // Except where oneDNN's grouped convolution is the slower choice: dense blocks of few
-// channels on large maps stay one call each (split_groups in the .cpp).
+// channels on large maps stay one call each (split_groups in the .cpp). On AVX-512, a dense
+// one-group run whose channel counts are off oneDNN's block of 16 is convolved channels last
+// and copied back to NCHW (channels_last_pays in the .cpp).
 #pragma once
 
 #include <ATen/ATen.h>
